@@ -1,0 +1,44 @@
+# vitkit: two commands on a fresh machine.
+#   make run    create/reuse .venv, install, run the main job
+#   make test   create/reuse .venv, install, run the default test suite (fast; `make test-slow` for the rest)
+#
+# The virtual environment sees the system site-packages, so a torch that is already installed is reused.
+# If none is importable, a torch wheel from pip's local find-links is preferred (`--no-index`), and only
+# then the registry's build. Installing vitkit itself then adds nothing torch-related: its requirement is
+# a range (torch>=2.3) that the installed build satisfies.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.vitkit-installed
+
+.PHONY: run test test-slow lint format clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null \
+		|| $(PY) -m pip install --no-index "torch>=2.3" \
+		|| $(PY) -m pip install "torch>=2.3"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/vitkit models
+	$(VENV)/bin/vitkit info vit_tiny_patch16_224
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(PY) -m ruff format src tests benchmarks
+	$(PY) -m ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,33 @@
+"""Reusable building blocks shared by every vitkit model family."""
+
+from vitkit.layers.attention import Attention, fused_attn, use_fused_attn
+from vitkit.layers.block import Block
+from vitkit.layers.drop import DropPath, drop_path_schedule
+from vitkit.layers.helpers import to_2tuple
+from vitkit.layers.mlp import Mlp
+from vitkit.layers.norm import GroupNormAct, LayerNorm2d
+from vitkit.layers.padding import Conv2dSame, MaxPool2dSame, get_same_padding, pad_same
+from vitkit.layers.patch_embed import PatchEmbed
+from vitkit.layers.pos_embed import resample_abs_pos_embed
+from vitkit.layers.std_conv import StdConv2d, StdConv2dSame
+
+__all__ = [
+    "Attention",
+    "Block",
+    "Conv2dSame",
+    "DropPath",
+    "GroupNormAct",
+    "LayerNorm2d",
+    "MaxPool2dSame",
+    "Mlp",
+    "PatchEmbed",
+    "StdConv2d",
+    "StdConv2dSame",
+    "drop_path_schedule",
+    "fused_attn",
+    "get_same_padding",
+    "pad_same",
+    "resample_abs_pos_embed",
+    "to_2tuple",
+    "use_fused_attn",
+]

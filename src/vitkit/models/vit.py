@@ -1,0 +1,298 @@
+"""Vision Transformer (ViT) and DeiT.
+
+Papers: Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021 (arXiv 2010.11929);
+Touvron et al., "Training data-efficient image transformers", ICML 2021 (arXiv 2012.12877).
+Reference implementation: timm ``vision_transformer.py`` (parameter names and numerics match it, so
+timm checkpoints load unchanged; see ``../shared/golden`` parity tests).
+
+Deviations from the reference: none in the forward pass. vitkit adds input checks that name the model,
+and position embeddings are resampled bicubically (antialiased) when a checkpoint for another grid is
+loaded or, with ``dynamic_img_size=True``, per input size.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from vitkit.layers import Block, PatchEmbed, drop_path_schedule, resample_abs_pos_embed
+from vitkit.models._base import FeatureInfo, VitkitModel, feature_take_indices
+from vitkit.models._registry import INCEPTION_MEAN, INCEPTION_STD, PretrainedCfg, default_cfg, register_model
+
+
+class VisionTransformer(VitkitModel):
+    """ViT: patch tokens + class token + learned position embedding -> pre-norm encoder -> head."""
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        class_token: bool = True,
+        dynamic_img_size: bool = False,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        embed_layer=PatchEmbed,
+    ):
+        """
+        Args:
+            global_pool: 'token' (class token), 'avg' (mean of patch tokens) or '' (no pooling).
+            dynamic_img_size: accept any input whose sides are multiples of the patch size, resampling
+                the position embedding per call.
+            drop_rate: dropout after position embedding, in MLPs and attention outputs, before the head.
+            embed_layer: patch embedding module (``PatchEmbed``, or a ``HybridEmbed`` with a CNN stem).
+        """
+        super().__init__()
+        if global_pool not in ("token", "avg", ""):
+            raise ValueError(f"VisionTransformer: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("VisionTransformer: global_pool='token' needs class_token=True")
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.embed_dim = embed_dim
+        self.in_chans = in_chans
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.dynamic_img_size = dynamic_img_size
+
+        self.patch_embed = embed_layer(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        dpr = drop_path_schedule(drop_path_rate, depth)
+        self.blocks = nn.Sequential(
+            *[
+                Block(
+                    embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], norm_layer=norm_layer
+                )
+                for i in range(depth)
+            ]
+        )
+        # final norm on tokens for 'token' pooling; on the pooled vector (fc_norm) for 'avg' pooling
+        use_fc_norm = global_pool == "avg"
+        self.norm = norm_layer(embed_dim) if not use_fc_norm else nn.Identity()
+        self.fc_norm = norm_layer(embed_dim) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        r = self.patch_embed.reduction
+        self.feature_info = FeatureInfo(
+            dict(num_chs=embed_dim, reduction=r[0], module=f"blocks.{i}") for i in range(depth)
+        )
+        self.default_out_indices = min(3, depth)  # the last three blocks, as timm's ViT features
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("token", "avg", ""):
+                raise ValueError(f"{self.name}: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Image -> tokens with prefix and position embedding. Returns tokens and the patch grid."""
+        r = self.patch_embed.reduction
+        fixed = None if self.dynamic_img_size else self.patch_embed.img_size
+        self.check_input(x, r, fixed)
+        grid = (x.shape[-2] // r[0], x.shape[-1] // r[1])
+        x = self.patch_embed(x)  # (B, N, C)
+        pos_embed = self.pos_embed
+        if self.dynamic_img_size and grid != self.patch_embed.grid_size:
+            pos_embed = resample_abs_pos_embed(pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.pos_drop(x + pos_embed), grid
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self._embed(x)
+        x = self.run_blocks(self.blocks, x)
+        return self.norm(x)  # (B, prefix + N, C)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_pool == "token":
+            return x[:, 0]
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens :].mean(dim=1)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(self.fc_norm(self.pool(x)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Outputs of the selected blocks, as NCHW maps of patch tokens (or 'NLC' tokens with prefix).
+
+        Returns ``(final_features, intermediates)``, or only the list with ``intermediates_only``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"{self.name}: output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = feature_take_indices(len(self.blocks), indices)
+        x, grid = self._embed(x)
+        blocks = self.blocks[: last + 1] if (stop_early or intermediates_only) else self.blocks
+        out = []
+        for i, blk in enumerate(blocks):
+            x = self.run_blocks([blk], x)
+            if i in take:
+                y = self.norm(x) if norm else x
+                if output_fmt == "NCHW":
+                    y = y[:, self.num_prefix_tokens :]  # (B, N, C) -> (B, C, H, W)
+                    y = y.reshape(y.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+                out.append(y)
+        if intermediates_only:
+            return out
+        return self.norm(x), out
+
+    def prune_intermediate_layers(self, indices: int | list[int] | None = None) -> list[int]:
+        """Drop blocks after the last requested one, the final norm and the head (for ``features_only``)."""
+        take, last = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: last + 1]
+        self.norm = nn.Identity()
+        self.fc_norm = nn.Identity()
+        self.reset_classifier(0, "")
+        return take
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
+    """Adapt a timm/vitkit ViT state dict to ``model``: resample the position embedding to its grid."""
+    pe = state_dict.get("pos_embed")
+    if pe is not None and pe.shape != model.pos_embed.shape:
+        state_dict["pos_embed"] = resample_abs_pos_embed(
+            pe, model.patch_embed.grid_size, num_prefix_tokens=model.num_prefix_tokens
+        )
+    return state_dict
+
+
+# ---- variants ---------------------------------------------------------------------------------
+# name: (patch, embed_dim, depth, heads, img_size)   [ARCHITECTURES.md §1.1; timm names]
+VIT_VARIANTS = {
+    "vit_tiny_patch16_224": (16, 192, 12, 3, 224),
+    "vit_tiny_patch16_384": (16, 192, 12, 3, 384),
+    "vit_small_patch32_224": (32, 384, 12, 6, 224),
+    "vit_small_patch32_384": (32, 384, 12, 6, 384),
+    "vit_small_patch16_224": (16, 384, 12, 6, 224),
+    "vit_small_patch16_384": (16, 384, 12, 6, 384),
+    "vit_small_patch8_224": (8, 384, 12, 6, 224),
+    "vit_base_patch32_224": (32, 768, 12, 12, 224),
+    "vit_base_patch32_384": (32, 768, 12, 12, 384),
+    "vit_base_patch16_224": (16, 768, 12, 12, 224),
+    "vit_base_patch16_384": (16, 768, 12, 12, 384),
+    "vit_base_patch8_224": (8, 768, 12, 12, 224),
+    "vit_large_patch32_224": (32, 1024, 24, 16, 224),
+    "vit_large_patch32_384": (32, 1024, 24, 16, 384),
+    "vit_large_patch16_224": (16, 1024, 24, 16, 224),
+    "vit_large_patch16_384": (16, 1024, 24, 16, 384),
+    "vit_large_patch14_224": (14, 1024, 24, 16, 224),
+    "vit_huge_patch14_224": (14, 1280, 32, 16, 224),
+    "deit_tiny_patch16_224": (16, 192, 12, 3, 224),
+    "deit_small_patch16_224": (16, 384, 12, 6, 224),
+    "deit_base_patch16_224": (16, 768, 12, 12, 224),
+    "deit_base_patch16_384": (16, 768, 12, 12, 384),
+}
+
+# published timm weights per architecture: tag -> (licence, crop_pct); inputs at the variant's size
+_VIT_TAGS = {
+    "vit_tiny_patch16_224": ["augreg_in21k_ft_in1k"],
+    "vit_tiny_patch16_384": ["augreg_in21k_ft_in1k"],
+    "vit_small_patch32_224": ["augreg_in21k_ft_in1k"],
+    "vit_small_patch32_384": ["augreg_in21k_ft_in1k"],
+    "vit_small_patch16_224": ["augreg_in21k_ft_in1k", "augreg_in1k"],
+    "vit_small_patch16_384": ["augreg_in21k_ft_in1k", "augreg_in1k"],
+    "vit_small_patch8_224": ["dino"],
+    "vit_base_patch32_224": ["augreg_in21k_ft_in1k", "augreg_in1k"],
+    "vit_base_patch32_384": ["augreg_in21k_ft_in1k", "augreg_in1k"],
+    "vit_base_patch16_224": ["augreg2_in21k_ft_in1k", "augreg_in21k_ft_in1k", "orig_in21k_ft_in1k", "augreg_in1k"],
+    "vit_base_patch16_384": ["augreg_in21k_ft_in1k", "orig_in21k_ft_in1k", "augreg_in1k"],
+    "vit_base_patch8_224": ["augreg2_in21k_ft_in1k", "augreg_in21k_ft_in1k"],
+    "vit_large_patch32_384": ["orig_in21k_ft_in1k"],
+    "vit_large_patch16_224": ["augreg_in21k_ft_in1k"],
+    "vit_large_patch16_384": ["augreg_in21k_ft_in1k"],
+    "vit_huge_patch14_224": ["orig_in21k"],
+    "deit_tiny_patch16_224": ["fb_in1k"],
+    "deit_small_patch16_224": ["fb_in1k"],
+    "deit_base_patch16_224": ["fb_in1k"],
+    "deit_base_patch16_384": ["fb_in1k"],
+}
+
+
+# weights published without a classifier: as in timm, a model built from scratch also defaults to no head
+HEADLESS_TAGS = ("dino", "orig_in21k")
+
+
+def _pretrained_cfgs(name: str, img: int) -> list[PretrainedCfg]:
+    out = []
+    for tag in _VIT_TAGS.get(name, []):
+        deit = name.startswith("deit") or tag == "dino"
+        out.append(
+            PretrainedCfg(
+                tag=tag,
+                hf_hub_id=f"timm/{name}.{tag}",
+                num_classes=0 if tag in HEADLESS_TAGS else 1000,
+                input_size=(3, img, img),
+                mean=default_cfg()["mean"] if deit else INCEPTION_MEAN,
+                std=default_cfg()["std"] if deit else INCEPTION_STD,
+                crop_pct=1.0 if img == 384 else (0.875 if deit else 0.9),
+                license="apache-2.0",
+            )
+        )
+    return out
+
+
+def _register(name: str, patch: int, dim: int, depth: int, heads: int, img: int) -> None:
+    def builder(**kwargs) -> VisionTransformer:
+        args = dict(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads)
+        args.update(kwargs)
+        return VisionTransformer(**args)
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = f"{name}: ViT with patch {patch}, width {dim}, depth {depth}, {heads} heads, {img}px input."
+    deit = name.startswith("deit")
+    cfg = default_cfg(
+        input_size=(3, img, img),
+        mean=default_cfg()["mean"] if deit else INCEPTION_MEAN,
+        std=default_cfg()["std"] if deit else INCEPTION_STD,
+        test_input_size=(3, 4 * patch, 4 * patch),
+    )
+    register_model(
+        builder, family="vit", cfg=cfg, pretrained=_pretrained_cfgs(name, img), checkpoint_filter=checkpoint_filter_fn
+    )
+
+
+for _name, _spec in VIT_VARIANTS.items():
+    _register(_name, *_spec)

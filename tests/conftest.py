@@ -1,0 +1,52 @@
+"""Shared test helpers: the reference-parity fixtures in ../shared/golden and small-model factories."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vitkit
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("VITKIT_SHARED", REPO.parent / "shared"))
+GOLDEN = SHARED / "golden"
+MNIST = SHARED / "data" / "mnist"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def golden_names() -> list[str]:
+    return sorted(p.stem for p in GOLDEN.glob("*.json")) if GOLDEN.is_dir() else []
+
+
+def load_golden():
+    """Import the fixture helper module ``fill.py`` from the shared folder, or skip."""
+    if not (GOLDEN / "fill.py").is_file():
+        pytest.skip(f"reference fixtures not found at {GOLDEN} (they live in ../shared beside a CI clone)")
+    spec = importlib.util.spec_from_file_location("vitkit_golden_fill", GOLDEN / "fill.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def input_size_for(name: str) -> tuple[int, int, int]:
+    cfg = vitkit.get_model_entry(name).default_cfg
+    return tuple(cfg.get("test_input_size") or cfg["input_size"])
+
+
+def small_model(name: str, **kwargs) -> torch.nn.Module:
+    """A model at its small test resolution, seeded for reproducibility."""
+    torch.manual_seed(0)
+    c, h, w = input_size_for(name)
+    return vitkit.create_model(name, img_size=(h, w), **kwargs)
+
+
+def rel_err(a, b) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))

@@ -1,0 +1,162 @@
+"""Registry-wide contract: every registered model honours the same API.
+
+Models up to ``MAX_RUN_PARAMS`` run for real at their small test resolution; larger ones are built on the
+meta device and checked for their parameter count and feature_info only (2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vitkit
+from conftest import input_size_for, small_model
+from vitkit.bench import count_params
+
+MAX_RUN_PARAMS = 40e6
+
+
+def _param_count(name: str) -> int:
+    with torch.device("meta"):
+        return count_params(vitkit.create_model(name))
+
+
+ALL = vitkit.list_models()
+RUNNABLE = [n for n in ALL if _param_count(n) <= MAX_RUN_PARAMS]
+LARGE = [n for n in ALL if n not in RUNNABLE]
+
+
+def _input(name: str, batch: int = 2) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(batch, *input_size_for(name))
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_forward_backward(name):
+    model = small_model(name, num_classes=7).train()
+    x = _input(name)
+    out = model(x)
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+    out.square().mean().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not no_grad, f"{name}: parameters without a finite gradient: {no_grad[:5]}"
+    assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_head_contract(name):
+    model = small_model(name).eval()
+    x = _input(name)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert torch.equal(model.forward_head(feats), model(x))
+        pre = model.forward_head(feats, pre_logits=True)
+        assert pre.shape == (2, model.num_features)
+        model.reset_classifier(0)
+        assert model(x).shape == (2, model.num_features)
+        torch.testing.assert_close(model(x), pre)
+        model.reset_classifier(5)
+        assert model(x).shape == (2, 5)
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_intermediates_match_feature_info(name):
+    model = small_model(name).eval()
+    x = _input(name)
+    c, h, w = input_size_for(name)
+    n = len(model.feature_info)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x, indices=n)
+        assert torch.equal(final, model.forward_features(x))
+    assert len(inter) == n
+    for f, t in zip(model.feature_info, inter):
+        assert t.shape == (2, f["num_chs"], h // f["reduction"], w // f["reduction"]), (f, t.shape)
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_features_only(name):
+    c, h, w = input_size_for(name)
+    full = small_model(name).eval()
+    torch.manual_seed(0)
+    backbone = vitkit.create_model(name, img_size=(h, w), features_only=True, out_indices=(0, -1)).eval()
+    backbone.load_state_dict(full.state_dict(), strict=False)
+    x = _input(name)
+    with torch.no_grad():
+        maps = backbone(x)
+        _, ref = full.forward_intermediates(x, indices=[0, len(full.feature_info) - 1])
+    assert len(maps) == len(backbone.feature_info) == 2
+    for f, m, r in zip(backbone.feature_info, maps, ref):
+        assert m.shape == (2, f["num_chs"], h // f["reduction"], w // f["reduction"])
+        torch.testing.assert_close(m, r)
+    # features_only keeps no unused parameters: all of them get a gradient
+    sum(m.sum() for m in backbone(x)).backward()
+    assert all(p.grad is not None for p in backbone.parameters())
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_safetensors_round_trip(name, tmp_path):
+    model = small_model(name).eval()
+    path = vitkit.save_state_dict(model, tmp_path / "m.safetensors")
+    c, h, w = input_size_for(name)
+    torch.manual_seed(123)  # different init, so equality below means the weights were loaded
+    loaded = vitkit.create_model(name, img_size=(h, w), checkpoint_path=path).eval()
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    x = _input(name)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_batch_independence(name):
+    model = small_model(name).eval()
+    x = _input(name, batch=3)
+    with torch.no_grad():
+        full = model(x)
+        single = model(x[1:2])
+    torch.testing.assert_close(single, full[1:2], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_torch_export(name):
+    model = small_model(name).eval()
+    x = _input(name)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_contract_attributes(name):
+    with torch.device("meta"):
+        model = vitkit.create_model(name)
+    assert model.model_name == name
+    assert isinstance(model.num_features, int) and model.num_features > 0
+    assert len(model.feature_info) > 0
+    for f in model.feature_info:
+        assert set(f) >= {"num_chs", "reduction", "module"}
+        assert model.get_submodule(f["module"]) is not None
+    assert set(vitkit.resolve_data_config(model)) == {"input_size", "mean", "std", "interpolation", "crop_pct"}
+    assert all(n in dict(model.named_parameters()) for n in model.no_weight_decay())
+    model.set_grad_checkpointing(True)
+    assert model.grad_checkpointing
+
+
+@pytest.mark.parametrize("name", LARGE)
+def test_large_models_build_on_meta(name):
+    with torch.device("meta"):
+        model = vitkit.create_model(name, num_classes=10)
+    assert model.head.out_features == 10
+    assert count_params(model) > MAX_RUN_PARAMS
+
+
+def test_grad_checkpointing_gives_same_gradients():
+    name = "vit_tiny_patch16_224"
+    grads = []
+    for enable in (False, True):
+        model = small_model(name).train()
+        model.set_grad_checkpointing(enable)
+        model(_input(name)).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
