@@ -240,6 +240,7 @@ _VIT_TAGS = {
     "vit_base_patch16_224": ["augreg2_in21k_ft_in1k", "augreg_in21k_ft_in1k", "orig_in21k_ft_in1k", "augreg_in1k"],
     "vit_base_patch16_384": ["augreg_in21k_ft_in1k", "orig_in21k_ft_in1k", "augreg_in1k"],
     "vit_base_patch8_224": ["augreg2_in21k_ft_in1k", "augreg_in21k_ft_in1k"],
+    "vit_large_patch32_224": ["orig_in21k"],
     "vit_large_patch32_384": ["orig_in21k_ft_in1k"],
     "vit_large_patch16_224": ["augreg_in21k_ft_in1k"],
     "vit_large_patch16_384": ["augreg_in21k_ft_in1k"],
