@@ -3,8 +3,8 @@
 #   make test   create/reuse .venv, install, run the default test suite (fast; `make test-slow` for the rest)
 #
 # The virtual environment sees the system site-packages, so a torch that is already installed is reused.
-# If none is importable, a torch wheel from pip's local find-links is preferred (`--no-index`), and only
-# then the registry's build. Installing vitkit itself then adds nothing torch-related: its requirement is
+# If none is importable, a torch wheel from pip's local find-links is preferred (its small pure-Python
+# dependencies come from the registry), and only then the registry's build. Installing vitkit itself then adds nothing torch-related: its requirement is
 # a range (torch>=2.3) that the installed build satisfies.
 
 PYTHON ?= python3
@@ -17,7 +17,8 @@ STAMP := $(VENV)/.vitkit-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null \
-		|| $(PY) -m pip install --no-index "torch>=2.3" \
+		|| { $(PY) -m pip download -q --no-index --no-deps "torch>=2.3" -d $(VENV)/local-wheels \
+		     && $(PY) -m pip install $(VENV)/local-wheels/torch-*.whl; } \
 		|| $(PY) -m pip install "torch>=2.3"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
