@@ -147,7 +147,7 @@ def test_contract_attributes(name):
 def test_large_models_build_on_meta(name):
     with torch.device("meta"):
         model = vitkit.create_model(name, num_classes=10)
-    assert model.head.out_features == 10
+    assert model.get_classifier().out_features == 10
     assert count_params(model) > MAX_RUN_PARAMS
 
 

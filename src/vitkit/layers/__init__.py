@@ -1,7 +1,8 @@
 """Reusable building blocks shared by every vitkit model family."""
 
-from vitkit.layers.attention import Attention, fused_attn, use_fused_attn
+from vitkit.layers.attention import Attention, MultiQueryAttention, fused_attn, use_fused_attn
 from vitkit.layers.block import Block
+from vitkit.layers.conv_bn import ClassifierHead, ConvNormAct, make_divisible
 from vitkit.layers.drop import DropPath, drop_path_schedule
 from vitkit.layers.helpers import to_2tuple
 from vitkit.layers.mlp import Mlp
@@ -14,11 +15,14 @@ from vitkit.layers.std_conv import StdConv2d, StdConv2dSame
 __all__ = [
     "Attention",
     "Block",
+    "ClassifierHead",
+    "ConvNormAct",
     "Conv2dSame",
     "DropPath",
     "GroupNormAct",
     "LayerNorm2d",
     "MaxPool2dSame",
+    "MultiQueryAttention",
     "Mlp",
     "PatchEmbed",
     "StdConv2d",
@@ -26,6 +30,7 @@ __all__ = [
     "drop_path_schedule",
     "fused_attn",
     "get_same_padding",
+    "make_divisible",
     "pad_same",
     "resample_abs_pos_embed",
     "to_2tuple",

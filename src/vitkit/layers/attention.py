@@ -73,6 +73,39 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+class MultiQueryAttention(nn.Module):
+    """Multi-query attention (Shazeer 2019): per-head queries, one shared key/value head.
+
+    Used by the official NesT CIFAR models ("local_multi_query"). Parameters: ``q`` (dim -> dim),
+    ``kv`` (dim -> 2 * head_dim), ``proj``.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop=0.0):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"MultiQueryAttention: dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.fused_attn: bool | None = None
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * self.head_dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.attn_probs = nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    use_fused = Attention.use_fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, d)
+        k, v = self.kv(x).reshape(B, 1, N, 2, self.head_dim).unbind(3)  # each (B, 1, N, d), shared by heads
+        k, v = k.expand(-1, self.num_heads, -1, -1), v.expand(-1, self.num_heads, -1, -1)
+        x = attend(q, k, v, self.scale, self.attn_drop, self.attn_probs, self.use_fused())
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -49,6 +49,16 @@ def feature_take_indices(num_features: int, indices: int | list[int] | tuple[int
     return take, max(take)
 
 
+def run_blocks(blocks, x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+    """Run blocks in sequence; with ``checkpointing`` their activations are recomputed in backward."""
+    for blk in blocks:
+        if checkpointing:
+            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+        else:
+            x = blk(x)
+    return x
+
+
 class VitkitModel(nn.Module):
     """Base class: shared helpers for the model contract. Families implement the forward methods."""
 
@@ -107,9 +117,4 @@ class VitkitModel(nn.Module):
 
     def run_blocks(self, blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Run a sequence of blocks, with activation checkpointing when enabled and training."""
-        for blk in blocks:
-            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return x
+        return run_blocks(blocks, x, self.grad_checkpointing and self.training)

@@ -1,0 +1,53 @@
+"""Convolution + BatchNorm + activation, and a pooled classifier head (timm's ``ConvNormAct``/``ClassifierHead`` names)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:
+    """Round a channel count to a multiple of ``divisor``, never dropping more than 10% (MobileNet rule)."""
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if new_v < round_limit * v:
+        new_v += divisor
+    return new_v
+
+
+class ConvNormAct(nn.Module):
+    """``conv`` (no bias, symmetric padding) -> ``bn`` -> ``act`` (identity when ``act_layer`` is None)."""
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        groups: int = 1,
+        act_layer: type[nn.Module] | None = nn.ReLU,
+    ):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_chs)
+        self.act = act_layer() if act_layer is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool -> dropout -> ``fc`` (identity when ``num_classes`` is 0)."""
+
+    def __init__(self, in_features: int, num_classes: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.drop_rate = drop_rate
+        self._in_features = in_features
+        self.fc = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def reset(self, num_classes: int) -> None:
+        self.fc = nn.Linear(self._in_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = F.dropout(x.mean(dim=(2, 3)), p=self.drop_rate, training=self.training)  # (B, C)
+        return x if pre_logits else self.fc(x)

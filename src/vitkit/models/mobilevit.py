@@ -1,0 +1,376 @@
+"""MobileViT (v1) and MobileViTv2.
+
+Papers: Mehta & Rastegari, "MobileViT: Light-weight, General-purpose, and Mobile-friendly Vision Transformer",
+ICLR 2022 (arXiv 2110.02178); "Separable Self-attention for Mobile Vision Transformers" (arXiv 2206.02680).
+Official code: apple/ml-cvnets. Reference for parameter layout and numerics: timm ``mobilevit.py`` (built on
+its ByobNet: ``stem``, ``stages.i.j``, ``final_conv``, ``head.fc``), so timm/cvnets-converted checkpoints load.
+
+* MV2 block: 1x1 expand + BN + SiLU, 3x3 depthwise (stride s) + BN + SiLU, 1x1 project + BN; residual when the
+  shape is unchanged (ARCHITECTURES.md §4.1).
+* MobileViT block: 3x3 conv + 1x1 to d; :func:`unfold_patches` into 2x2 patches; L Transformer layers across
+  patches for each intra-patch position; :func:`fold_patches`; 1x1 back to C; concat with the input; 3x3 fusion.
+* v2 block: depthwise 3x3 + 1x1; separable (linear) self-attention layers on ``[B, d, P, N]``; fold; 1x1 + BN.
+
+Export path: :func:`unfold_patches` and :func:`fold_patches` use only reshapes/permutes of at most 4-D tensors.
+
+Input sizes: there are no position embeddings, so any size whose sides are multiples of 32 runs without
+resampling anything. Other sizes of at least 32 are accepted: a MobileViT block whose map has an odd side
+resizes it bilinearly to the next multiple of the patch size and back (the cvnets/timm rule).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitkit.layers import Block, ClassifierHead, ConvNormAct, DropPath, drop_path_schedule, make_divisible
+from vitkit.models._base import FeatureInfo, VitkitModel, feature_take_indices
+from vitkit.models._registry import PretrainedCfg, default_cfg, register_model
+
+
+def unfold_patches(x: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, C, P, N]``: P pixels per patch (row-major), N patches (row-major).
+
+    Entry ``[b, c, p, n]`` is pixel ``p`` of patch ``n``; all 4-D, so ONNX/Core ML converters accept it.
+    """
+    B, C, H, W = x.shape
+    ph, pw = patch
+    nh, nw = H // ph, W // pw
+    x = x.reshape(B * C * nh, ph, nw, pw).permute(0, 1, 3, 2)  # (B*C*nh, ph, pw, nw)
+    x = x.reshape(B * C, nh, ph * pw, nw).permute(0, 2, 1, 3)  # (B*C, P, nh, nw)
+    return x.reshape(B, C, ph * pw, nh * nw)
+
+
+def fold_patches(x: torch.Tensor, grid: tuple[int, int], patch: tuple[int, int]) -> torch.Tensor:
+    """Exact inverse of :func:`unfold_patches`: ``[B, C, P, N]`` -> ``[B, C, H, W]``."""
+    B, C, P, N = x.shape
+    (nh, nw), (ph, pw) = grid, patch
+    x = x.reshape(B * C, P, nh, nw).permute(0, 2, 1, 3)  # (B*C, nh, P, nw)
+    x = x.reshape(B * C * nh, ph, pw, nw).permute(0, 1, 3, 2)  # (B*C*nh, ph, nw, pw)
+    return x.reshape(B, C, nh * ph, nw * pw)
+
+
+def _resize_to_patches(x: torch.Tensor, patch: tuple[int, int], align_corners: bool):
+    """Bilinear resize so both sides are multiples of the patch; returns the map and its original size."""
+    H, W = x.shape[-2:]
+    new = (math.ceil(H / patch[0]) * patch[0], math.ceil(W / patch[1]) * patch[1])
+    if new != (H, W):
+        x = F.interpolate(x, size=new, mode="bilinear", align_corners=align_corners)
+    return x, (H, W)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block (timm ByobNet 'bottle' layout: ``conv1_1x1``, ``conv2_kxk``, ``conv3_1x1``)."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, expand: float, drop_path: float = 0.0):
+        super().__init__()
+        mid = make_divisible(in_chs * expand)
+        self.has_residual = stride == 1 and in_chs == out_chs
+        self.conv1_1x1 = ConvNormAct(in_chs, mid, 1, act_layer=nn.SiLU)
+        self.conv2_kxk = ConvNormAct(mid, mid, 3, stride, groups=mid, act_layer=nn.SiLU)
+        self.conv3_1x1 = ConvNormAct(mid, out_chs, 1, act_layer=None)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv3_1x1(self.conv2_kxk(self.conv1_1x1(x)))
+        return x + self.drop_path(y) if self.has_residual else y
+
+
+class MobileViTBlock(nn.Module):
+    """Local conv -> unfold -> Transformer across patches -> fold -> 1x1 -> concat + 3x3 fusion (paper Fig. 1b)."""
+
+    def __init__(
+        self,
+        chs: int,
+        dim: int,
+        depth: int,
+        mlp_ratio: float = 2.0,
+        num_heads: int = 4,
+        patch_size: int = 2,
+        drop_path: float = 0.0,
+        drop: float = 0.0,
+    ):
+        super().__init__()
+        self.patch = (patch_size, patch_size)
+        self.conv_kxk = ConvNormAct(chs, chs, 3, act_layer=nn.SiLU)
+        self.conv_1x1 = nn.Conv2d(chs, dim, 1, bias=False)
+        self.transformer = nn.Sequential(
+            *[
+                Block(dim, num_heads, mlp_ratio, True, drop, 0.0, drop_path, act_layer=nn.SiLU, norm_layer=nn.LayerNorm)
+                for _ in range(depth)
+            ]
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.conv_proj = ConvNormAct(dim, chs, 1, act_layer=nn.SiLU)
+        self.conv_fusion = ConvNormAct(2 * chs, chs, 3, act_layer=nn.SiLU)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        y, size = _resize_to_patches(self.conv_1x1(self.conv_kxk(x)), self.patch, align_corners=False)
+        B, C, H, W = y.shape
+        grid = (H // self.patch[0], W // self.patch[1])
+        y = unfold_patches(y, self.patch)  # (B, C, P, N)
+        P, N = y.shape[2], y.shape[3]
+        # one sequence of N patches per intra-patch pixel position: (B*P, N, C)
+        y = y.permute(0, 2, 3, 1).reshape(B * P, N, C)
+        y = self.norm(self.transformer(y))
+        y = y.reshape(B, P, N, C).permute(0, 3, 1, 2)  # (B, C, P, N)
+        y = fold_patches(y, grid, self.patch)
+        if (H, W) != size:
+            y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        y = self.conv_proj(y)
+        return self.conv_fusion(torch.cat((shortcut, y), dim=1))
+
+
+class LinearSelfAttention(nn.Module):
+    """Separable self-attention (MobileViTv2 §3): O(k d) context from softmax-normalised scores, on ``[B, d, P, N]``."""
+
+    def __init__(self, dim: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.dim = dim
+        self.qkv_proj = nn.Conv2d(dim, 1 + 2 * dim, 1)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.attn_probs = nn.Identity()  # hook point: context scores (B, 1, P, N)
+        self.out_proj = nn.Conv2d(dim, dim, 1)
+        self.out_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([1, self.dim, self.dim], dim=1)  # (B,1,P,N), (B,d,P,N), (B,d,P,N)
+        scores = self.attn_drop(self.attn_probs(q.softmax(dim=-1)))  # over the N patches
+        context = (k * scores).sum(dim=-1, keepdim=True)  # (B, d, P, 1)
+        return self.out_drop(self.out_proj(F.relu(v) * context))
+
+
+class ConvMlp(nn.Module):
+    """1x1 conv -> act -> dropout -> 1x1 conv, on ``[B, d, P, N]``."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.act = nn.SiLU()
+        self.drop = nn.Dropout(drop)
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class LinearTransformerBlock(nn.Module):
+    """Pre-norm block with GroupNorm(1) ("layer_norm_2d"), separable attention and a conv MLP."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 2.0, drop: float = 0.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(1, dim)
+        self.attn = LinearSelfAttention(dim, proj_drop=drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.GroupNorm(1, dim)
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class MobileViTV2Block(nn.Module):
+    """Depthwise 3x3 + 1x1 -> unfold -> separable-attention layers -> fold -> 1x1 + BN (no fusion)."""
+
+    def __init__(self, chs: int, depth: int, patch_size: int = 2, drop_path: float = 0.0, drop: float = 0.0):
+        super().__init__()
+        dim = make_divisible(0.5 * chs)
+        self.patch = (patch_size, patch_size)
+        self.conv_kxk = ConvNormAct(chs, chs, 3, groups=chs, act_layer=nn.SiLU)
+        self.conv_1x1 = nn.Conv2d(chs, dim, 1, bias=False)
+        self.transformer = nn.Sequential(*[LinearTransformerBlock(dim, 2.0, drop, drop_path) for _ in range(depth)])
+        self.norm = nn.GroupNorm(1, dim)
+        self.conv_proj = ConvNormAct(dim, chs, 1, act_layer=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = _resize_to_patches(x, self.patch, align_corners=True)  # v2 resizes the block input (cvnets)
+        x = self.conv_1x1(self.conv_kxk(x))
+        grid = (x.shape[2] // self.patch[0], x.shape[3] // self.patch[1])
+        x = self.norm(self.transformer(unfold_patches(x, self.patch)))  # (B, d, P, N)
+        return self.conv_proj(fold_patches(x, grid, self.patch))
+
+
+class MobileViT(VitkitModel):
+    """MobileViT backbone: stem, five stages (MV2 blocks, MobileViT blocks in stages 3-5), 1x1 conv, head."""
+
+    def __init__(
+        self,
+        stage_cfgs: tuple,
+        stem_chs: int,
+        num_features: int = 0,
+        version: int = 1,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        img_size: int | tuple[int, int] | None = None,
+    ):
+        """
+        Args:
+            stage_cfgs: per stage ``(depth, channels, stride, expand)`` for MV2-only stages, or
+                ``(channels, stride, expand, transformer_dim, transformer_depth)`` for stages ending in a
+                MobileViT block (v2: transformer_dim is ignored, d = C / 2).
+            num_features: width of the final 1x1 conv (0: none, as in v2).
+            img_size: only sets the default data config; the network itself takes any size.
+        """
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.stem = ConvNormAct(in_chans, stem_chs, 3, 2, act_layer=nn.SiLU)
+        n_blocks = sum(c[0] if len(c) == 4 else 2 for c in stage_cfgs)
+        dpr = iter(drop_path_schedule(drop_path_rate, n_blocks))
+        stages, prev, reduction = [], stem_chs, 2
+        self.feature_info = FeatureInfo()
+        for i, cfg in enumerate(stage_cfgs):
+            blocks = []
+            if len(cfg) == 4:  # MV2 blocks only
+                depth, chs, stride, expand = cfg
+                for j in range(depth):
+                    blocks.append(InvertedResidual(prev, chs, stride if j == 0 else 1, expand, next(dpr)))
+                    prev = chs
+            else:  # MV2 (downsampling) + MobileViT block
+                chs, stride, expand, dim, depth = cfg
+                blocks.append(InvertedResidual(prev, chs, stride, expand, next(dpr)))
+                if version == 1:
+                    blocks.append(MobileViTBlock(chs, dim, depth, drop_path=next(dpr), drop=drop_rate))
+                else:
+                    blocks.append(MobileViTV2Block(chs, depth, drop_path=next(dpr), drop=drop_rate))
+                prev = chs
+            reduction *= stride
+            stages.append(nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=prev, reduction=reduction, module=f"stages.{i}"))
+        self.stages = nn.Sequential(*stages)
+        if num_features:
+            self.final_conv = ConvNormAct(prev, num_features, 1, act_layer=nn.SiLU)
+            self.num_features = num_features
+        else:
+            self.final_conv = nn.Identity()
+            self.num_features = prev
+        self.head = ClassifierHead(self.num_features, num_classes, drop_rate)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes)
+
+    def _check(self, x: torch.Tensor) -> None:
+        self.check_input(x, (1, 1))
+        if min(x.shape[-2:]) < 32:
+            raise ValueError(f"{self.name}: input sides must be at least 32 pixels, got {tuple(x.shape[-2:])}")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        x = self.stem(x)
+        for stage in self.stages:
+            x = self.run_blocks(stage, x)
+        return self.final_conv(x)  # (B, num_features, H/32, W/32)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Stage outputs (reductions 2, 4, 8, 16, 32) as NCHW maps."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"{self.name}: output_fmt must be 'NCHW', got {output_fmt!r}")
+        take, last = feature_take_indices(len(self.stages), indices)
+        self._check(x)
+        x = self.stem(x)
+        stages = self.stages[: last + 1] if (stop_early or intermediates_only) else self.stages
+        out = []
+        for i, stage in enumerate(stages):
+            x = self.run_blocks(stage, x)
+            if i in take:
+                out.append(x)
+        if intermediates_only:
+            return out
+        return self.final_conv(x), out
+
+    def prune_intermediate_layers(self, indices: int | list[int] | None = None) -> list[int]:
+        take, last = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: last + 1]
+        self.final_conv = nn.Identity()
+        self.reset_classifier(0)
+        return take
+
+
+# ---- variants ---------------------------------------------------------------------------------
+# v1 (ARCHITECTURES.md §4.2; timm mobilevit.py): MV2 stages (depth, C, stride, expand), then
+# MobileViT stages (C, stride, expand, d, L); final 1x1 conv width.
+_V1 = {
+    "mobilevit_xxs": (16, 2.0, ((1, 16, 1), (3, 24, 2)), ((48, 64, 2), (64, 80, 4), (80, 96, 3)), 320),
+    "mobilevit_xs": (16, 4.0, ((1, 32, 1), (3, 48, 2)), ((64, 96, 2), (80, 120, 4), (96, 144, 3)), 384),
+    "mobilevit_s": (16, 4.0, ((1, 32, 1), (3, 64, 2)), ((96, 144, 2), (128, 192, 4), (160, 240, 3)), 640),
+}
+# v2 (§4.5): width multiplier alpha -> channels (64, 128, 256, 384, 512) * alpha, stem 32 * alpha
+_V2 = {"050": 0.5, "075": 0.75, "100": 1.0, "125": 1.25, "150": 1.5, "175": 1.75, "200": 2.0}
+
+_MV_CFG = dict(
+    input_size=(3, 256, 256),
+    mean=(0.0, 0.0, 0.0),
+    std=(1.0, 1.0, 1.0),
+    first_conv="stem.conv",
+    classifier="head.fc",
+    test_input_size=(3, 64, 64),
+)
+
+
+def _register(name: str, args: dict, crop_pct: float) -> None:
+    def builder(**kwargs) -> MobileViT:
+        merged = dict(args)
+        merged.update(kwargs)
+        return MobileViT(**merged)
+
+    builder.__name__ = builder.__qualname__ = name
+    tag = PretrainedCfg(
+        tag="cvnets_in1k",
+        hf_hub_id=f"timm/{name}.cvnets_in1k",
+        input_size=(3, 256, 256),
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        crop_pct=crop_pct,
+        license="apple-ascl",
+    )
+    register_model(builder, family="mobilevit", cfg=default_cfg(**_MV_CFG, crop_pct=crop_pct), pretrained=[tag])
+
+
+for _name, (_stem, _t, _mv2, _mvit, _nf) in _V1.items():
+    _stages = tuple((d, c, s, _t) for d, c, s in _mv2) + tuple((c, 2, _t, dim, depth) for c, dim, depth in _mvit)
+    _register(_name, dict(stage_cfgs=_stages, stem_chs=_stem, num_features=_nf, version=1), 0.9)
+
+for _suffix, _alpha in _V2.items():
+    _chs = [int(c * _alpha) for c in (64, 128, 256, 384, 512)]
+    _stages = ((1, _chs[0], 1, 2.0), (2, _chs[1], 2, 2.0)) + tuple(
+        (c, 2, 2.0, 0, depth) for c, depth in zip(_chs[2:], (2, 4, 3))
+    )
+    _register(f"mobilevitv2_{_suffix}", dict(stage_cfgs=_stages, stem_chs=int(32 * _alpha), version=2), 0.888)
