@@ -1,4 +1,4 @@
-"""Convolution + BatchNorm + activation, and a pooled classifier head (timm's ``ConvNormAct``/``ClassifierHead`` names)."""
+"""Convolution + BatchNorm + activation and a pooled classifier head (timm names: ConvNormAct, ClassifierHead)."""
 
 from __future__ import annotations
 
