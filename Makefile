@@ -34,12 +34,12 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check $(wildcard src tests benchmarks)
+	$(PY) -m ruff format --check $(wildcard src tests benchmarks)
 
 format: $(STAMP)
-	$(PY) -m ruff format src tests benchmarks
-	$(PY) -m ruff check --fix src tests benchmarks
+	$(PY) -m ruff format $(wildcard src tests benchmarks)
+	$(PY) -m ruff check --fix $(wildcard src tests benchmarks)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

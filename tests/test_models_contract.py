@@ -1,7 +1,10 @@
 """Registry-wide contract: every registered model honours the same API.
 
 Models up to ``MAX_RUN_PARAMS`` run for real at their small test resolution; larger ones are built on the
-meta device and checked for their parameter count and feature_info only (2 CPU cores).
+meta device and checked for their parameter count and feature_info only (2 CPU cores). Registered names
+that build the very same network at the test resolution (``vit_base_patch16_224`` and ``_384``, ``deit_*``
+and ``vit_*``, ...) differ only in their default size or data config; the heavy checks run once per
+distinct network, named by its first registered name, and the cheap checks run on every name.
 """
 
 from __future__ import annotations
@@ -21,9 +24,22 @@ def _param_count(name: str) -> int:
         return count_params(vitkit.create_model(name))
 
 
+def _network_signature(name: str) -> str:
+    """The module tree (types, widths, kernels, paddings) at the test resolution."""
+    c, h, w = input_size_for(name)
+    with torch.device("meta"):
+        model = vitkit.create_model(name, img_size=(h, w))
+    shapes = sorted((k, tuple(v.shape)) for k, v in model.state_dict().items())
+    return repr(model) + repr(shapes)
+
+
 ALL = vitkit.list_models()
-RUNNABLE = [n for n in ALL if _param_count(n) <= MAX_RUN_PARAMS]
-LARGE = [n for n in ALL if n not in RUNNABLE]
+LARGE = [n for n in ALL if _param_count(n) > MAX_RUN_PARAMS]
+_seen: dict[str, str] = {}
+for _n in ALL:
+    if _n not in LARGE:
+        _seen.setdefault(_network_signature(_n), _n)
+RUNNABLE = sorted(_seen.values())
 
 
 def _input(name: str, batch: int = 2) -> torch.Tensor:
