@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import small_model
 
 import vitkit
+from conftest import small_model
 from vitkit.bench import count_macs, count_params
 from vitkit.models.mobilevit import LinearSelfAttention, fold_patches, unfold_patches
 
