@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 		     && $(PY) -m pip install $(VENV)/local-wheels/torch-*.whl; } \
 		|| $(PY) -m pip install "torch>=2.3"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[export]" || echo "optional ONNX export extra not installed: its tests will skip"
 	touch $(STAMP)
 
 run: $(STAMP)
