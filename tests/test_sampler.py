@@ -42,7 +42,7 @@ def test_cvnets_batch_table():
 def test_schedule_properties(n, base_batch, seed, epoch):
     sched = variable_batch_schedule(n, base_batch=base_batch, seed=seed, epoch=epoch)
     assert sum(b for _, _, b in sched) == n  # exact coverage
-    for h, w, b in sched:
+    for h, w, _b in sched:
         assert h % 32 == 0 and w % 32 == 0 and h in DEFAULT_RESOLUTIONS
     for h, w, b in sched[:-1]:  # pixels per batch constant within rounding (+ the batch >= 1 floor)
         assert b == max(1, round(base_batch * 256 * 256 / (h * w)))
