@@ -4,6 +4,7 @@ from vitkit.layers.attention import Attention, MultiQueryAttention, fused_attn, 
 from vitkit.layers.block import Block
 from vitkit.layers.conv_bn import ClassifierHead, ConvNormAct, make_divisible
 from vitkit.layers.drop import DropPath, drop_path_schedule
+from vitkit.layers.halo_attention import HaloAttention, PosEmbedRel
 from vitkit.layers.helpers import to_2tuple
 from vitkit.layers.mlp import Mlp
 from vitkit.layers.norm import GroupNormAct, LayerNorm2d
@@ -20,11 +21,13 @@ __all__ = [
     "Conv2dSame",
     "DropPath",
     "GroupNormAct",
+    "HaloAttention",
     "LayerNorm2d",
     "MaxPool2dSame",
     "MultiQueryAttention",
     "Mlp",
     "PatchEmbed",
+    "PosEmbedRel",
     "StdConv2d",
     "StdConv2dSame",
     "drop_path_schedule",

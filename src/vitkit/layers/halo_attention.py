@@ -1,0 +1,184 @@
+"""Blocked local self-attention with halos (HaloNet, Vaswani et al., CVPR 2021, arXiv 2103.12731).
+
+The map is split into non-overlapping ``b x b`` query blocks; each block attends to the ``(b + 2h)^2`` window
+around it (its block plus a halo of ``h`` pixels). Logits are ``q.k * d^-0.5`` plus factorised 2-D relative
+position logits ``q.r_h[dy] + q.r_w[dx]`` (tables ``height_rel``/``width_rel`` of ``2 * win - 1`` rows).
+A stride-``s`` layer computes queries at stride ``s`` (``b/s x b/s`` outputs per block) from the
+full-resolution window. Parameter names and the relative-index convention follow timm's ``HaloAttn``
+(row index ``key_pos - query_pos + win - 1``, with the query position counted in the strided block), so
+timm checkpoints load and give the same outputs.
+
+Padding rule (any input size):
+* the map is zero-padded on the bottom/right to a multiple of ``b`` ("size padding") and by ``h`` on every
+  side (the halo);
+* ``mask_padding="size"`` (default, the reference's numerics): keys in the size padding are masked out of
+  the softmax; halo keys beyond the image border are zeros that take part, exactly as in the reference, so a
+  map whose sides are multiples of ``b`` gives the reference's result;
+* ``mask_padding="all"``: every key outside the image is masked, so the layer equals full attention over
+  the map restricted to each block's window (the naive reference in the tests);
+* query rows/columns in the size padding are computed and cropped away.
+
+The attention itself runs through ``F.scaled_dot_product_attention`` with the relative logits and the mask as
+an additive bias (fused path), or explicitly with the probabilities exposed at ``attn_probs`` (eager path).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitkit.layers.attention import fused_attn
+from vitkit.layers.conv_bn import make_divisible
+
+_MASKS = ("size", "all")
+
+
+class PosEmbedRel(nn.Module):
+    """Factorised relative position logits for a ``block x block`` query block over a ``win x win`` window."""
+
+    def __init__(self, block_size: int, win_size: int, dim_head: int, scale: float):
+        super().__init__()
+        self.block_size, self.win_size = block_size, win_size
+        self.height_rel = nn.Parameter(torch.randn(win_size * 2 - 1, dim_head) * scale)
+        self.width_rel = nn.Parameter(torch.randn(win_size * 2 - 1, dim_head) * scale)
+        # idx[i, j] = j - i + win - 1: the table row for query position i and window position j
+        i = torch.arange(block_size)[:, None]
+        j = torch.arange(win_size)[None, :]
+        self.register_buffer("rel_index", j - i + win_size - 1, persistent=False)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        """``q``: (B, blocks, bs*bs, d) -> relative logits (B, blocks, bs*bs, win*win)."""
+        B, NB, _, d = q.shape
+        bs, win = self.block_size, self.win_size
+        q = q.reshape(B, NB, bs, bs, d)  # (B, NB, y, x, d)
+        ar = torch.arange(bs, device=q.device)[:, None]
+        lw = q @ self.width_rel.transpose(0, 1)  # (B, NB, y, x, R)
+        rw = lw[:, :, :, ar, self.rel_index]  # (B, NB, y, x, kx)
+        lh = (q @ self.height_rel.transpose(0, 1)).transpose(2, 3)  # (B, NB, x, y, R)
+        rh = lh[:, :, :, ar, self.rel_index].transpose(2, 3)  # (B, NB, y, x, ky)
+        rel = rh.unsqueeze(-1) + rw.unsqueeze(-2)  # (B, NB, y, x, ky, kx)
+        return rel.reshape(B, NB, bs * bs, win * win)
+
+
+class HaloAttention(nn.Module):
+    """Multi-head halo attention on NCHW maps (no output projection: the block's next 1x1 conv is one).
+
+    Args:
+        dim: input channels.
+        dim_out: output (value) channels; defaults to ``dim``.
+        stride: 1, or 2 for attention downsampling (strided queries; 2x2 average pooling when ``b % s != 0``
+            or ``avg_down``).
+        num_heads: heads; value head width is ``dim_out // num_heads``.
+        dim_head: query/key head width; default ``make_divisible(dim_out * qk_ratio, 8) // num_heads``.
+        block_size: query block side ``b``.
+        halo_size: halo ``h``.
+        mask_padding: 'size' or 'all', see the module docstring.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int | None = None,
+        stride: int = 1,
+        num_heads: int = 8,
+        dim_head: int | None = None,
+        block_size: int = 8,
+        halo_size: int = 3,
+        qk_ratio: float = 1.0,
+        qkv_bias: bool = False,
+        avg_down: bool = False,
+        mask_padding: str = "size",
+    ):
+        super().__init__()
+        dim_out = dim_out or dim
+        if dim_out % num_heads:
+            raise ValueError(f"HaloAttention: dim_out ({dim_out}) must be divisible by num_heads ({num_heads})")
+        if stride not in (1, 2):
+            raise ValueError(f"HaloAttention: stride must be 1 or 2, got {stride}")
+        if mask_padding not in _MASKS:
+            raise ValueError(f"HaloAttention: mask_padding must be one of {_MASKS}, got {mask_padding!r}")
+        self.num_heads = num_heads
+        self.dim_head_qk = dim_head or make_divisible(dim_out * qk_ratio, 8) // num_heads
+        self.dim_head_v = dim_out // num_heads
+        self.dim_out_qk = num_heads * self.dim_head_qk
+        self.dim_out_v = num_heads * self.dim_head_v
+        self.scale = self.dim_head_qk**-0.5
+        self.block_size = self.block_size_ds = block_size
+        self.halo_size = halo_size
+        self.win_size = block_size + 2 * halo_size
+        self.mask_padding = mask_padding
+        self.block_stride = 1
+        use_pool = False
+        if stride > 1:
+            use_pool = avg_down or block_size % stride != 0
+            self.block_stride = 1 if use_pool else stride
+            self.block_size_ds = block_size // self.block_stride
+        self.fused_attn: bool | None = None
+        self.q = nn.Conv2d(dim, self.dim_out_qk, 1, stride=self.block_stride, bias=qkv_bias)
+        self.kv = nn.Conv2d(dim, self.dim_out_qk + self.dim_out_v, 1, bias=qkv_bias)
+        self.pos_embed = PosEmbedRel(self.block_size_ds, self.win_size, self.dim_head_qk, self.scale)
+        self.attn_probs = nn.Identity()  # hook point (eager path): (B*heads, blocks, bs*bs, win*win)
+        self.pool = nn.AvgPool2d(2, 2) if use_pool else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.q.weight.shape[1] ** -0.5
+        nn.init.trunc_normal_(self.q.weight, std=std)
+        nn.init.trunc_normal_(self.kv.weight, std=std)
+        nn.init.trunc_normal_(self.pos_embed.height_rel, std=self.scale)
+        nn.init.trunc_normal_(self.pos_embed.width_rel, std=self.scale)
+
+    def use_fused(self) -> bool:
+        return fused_attn() if self.fused_attn is None else self.fused_attn
+
+    def _key_bias(self, H: int, W: int, Hp: int, Wp: int, ref: torch.Tensor) -> torch.Tensor | None:
+        """Additive bias (blocks, win*win): 0 for valid keys, a large negative for masked ones."""
+        h, b, win = self.halo_size, self.block_size, self.win_size
+        valid = torch.ones(Hp + 2 * h, Wp + 2 * h, dtype=torch.bool, device=ref.device)
+        if self.mask_padding == "all":
+            valid[:h] = valid[h + H :] = False
+            valid[:, :h] = valid[:, h + W :] = False
+        elif (H, W) != (Hp, Wp):
+            valid[h + H : h + Hp] = False
+            valid[:, h + W : h + Wp] = False
+        else:
+            return None
+        windows = valid.unfold(0, win, b).unfold(1, win, b)  # (nh, nw, win, win)
+        bias = torch.zeros(windows.shape, dtype=ref.dtype, device=ref.device)
+        bias.masked_fill_(~windows, torch.finfo(ref.dtype).min)
+        return bias.reshape(-1, win * win)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        b, h, s, bs, win = self.block_size, self.halo_size, self.block_stride, self.block_size_ds, self.win_size
+        Hp, Wp = math.ceil(H / b) * b, math.ceil(W / b) * b
+        if (Hp, Wp) != (H, W):
+            x = F.pad(x, (0, Wp - W, 0, Hp - H))
+        nh, nw = Hp // b, Wp // b
+        nb, heads, dqk, dv = nh * nw, self.num_heads, self.dim_head_qk, self.dim_head_v
+
+        q = self.q(x).reshape(B * heads, dqk, nh, bs, nw, bs)
+        q = q.permute(0, 2, 4, 3, 5, 1).reshape(B * heads, nb, bs * bs, dqk)  # (B*heads, blocks, bs*bs, dqk)
+
+        kv = F.pad(self.kv(x), (h, h, h, h))  # each head's channels: dqk of k, then dv of v
+        kv = kv.unfold(2, win, b).unfold(3, win, b)  # (B, C, nh, nw, win, win)
+        kv = kv.reshape(B * heads, dqk + dv, nb, win * win).permute(0, 2, 3, 1)
+        k, v = kv.split([dqk, dv], dim=-1)  # (B*heads, blocks, win*win, d)
+
+        bias = self.pos_embed(q)  # relative logits use the unscaled query, as in the reference
+        key_bias = self._key_bias(H, W, Hp, Wp, bias)
+        if key_bias is not None:
+            bias = bias + key_bias[:, None, :]
+        if self.use_fused():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        else:
+            attn = self.attn_probs(((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1))
+            out = attn @ v  # (B*heads, blocks, bs*bs, dv)
+
+        out = out.reshape(B, heads, nh, nw, bs, bs, dv).permute(0, 1, 6, 2, 4, 3, 5)
+        out = out.reshape(B, heads * dv, nh * bs, nw * bs)
+        out = out[:, :, : math.ceil(H / s), : math.ceil(W / s)]
+        return self.pool(out)

@@ -1,0 +1,137 @@
+"""HaloAttention against a naive masked global attention, in float64, plus gradcheck and masking rules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vitkit.layers import HaloAttention, use_fused_attn
+
+
+def naive_halo(layer: HaloAttention, x: torch.Tensor) -> torch.Tensor:
+    """Full attention over the whole map; each query may see exactly the keys of its block's window.
+
+    Written from the definition, independently of the layer's blocking: query at (qy, qx) (full-resolution
+    position; strided layers take every s-th pixel) belongs to block (qy // b, qx // b); the window of that
+    block spans rows [by*b - h, by*b + b + h) and the same for columns; keys outside the image are excluded
+    (mask_padding='all'). Relative logit: q.height_rel[ky - iy + win - 1] + q.width_rel[kx - ix + win - 1] with
+    (ky, kx) the key's position in the window and (iy, ix) the query's position in its (strided) block.
+    """
+    B, C, H, W = x.shape
+    b, h, s, win = layer.block_size, layer.halo_size, layer.block_stride, layer.win_size
+    heads, dqk, dv = layer.num_heads, layer.dim_head_qk, layer.dim_head_v
+    q_all = layer.q.weight[:, :, 0, 0]
+    kv_w = layer.kv.weight[:, :, 0, 0]
+    xf = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+    kv = (xf @ kv_w.T).reshape(B, H * W, heads, dqk + dv)
+    k, v = kv[..., :dqk], kv[..., dqk:]
+    Ho, Wo = math.ceil(H / s), math.ceil(W / s)
+    out = torch.zeros(B, heads * dv, Ho, Wo, dtype=x.dtype)
+    ky_all = torch.arange(H).repeat_interleave(W)
+    kx_all = torch.arange(W).repeat(H)
+    for oy in range(Ho):
+        for ox in range(Wo):
+            qy, qx = oy * s, ox * s
+            by, bx = qy // b, qx // b
+            iy, ix = (qy - by * b) // s, (qx - bx * b) // s
+            wy = ky_all - (by * b - h)  # key position inside the window
+            wx = kx_all - (bx * b - h)
+            allowed = (wy >= 0) & (wy < win) & (wx >= 0) & (wx < win)
+            q = (x[:, :, qy, qx] @ q_all.T).reshape(B, heads, dqk)
+            for hd in range(heads):
+                logits = (k[:, :, hd] @ q[:, hd, :, None])[..., 0] * layer.scale  # (B, HW)
+                rel_h = layer.pos_embed.height_rel[(wy - iy + win - 1).clamp(0, 2 * win - 2)] @ q[:, hd].T
+                rel_w = layer.pos_embed.width_rel[(wx - ix + win - 1).clamp(0, 2 * win - 2)] @ q[:, hd].T
+                logits = logits + (rel_h + rel_w).T
+                logits = logits.masked_fill(~allowed, float("-inf"))
+                out[:, hd * dv : (hd + 1) * dv, oy, ox] = (logits.softmax(-1)[:, :, None] * v[:, :, hd]).sum(1)
+    return out
+
+
+CASES = [  # (H, W, block, halo, stride, heads, dim, dim_out)
+    (8, 8, 4, 1, 1, 2, 8, 8),
+    (8, 12, 4, 2, 1, 1, 4, 8),  # non-square, wider values than qk
+    (10, 7, 4, 1, 1, 2, 8, 8),  # sizes that need padding
+    (8, 8, 4, 1, 2, 2, 8, 8),  # strided queries
+    (12, 10, 4, 2, 2, 4, 8, 16),  # strided + padding
+    (6, 6, 2, 0, 1, 2, 4, 4),  # no halo: pure blocked attention
+    (9, 9, 3, 3, 1, 1, 4, 4),  # halo as large as the block
+]
+
+
+@pytest.mark.parametrize("H,W,b,h,s,heads,dim,dim_out", CASES)
+@pytest.mark.parametrize("fused", [True, False])
+def test_equals_naive_masked_global_attention(H, W, b, h, s, heads, dim, dim_out, fused):
+    torch.manual_seed(0)
+    layer = HaloAttention(dim, dim_out, stride=s, num_heads=heads, block_size=b, halo_size=h, mask_padding="all")
+    layer = layer.double().eval()
+    layer.fused_attn = fused
+    x = torch.randn(2, dim, H, W, dtype=torch.float64)
+    with torch.no_grad():
+        ours = layer(x)
+        ref = naive_halo(layer, x)
+    assert ours.shape == ref.shape == (2, dim_out, math.ceil(H / s), math.ceil(W / s))
+    assert (ours - ref).abs().max() < 1e-5
+
+
+def test_size_mode_equals_all_mode_away_from_borders_and_reference_rule_at_borders():
+    torch.manual_seed(1)
+    a = HaloAttention(8, num_heads=2, block_size=4, halo_size=2, mask_padding="all").double().eval()
+    z = HaloAttention(8, num_heads=2, block_size=4, halo_size=2, mask_padding="size").double().eval()
+    z.load_state_dict(a.state_dict())
+    x = torch.randn(1, 8, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        ya, yz = a(x), z(x)
+    # interior blocks never see the border: identical; border blocks differ (zero halo keys take part in 'size')
+    torch.testing.assert_close(ya[..., 4:12, 4:12], yz[..., 4:12, 4:12])
+    assert not torch.allclose(ya[..., :4, :4], yz[..., :4, :4])
+
+
+def test_size_padding_never_reaches_valid_outputs():
+    """With mask_padding='size', outputs of an odd-sized map do not depend on what the padding would hold."""
+    torch.manual_seed(2)
+    layer = HaloAttention(8, num_heads=2, block_size=4, halo_size=1).double().eval()
+    x = torch.randn(1, 8, 10, 7, dtype=torch.float64)
+    big = torch.randn(1, 8, 12, 8, dtype=torch.float64) * 100
+    big[..., :10, :7] = x
+    with torch.no_grad():
+        y = layer(x)
+        # attention over the padded map with real (garbage) values where the size padding is, all unmasked:
+        layer_p = HaloAttention(8, num_heads=2, block_size=4, halo_size=1).double().eval()
+        layer_p.load_state_dict(layer.state_dict())
+        y_big = layer_p(big)[..., :10, :7]
+    assert y.shape == (1, 8, 10, 7)
+    assert not torch.allclose(y, y_big)  # the garbage would have mattered ...
+    torch.testing.assert_close(layer(x), y)  # ... and masking makes the result independent of it
+    assert torch.isfinite(y).all()
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(3)
+    layer = HaloAttention(4, 8, stride=2, num_heads=2, block_size=4, halo_size=1, mask_padding="all").double()
+    layer.fused_attn = False
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)
+    layer.fused_attn = True
+    assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)
+
+
+def test_eager_probabilities_are_captured_and_sum_to_one():
+    layer = HaloAttention(8, num_heads=2, block_size=4, halo_size=1).eval()
+    probs = []
+    layer.attn_probs.register_forward_hook(lambda m, i, o: probs.append(o))
+    with torch.no_grad(), use_fused_attn(False):
+        layer(torch.randn(1, 8, 8, 8))
+    assert probs[0].shape == (2, 4, 16, 36)
+    torch.testing.assert_close(probs[0].sum(-1), torch.ones(2, 4, 16))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="stride must be 1 or 2"):
+        HaloAttention(8, stride=3)
+    with pytest.raises(ValueError, match="mask_padding must be one of"):
+        HaloAttention(8, mask_padding="none")
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        HaloAttention(12, num_heads=8)
