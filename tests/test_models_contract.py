@@ -126,12 +126,14 @@ def test_safetensors_round_trip(name, tmp_path):
 
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_batch_independence(name):
-    model = small_model(name).eval()
-    x = _input(name, batch=3)
+    # float64: deep random-init networks (e.g. halonet_h5) amplify fp32 rounding differences between the batch-1
+    # and batch-3 kernels far beyond any tolerance; in float64 a leak across the batch would still show
+    model = small_model(name).eval().double()
+    x = _input(name, batch=3).double()
     with torch.no_grad():
         full = model(x)
         single = model(x[1:2])
-    torch.testing.assert_close(single, full[1:2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(single, full[1:2], rtol=1e-7, atol=1e-7 * float(full.abs().max()))
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
