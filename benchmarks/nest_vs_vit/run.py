@@ -33,8 +33,18 @@ from vitkit.data.mnist import MNIST
 HERE = Path(__file__).resolve().parent
 MODELS = {
     # NesT, CIFAR-style: 2x2-pixel tokens (16x16 grid), 4x4-token blocks, 3 levels (16 / 4 / 1 blocks), width 96
-    "nest": ("nest_tiny_cifar", dict(img_size=32, patch_size=2, num_levels=3, embed_dims=(96, 96, 96),
-                                     num_heads=(3, 3, 3), depths=(2, 2, 2), attn_type="mha")),
+    "nest": (
+        "nest_tiny_cifar",
+        dict(
+            img_size=32,
+            patch_size=2,
+            num_levels=3,
+            embed_dims=(96, 96, 96),
+            num_heads=(3, 3, 3),
+            depths=(2, 2, 2),
+            attn_type="mha",
+        ),
+    ),
     # ViT of similar parameters and MACs: 4x4 patches (8x8 grid + class token), width 96, depth 9
     "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, embed_dim=96, depth=9, num_heads=3)),
 }
@@ -95,10 +105,20 @@ def train(key: str, data, epochs: int, batch: int, lr: float, seed: int):
             sched.step()
             loss_sum += loss.item() * len(idx)
         acc = evaluate(model, xte, yte)
-        history.append(dict(model=key, epoch=epoch, train_loss=loss_sum / len(xtr), heldout_acc=acc,
-                            epoch_seconds=time.perf_counter() - t0))
-        print(f"{key} epoch {epoch:2d}  loss {history[-1]['train_loss']:.4f}  held-out acc {acc:.4f}  "
-              f"({history[-1]['epoch_seconds']:.0f}s)", flush=True)
+        history.append(
+            dict(
+                model=key,
+                epoch=epoch,
+                train_loss=loss_sum / len(xtr),
+                heldout_acc=acc,
+                epoch_seconds=time.perf_counter() - t0,
+            )
+        )
+        print(
+            f"{key} epoch {epoch:2d}  loss {history[-1]['train_loss']:.4f}  held-out acc {acc:.4f}  "
+            f"({history[-1]['epoch_seconds']:.0f}s)",
+            flush=True,
+        )
     return info, history
 
 
@@ -120,16 +140,26 @@ def main(argv=None):
         sys.exit(f"MNIST files not found at {args.data} (pass --data)")
     torch.set_num_threads(min(2, os.cpu_count() or 2))
     data = load_split(Path(args.data))
-    results = {"command": "python " + " ".join([os.path.relpath(__file__, Path.cwd())] + (argv or sys.argv[1:])),
-               "machine": dict(platform=platform.platform(), processor=platform.processor(),
-                               threads=torch.get_num_threads(), torch=torch.__version__),
-               "recipe": vars(args), "models": {}}
+    results = {
+        "command": "python " + " ".join([os.path.relpath(__file__, Path.cwd())] + (argv or sys.argv[1:])),
+        "machine": dict(
+            platform=platform.platform(),
+            processor=platform.processor(),
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+        ),
+        "recipe": vars(args),
+        "models": {},
+    }
     rows = []
     for key in MODELS:
         info, hist = train(key, data, args.epochs, args.batch, args.lr, args.seed)
-        info.update(config=MODELS[key][1], epochs_to_target=epochs_to(hist, args.target),
-                    best_heldout_acc=max(h["heldout_acc"] for h in hist),
-                    seconds=sum(h["epoch_seconds"] for h in hist))
+        info.update(
+            config=MODELS[key][1],
+            epochs_to_target=epochs_to(hist, args.target),
+            best_heldout_acc=max(h["heldout_acc"] for h in hist),
+            seconds=sum(h["epoch_seconds"] for h in hist),
+        )
         results["models"][key] = info
         rows += hist
     out = Path(args.out)
@@ -148,8 +178,12 @@ def main(argv=None):
         for key in MODELS:
             h = [r for r in rows if r["model"] == key]
             m = results["models"][key]
-            ax.plot([r["epoch"] for r in h], [r["heldout_acc"] for r in h], marker="o",
-                    label=f"{key} ({m['params'] / 1e6:.2f}M params, {m['gmacs'] * 1e3:.0f} MMACs)")
+            ax.plot(
+                [r["epoch"] for r in h],
+                [r["heldout_acc"] for r in h],
+                marker="o",
+                label=f"{key} ({m['params'] / 1e6:.2f}M params, {m['gmacs'] * 1e3:.0f} MMACs)",
+            )
         ax.axhline(args.target, color="grey", ls="--", lw=0.8)
         ax.set_xlabel("epoch")
         ax.set_ylabel("held-out accuracy (last 2,000 digits)")
@@ -160,8 +194,10 @@ def main(argv=None):
     except ImportError:
         print("matplotlib not installed: curves.png not written", file=sys.stderr)
     for key, m in results["models"].items():
-        print(f"{key}: {m['params']:,} params, {m['gmacs']:.4f} GMACs, epochs to {args.target:.0%}: "
-              f"{m['epochs_to_target']}, best {m['best_heldout_acc']:.4f}, {m['seconds']:.0f}s")
+        print(
+            f"{key}: {m['params']:,} params, {m['gmacs']:.4f} GMACs, epochs to {args.target:.0%}: "
+            f"{m['epochs_to_target']}, best {m['best_heldout_acc']:.4f}, {m['seconds']:.0f}s"
+        )
 
 
 if __name__ == "__main__":
