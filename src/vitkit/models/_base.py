@@ -118,3 +118,84 @@ class VitkitModel(nn.Module):
     def run_blocks(self, blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Run a sequence of blocks, with activation checkpointing when enabled and training."""
         return run_blocks(blocks, x, self.grad_checkpointing and self.training)
+
+
+class ConvStagesModel(VitkitModel):
+    """The body shared by the convolution-led families (MobileViT, HaloNet): ``stem`` -> ``stages`` (each a
+    sequence of blocks) -> ``final_conv`` -> ``head`` (a pooled :class:`~vitkit.layers.ClassifierHead`).
+
+    Subclasses build those four modules and ``feature_info`` (one entry per stage). Any input with sides of at
+    least ``min_input_size`` pixels is accepted; the families document how they handle sides that do not divide.
+    """
+
+    min_input_size: int = 32
+
+    def _build_tail(self, prev: int, num_features: int, num_classes: int, drop_rate: float, final_conv) -> None:
+        """``final_conv`` (when ``num_features``) and the classifier head."""
+        from vitkit.layers import ClassifierHead
+
+        if num_features:
+            self.final_conv = final_conv(prev, num_features)
+            self.num_features = num_features
+        else:
+            self.final_conv = nn.Identity()
+            self.num_features = prev
+        self.head = ClassifierHead(self.num_features, num_classes, drop_rate)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes)
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x, (1, 1))
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(
+                f"{self.name}: input sides must be at least {self.min_input_size} pixels, got {tuple(x.shape[-2:])}"
+            )
+        return self.stem(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._stem(x)
+        for stage in self.stages:
+            x = self.run_blocks(stage, x)
+        return self.final_conv(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Stage outputs as NCHW maps (reductions as in ``feature_info``)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"{self.name}: output_fmt must be 'NCHW', got {output_fmt!r}")
+        take, last = feature_take_indices(len(self.stages), indices)
+        x = self._stem(x)
+        stages = self.stages[: last + 1] if (stop_early or intermediates_only) else self.stages
+        out = []
+        for i, stage in enumerate(stages):
+            x = self.run_blocks(stage, x)
+            if i in take:
+                out.append(x)
+        if intermediates_only:
+            return out
+        return self.final_conv(x), out
+
+    def prune_intermediate_layers(self, indices: int | list[int] | None = None) -> list[int]:
+        take, last = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: last + 1]
+        self.final_conv = nn.Identity()
+        self.reset_classifier(0)
+        return take

@@ -28,8 +28,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from vitkit.layers import ClassifierHead, ConvNormAct, DropPath, HaloAttention, drop_path_schedule, make_divisible
-from vitkit.models._base import FeatureInfo, VitkitModel, feature_take_indices
+from vitkit.layers import ConvNormAct, DropPath, HaloAttention, drop_path_schedule, make_divisible
+from vitkit.models._base import ConvStagesModel, FeatureInfo
 from vitkit.models._registry import PretrainedCfg, default_cfg, register_model
 
 
@@ -146,7 +146,7 @@ def make_stem(in_chans: int, stem: str, pool: bool, act: type[nn.Module]) -> nn.
     return nn.Sequential(layers)
 
 
-class HaloNet(VitkitModel):
+class HaloNet(ConvStagesModel):
     """Stem + four stages of bottleneck / halo-attention blocks + optional final 1x1 conv + pooled head."""
 
     def __init__(
@@ -192,13 +192,9 @@ class HaloNet(VitkitModel):
             built.append(nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=chs, reduction=reduction, module=f"stages.{i}"))
         self.stages = nn.Sequential(*built)
-        if num_features:
-            self.final_conv = ConvNormAct(prev, num_features, 1, act_layer=act_layer)
-            self.num_features = num_features
-        else:
-            self.final_conv = nn.Identity()
-            self.num_features = prev
-        self.head = ClassifierHead(self.num_features, num_classes, drop_rate)
+        self._build_tail(
+            prev, num_features, num_classes, drop_rate, lambda i, o: ConvNormAct(i, o, 1, act_layer=act_layer)
+        )
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -210,63 +206,6 @@ class HaloNet(VitkitModel):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.zeros_(m.bias)
-
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes)
-
-    def _check(self, x: torch.Tensor) -> None:
-        self.check_input(x, (1, 1))
-        if min(x.shape[-2:]) < 32:
-            raise ValueError(f"{self.name}: input sides must be at least 32 pixels, got {tuple(x.shape[-2:])}")
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
-        x = self.stem(x)
-        for stage in self.stages:
-            x = self.run_blocks(stage, x)
-        return self.final_conv(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ):
-        """Stage outputs (reductions 4, 8, 16, 32) as NCHW maps."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"{self.name}: output_fmt must be 'NCHW', got {output_fmt!r}")
-        take, last = feature_take_indices(len(self.stages), indices)
-        self._check(x)
-        x = self.stem(x)
-        stages = self.stages[: last + 1] if (stop_early or intermediates_only) else self.stages
-        out = []
-        for i, stage in enumerate(stages):
-            x = self.run_blocks(stage, x)
-            if i in take:
-                out.append(x)
-        if intermediates_only:
-            return out
-        return self.final_conv(x), out
-
-    def prune_intermediate_layers(self, indices: int | list[int] | None = None) -> list[int]:
-        take, last = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: last + 1]
-        self.final_conv = nn.Identity()
-        self.reset_classifier(0)
-        return take
 
 
 # ---- variants ---------------------------------------------------------------------------------
