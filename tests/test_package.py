@@ -20,7 +20,9 @@ def test_list_models_patterns_and_timm_names():
     names = vitkit.list_models()
     for n in ("vit_tiny_patch16_224", "vit_base_patch16_224", "vit_huge_patch14_224", "vit_base_r50_s16_224"):
         assert n in names
-    assert vitkit.list_models("vit_*_patch32_*") == sorted(n for n in names if "patch32" in n)
+    assert vitkit.list_models("vit_*_patch32_*") == sorted(
+        n for n in names if n.startswith("vit_") and "_patch32_" in n
+    )
     assert vitkit.list_models(pretrained=True)
     assert "vit" in vitkit.list_families()
 

@@ -115,6 +115,15 @@ class VitkitModel(nn.Module):
                 f"{self.name}: input height and width must be multiples of {multiple[0]}x{multiple[1]}, got {h}x{w}"
             )
 
+    def plan_intermediates(
+        self, n: int, indices, output_fmt: str, stop_early: bool, intermediates_only: bool, formats=("NCHW",)
+    ) -> tuple[list[int], int]:
+        """Validate ``forward_intermediates`` arguments: the stages to take and the last one to run."""
+        if output_fmt not in formats:
+            raise ValueError(f"{self.name}: output_fmt must be one of {formats}, got {output_fmt!r}")
+        take, last = feature_take_indices(n, indices)
+        return take, (last if (stop_early or intermediates_only) else n - 1)
+
     def run_blocks(self, blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Run a sequence of blocks, with activation checkpointing when enabled and training."""
         return run_blocks(blocks, x, self.grad_checkpointing and self.training)
@@ -179,13 +188,10 @@ class ConvStagesModel(VitkitModel):
         intermediates_only: bool = False,
     ):
         """Stage outputs as NCHW maps (reductions as in ``feature_info``)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"{self.name}: output_fmt must be 'NCHW', got {output_fmt!r}")
-        take, last = feature_take_indices(len(self.stages), indices)
+        take, last = self.plan_intermediates(len(self.stages), indices, output_fmt, stop_early, intermediates_only)
         x = self._stem(x)
-        stages = self.stages[: last + 1] if (stop_early or intermediates_only) else self.stages
         out = []
-        for i, stage in enumerate(stages):
+        for i, stage in enumerate(self.stages[: last + 1]):
             x = self.run_blocks(stage, x)
             if i in take:
                 out.append(x)

@@ -127,3 +127,23 @@ def list_models(pattern: str = "*", family: str | None = None, pretrained: bool 
 
 def list_families() -> list[str]:
     return sorted({e.family for e in _REGISTRY.values()})
+
+
+def register_variant(
+    name: str,
+    model_cls: Callable[..., nn.Module],
+    args: dict[str, Any],
+    *,
+    family: str,
+    cfg: dict[str, Any],
+    pretrained: list[PretrainedCfg] | None = None,
+    checkpoint_filter: Callable[[dict, nn.Module], dict] | None = None,
+) -> None:
+    """Register ``name`` as ``model_cls(**args)``, with caller keyword arguments overriding ``args``."""
+
+    def builder(**kwargs) -> nn.Module:
+        return model_cls(**{**args, **kwargs})
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = f"{name}: {model_cls.__name__}({', '.join(f'{k}={v!r}' for k, v in args.items())})"
+    register_model(builder, family=family, cfg=cfg, pretrained=pretrained, checkpoint_filter=checkpoint_filter)

@@ -30,7 +30,7 @@ from torch import nn
 
 from vitkit.layers import ConvNormAct, DropPath, HaloAttention, drop_path_schedule, make_divisible
 from vitkit.models._base import ConvStagesModel, FeatureInfo
-from vitkit.models._registry import PretrainedCfg, default_cfg, register_model
+from vitkit.models._registry import PretrainedCfg, default_cfg, register_variant
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -304,12 +304,6 @@ STUDY = {
 
 
 def _register(name: str, args: dict, img: int, crop_pct: float, tag: str | None) -> None:
-    def builder(**kwargs) -> HaloNet:
-        merged = dict(args)
-        merged.update(kwargs)
-        return HaloNet(**merged)
-
-    builder.__name__ = builder.__qualname__ = name
     cfg = default_cfg(
         input_size=(3, img, img),
         crop_pct=crop_pct,
@@ -330,7 +324,7 @@ def _register(name: str, args: dict, img: int, crop_pct: float, tag: str | None)
         if tag
         else []
     )
-    register_model(builder, family="halonet", cfg=cfg, pretrained=pretrained)
+    register_variant(name, HaloNet, args, family="halonet", cfg=cfg, pretrained=pretrained)
 
 
 for _k, _v in PAPER.items():

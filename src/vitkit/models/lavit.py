@@ -30,7 +30,7 @@ from torch import nn
 from vitkit.layers import DropPath, Mlp, drop_path_schedule, to_2tuple
 from vitkit.layers.less_attention import AttentionDownsample, LessAttention, VanillaAttention, dp_loss
 from vitkit.models._base import FeatureInfo, VitkitModel, feature_take_indices
-from vitkit.models._registry import default_cfg, register_model
+from vitkit.models._registry import default_cfg, register_variant
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -266,11 +266,8 @@ class LaViT(VitkitModel):
         intermediates_only: bool = False,
     ):
         """Each selected stage's (normalised) tokens as an NCHW map."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"{self.name}: output_fmt must be 'NCHW', got {output_fmt!r}")
-        take, last = feature_take_indices(len(self.stages), indices)
-        stop = last if (stop_early or intermediates_only) else None
-        x, maps = self._features(x, take, stop)
+        take, last = self.plan_intermediates(len(self.stages), indices, output_fmt, stop_early, intermediates_only)
+        x, maps = self._features(x, take, last)
         if intermediates_only:
             return maps
         return self._to_map(len(self.stages) - 1, x), maps
@@ -320,14 +317,8 @@ _ISO = {
 
 
 def _register(name: str, args: dict, test_size: int) -> None:
-    def builder(**kwargs) -> LaViT:
-        merged = dict(args)
-        merged.update(kwargs)
-        return LaViT(**merged)
-
-    builder.__name__ = builder.__qualname__ = name
     cfg = default_cfg(crop_pct=0.9, first_conv="stages.0.patch_embed", test_input_size=(3, test_size, test_size))
-    register_model(builder, family="lavit", cfg=cfg)
+    register_variant(name, LaViT, args, family="lavit", cfg=cfg)
 
 
 for _k, _v in _HIER.items():

@@ -28,7 +28,7 @@ from torch import nn
 
 from vitkit.layers import Block, ConvNormAct, DropPath, drop_path_schedule, make_divisible
 from vitkit.models._base import ConvStagesModel, FeatureInfo
-from vitkit.models._registry import PretrainedCfg, default_cfg, register_model
+from vitkit.models._registry import PretrainedCfg, default_cfg, register_variant
 
 
 def unfold_patches(x: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
@@ -285,12 +285,6 @@ _MV_CFG = dict(
 
 
 def _register(name: str, args: dict, crop_pct: float) -> None:
-    def builder(**kwargs) -> MobileViT:
-        merged = dict(args)
-        merged.update(kwargs)
-        return MobileViT(**merged)
-
-    builder.__name__ = builder.__qualname__ = name
     tag = PretrainedCfg(
         tag="cvnets_in1k",
         hf_hub_id=f"timm/{name}.cvnets_in1k",
@@ -300,7 +294,9 @@ def _register(name: str, args: dict, crop_pct: float) -> None:
         crop_pct=crop_pct,
         license="apple-ascl",
     )
-    register_model(builder, family="mobilevit", cfg=default_cfg(**_MV_CFG, crop_pct=crop_pct), pretrained=[tag])
+    register_variant(
+        name, MobileViT, args, family="mobilevit", cfg=default_cfg(**_MV_CFG, crop_pct=crop_pct), pretrained=[tag]
+    )
 
 
 for _name, (_stem, _t, _mv2, _mvit, _nf) in _V1.items():

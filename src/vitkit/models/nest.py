@@ -39,7 +39,7 @@ from vitkit.layers import (
 from vitkit.layers.attention import attend
 from vitkit.layers.block import LayerNormEps6
 from vitkit.models._base import FeatureInfo, VitkitModel, feature_take_indices, run_blocks
-from vitkit.models._registry import PretrainedCfg, default_cfg, register_model
+from vitkit.models._registry import PretrainedCfg, default_cfg, register_variant
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -275,13 +275,10 @@ class Nest(VitkitModel):
         intermediates_only: bool = False,
     ):
         """Each selected level's output map (NCHW). ``norm`` applies the final norm to the last level's map."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"{self.name}: output_fmt must be 'NCHW', got {output_fmt!r}")
-        take, last = feature_take_indices(len(self.levels), indices)
+        take, last = self.plan_intermediates(len(self.levels), indices, output_fmt, stop_early, intermediates_only)
         x = self._stem(x)
-        levels = self.levels[: last + 1] if (stop_early or intermediates_only) else self.levels
         out = []
-        for i, level in enumerate(levels):
+        for i, level in enumerate(self.levels[: last + 1]):
             x = level(x)
             if i in take:
                 out.append(self.norm(x) if norm and i == len(self.levels) - 1 else x)
@@ -328,13 +325,9 @@ _CIFAR = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
 
 
 def _register(name: str, args: dict, cfg: dict, pretrained: list[PretrainedCfg]) -> None:
-    def builder(**kwargs) -> Nest:
-        merged = dict(args)
-        merged.update(kwargs)
-        return Nest(**merged)
-
-    builder.__name__ = builder.__qualname__ = name
-    register_model(builder, family="nest", cfg=cfg, pretrained=pretrained, checkpoint_filter=checkpoint_filter_fn)
+    register_variant(
+        name, Nest, args, family="nest", cfg=cfg, pretrained=pretrained, checkpoint_filter=checkpoint_filter_fn
+    )
 
 
 for _size, (_dims, _heads, _depths, _dpr) in _IMAGENET.items():

@@ -19,7 +19,7 @@ from torch import nn
 
 from vitkit.layers import Block, PatchEmbed, drop_path_schedule, resample_abs_pos_embed
 from vitkit.models._base import FeatureInfo, VitkitModel, feature_take_indices
-from vitkit.models._registry import INCEPTION_MEAN, INCEPTION_STD, PretrainedCfg, default_cfg, register_model
+from vitkit.models._registry import INCEPTION_MEAN, INCEPTION_STD, PretrainedCfg, default_cfg, register_variant
 
 
 class VisionTransformer(VitkitModel):
@@ -161,13 +161,11 @@ class VisionTransformer(VitkitModel):
 
         Returns ``(final_features, intermediates)``, or only the list with ``intermediates_only``.
         """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"{self.name}: output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take, last = feature_take_indices(len(self.blocks), indices)
+        n = len(self.blocks)
+        take, last = self.plan_intermediates(n, indices, output_fmt, stop_early, intermediates_only, ("NCHW", "NLC"))
         x, grid = self._embed(x)
-        blocks = self.blocks[: last + 1] if (stop_early or intermediates_only) else self.blocks
         out = []
-        for i, blk in enumerate(blocks):
+        for i, blk in enumerate(self.blocks[: last + 1]):
             x = self.run_blocks([blk], x)
             if i in take:
                 y = self.norm(x) if norm else x
@@ -276,13 +274,7 @@ def _pretrained_cfgs(name: str, img: int) -> list[PretrainedCfg]:
 
 
 def _register(name: str, patch: int, dim: int, depth: int, heads: int, img: int) -> None:
-    def builder(**kwargs) -> VisionTransformer:
-        args = dict(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads)
-        args.update(kwargs)
-        return VisionTransformer(**args)
-
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = f"{name}: ViT with patch {patch}, width {dim}, depth {depth}, {heads} heads, {img}px input."
+    args = dict(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads)
     deit = name.startswith("deit")
     cfg = default_cfg(
         input_size=(3, img, img),
@@ -290,8 +282,14 @@ def _register(name: str, patch: int, dim: int, depth: int, heads: int, img: int)
         std=default_cfg()["std"] if deit else INCEPTION_STD,
         test_input_size=(3, 4 * patch, 4 * patch),
     )
-    register_model(
-        builder, family="vit", cfg=cfg, pretrained=_pretrained_cfgs(name, img), checkpoint_filter=checkpoint_filter_fn
+    register_variant(
+        name,
+        VisionTransformer,
+        args,
+        family="vit",
+        cfg=cfg,
+        pretrained=_pretrained_cfgs(name, img),
+        checkpoint_filter=checkpoint_filter_fn,
     )
 
 
