@@ -15,6 +15,18 @@ layers, used as its starting attention. LA layers are placed where the token cou
 The isotropic ``lavit_small_patch32_224`` is ViT-S-sized (width 384, 12 blocks, 6 heads, 32 px patches, 49
 tokens, no class token, mean pooling) as 3 groups of 4 blocks, each group starting with one vanilla block.
 
+Choices the available text leaves open, the option that selects each, and the source of our default (details
+and reasoning in :mod:`vitkit.layers.less_attention`):
+
+* pre- vs post-softmax carry: ``carry='pre'`` (read from the LA equation re-applying softmax; seed slides);
+* residual in the LA update: ``residual=False`` (the review's transcription shows none);
+* Theta/Psi shared across heads: ``share_heads=True`` (ours; unknown in the paper);
+* attention downsampling across stages: ``inherit=True``, grid pooling + head mixing (ours; a third-party note
+  describes a 4x4/4 conv on the matrix, which does not align with 2x2 token merging);
+* DP loss weighting: ``dp_reduction='mean'`` on LA probabilities (ours; 'sum' weighs large maps more, as the
+  seed slides say of the paper's loss); the loss weight itself belongs to the training recipe;
+* the 4-stage PVT-like layout, SRA ratios, widths, depths and where LA layers sit: ours (the paper's are unknown).
+
 Input size: LA maps are N x N learned matrices, so a model is built for one ``img_size`` (any multiple of 32);
 other input sizes are an error that names the size the model was built for.
 """
