@@ -137,8 +137,10 @@ class HaloAttention(nn.Module):
         nn.init.trunc_normal_(self.pos_embed.width_rel, std=self.scale)
 
     def use_fused(self) -> bool:
+        if self.fused_attn is None:
+            return fused_attn()
         # the process-wide switch can only turn the fused path off (analysis tools), never on
-        return fused_attn() and bool(self.fused_attn) if self.fused_attn is not None else fused_attn()
+        return self.fused_attn and fused_attn()
 
     def _key_bias(self, H: int, W: int, Hp: int, Wp: int, ref: torch.Tensor) -> torch.Tensor | None:
         """Additive bias (blocks, win*win): 0 for valid keys, a large negative for masked ones."""
