@@ -4,8 +4,8 @@
     python benchmarks/lavit/run.py --parts cost    # only the MACs / CPU forward-time table
 
 Parts:
-* cost: MACs and CPU forward time (batch 1, fp32, median of repeats) of every registered LaViT and of the same
-  architecture with every layer vanilla attention, at 224 and 384 px.
+* cost: MACs and CPU forward time (batch 1, fp32, median of 20 alternating repeats) of every registered LaViT and
+  of the same architecture with every layer vanilla attention, at 224 and 384 px.
 * train: a small isotropic LaViT (32 px MNIST digits, 4x4 patches: 64 tokens, width 96, 3 groups of 1 vanilla + 2
   less-attention blocks) trained with and without the DP loss, and its all-vanilla twin, on the first 8,000 digits
   of ../shared/data/mnist (last 2,000 held out), same recipe (AdamW 1e-3, wd 0.05, batch 64, cosine, seed 0).
@@ -50,17 +50,21 @@ SMALL = dict(
 )
 
 
-def forward_ms(model, size, repeats=5):
+def forward_ms(models, size, repeats=20):
+    """Median batch-1 forward time of each model; the models alternate so drifts in clock speed hit both."""
     x = torch.randn(1, 3, size, size)
-    model.eval()
+    times = [[] for _ in models]
     with torch.inference_mode():
-        model(x)
-        times = []
+        for m in models:
+            m.eval()
+            for _ in range(3):
+                m(x)
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+            for i, m in enumerate(models):
+                t0 = time.perf_counter()
+                m(x)
+                times[i].append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def cost_table():
@@ -68,12 +72,14 @@ def cost_table():
     for name, cfg in {**_HIER, **_ISO}.items():
         for size in (224, 384):
             row = dict(model=name, img_size=size)
+            models = []
             for kind, kw in (("lavit", {}), ("twin", {"num_va": cfg["depths"]})):
                 torch.manual_seed(0)
                 m = vitkit.create_model(name, img_size=size, **kw)
                 row[f"{kind}_params"] = count_params(m)
                 row[f"{kind}_gmacs"] = round(count_macs(m) / 1e9, 4)
-                row[f"{kind}_ms"] = round(forward_ms(m, size), 1)
+                models.append(m)
+            row["lavit_ms"], row["twin_ms"] = (round(t, 1) for t in forward_ms(models, size))
             row["macs_ratio"] = round(row["lavit_gmacs"] / row["twin_gmacs"], 3)
             row["time_ratio"] = round(row["lavit_ms"] / row["twin_ms"], 3)
             print(row, flush=True)
