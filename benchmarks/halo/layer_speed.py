@@ -1,0 +1,86 @@
+"""HaloAttention against an unfold-based implementation at halonet26t's attention shapes (256 px, batch 8).
+
+    .venv/bin/python benchmarks/halo/layer_speed.py        # writes layer_speed.json beside this file
+
+For each layer shape, dtype (fp32, bf16 autocast) and pass (forward, forward+backward), the median of 20
+alternating repeats of: the unfold-based reference (`unfold_reference.py`), vitkit's eager path (the default),
+and vitkit's fused SDPA path. Outputs are compared first (max abs difference to the reference).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vitkit.layers import HaloAttention
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from unfold_reference import unfold_halo_attention  # noqa: E402
+
+# halonet26t at 256 px: stage 3's attention block (16x16, 256 ch), stage 4's strided one (16x16 -> 8x8, 512 ch),
+# stage 4's second (8x8, 512 ch); block 8, halo 2, 8 heads
+SHAPES = [(256, 16, 1), (512, 16, 2), (512, 8, 1)]
+
+
+def main():
+    torch.set_num_threads(2)
+    rows = []
+    for dim, size, stride in SHAPES:
+        torch.manual_seed(0)
+        layer = HaloAttention(dim, stride=stride, block_size=8, halo_size=2)
+        x = torch.randn(8, dim, size, size, requires_grad=True)
+
+        def run(mode, backward, dtype, layer=layer, x=x):
+            layer.fused_attn = mode == "fused"
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                y = unfold_halo_attention(layer, x) if mode == "unfold" else layer(x)
+            if backward:
+                y.float().sum().backward()
+            return y
+
+        for dtype in ("fp32", "bf16"):
+            with torch.no_grad():
+                ref = run("unfold", False, dtype).float()
+                diffs = {m: (run(m, False, dtype).float() - ref).abs().max().item() for m in ("eager", "fused")}
+            for backward in (False, True):
+                times = {m: [] for m in ("unfold", "eager", "fused")}
+                for _ in range(3):
+                    for m in times:
+                        run(m, backward, dtype)
+                for _ in range(20):
+                    for m in times:
+                        t0 = time.perf_counter()
+                        run(m, backward, dtype)
+                        times[m].append((time.perf_counter() - t0) * 1e3)
+                med = {m: round(statistics.median(t), 2) for m, t in times.items()}
+                row = dict(
+                    dim=dim,
+                    size=size,
+                    stride=stride,
+                    dtype=dtype,
+                    pass_="fwd+bwd" if backward else "fwd",
+                    ms=med,
+                    speedup_eager=round(med["unfold"] / med["eager"], 2),
+                    speedup_fused=round(med["unfold"] / med["fused"], 2),
+                    max_abs_diff=diffs,
+                )
+                print(row, flush=True)
+                rows.append(row)
+    out = dict(
+        command="python benchmarks/halo/layer_speed.py",
+        torch=torch.__version__,
+        machine=dict(platform=platform.platform(), threads=torch.get_num_threads()),
+        rows=rows,
+    )
+    (HERE / "layer_speed.json").write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
