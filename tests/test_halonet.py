@@ -38,7 +38,7 @@ def test_paper_family_params(name, params):
         ("halonet26t", 12.48e6, 3.17),
         ("halonet50ts", 22.73e6, 5.27),
         ("eca_halonext26ts", 10.76e6, 2.42),
-        ("sehalonet33ts", 13.69e6, 3.53),
+        ("sehalonet33ts", 13.69e6, 3.53),  # SE in bottlenecks only: 13,691,712
         ("halonet_h1", 8.10e6, 2.99),
     ],
 )
@@ -78,6 +78,15 @@ def test_attention_cost_grows_linearly_with_pixels():
     m256, m512 = _meta("halonet_h1"), _meta("halonet_h1")
     r = count_macs(m512, (3, 512, 512)) / count_macs(m256, (3, 256, 256))
     assert 3.9 < r < 4.1  # 4x the pixels, ~4x the MACs (global attention would grow ~16x in attention terms)
+
+
+def test_timm_hybrids_put_channel_attention_in_bottlenecks_only():
+    se, eca = _meta("sehalonet33ts"), _meta("eca_halonext26ts")
+    for model, kind in ((se, "SEModule"), (eca, "EcaModule")):
+        for stage in model.stages:
+            for blk in stage:
+                has = type(blk.attn).__name__ == kind
+                assert has == (type(blk).__name__ == "BottleneckBlock"), (kind, type(blk).__name__)
 
 
 def test_se_variant_adds_squeeze_excitation():

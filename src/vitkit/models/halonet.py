@@ -106,9 +106,11 @@ class SelfAttnBlock(nn.Module):
     """1x1 -> halo attention (stride) -> BN + act -> [SE] -> 1x1 (no act) + shortcut -> act.
 
     ``value_ratio`` (the paper's rv) widens the attention's value/output width relative to its query/key width.
+    ``sa_attn`` adds channel attention after the attention's BN + act (the SE study); a stage's ``attn`` option
+    is for its bottlenecks only, as in timm, whose attention blocks carry no SE/ECA.
     """
 
-    def __init__(self, in_chs, out_chs, stride, br, act, drop_path=0.0, halo=None, value_ratio=1.0, attn="", **_):
+    def __init__(self, in_chs, out_chs, stride, br, act, drop_path=0.0, halo=None, value_ratio=1.0, sa_attn="", **_):
         super().__init__()
         mid = make_divisible(out_chs * br)
         v = int(mid * value_ratio)
@@ -116,7 +118,7 @@ class SelfAttnBlock(nn.Module):
         self.conv1_1x1 = ConvNormAct(in_chs, mid, 1, act_layer=act)
         self.self_attn = HaloAttention(mid, v, stride=stride, qk_ratio=1 / value_ratio, **(halo or {}))
         self.post_attn = BatchNormAct2d(v, act)
-        self.attn = _ATTN[attn](v) if attn else nn.Identity()
+        self.attn = _ATTN[sa_attn](v) if sa_attn else nn.Identity()
         self.conv3_1x1 = ConvNormAct(v, out_chs, 1, act_layer=None)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.act = act()
@@ -293,7 +295,7 @@ _TIMM_TAGS = {
 STUDY = {
     f"halo_{prefix}resnet50": dict(
         stages=tuple(
-            (("sa",) * d, c, 1 if i == 0 else 2, 0.25, {"attn": attn})
+            (("sa",) * d, c, 1 if i == 0 else 2, 0.25, {"sa_attn": attn})
             for i, (d, c) in enumerate(zip((3, 4, 6, 3), (256, 512, 1024, 2048)))
         ),
         stem="7x7",
