@@ -74,6 +74,9 @@ class VitkitModel(nn.Module):
     def name(self) -> str:
         return self.model_name or type(self).__name__
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in backward instead of storing them (saves memory in training)."""
         self.grad_checkpointing = enable
@@ -174,9 +177,6 @@ class ConvStagesModel(VitkitModel):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
         self,

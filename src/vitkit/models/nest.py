@@ -262,9 +262,6 @@ class Nest(VitkitModel):
         x = F.dropout(x.mean(dim=(2, 3)), p=self.drop_rate, training=self.training)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     def forward_intermediates(
         self,
         x: torch.Tensor,
