@@ -1,0 +1,93 @@
+"""Interpretability properties: capture on every family, rollout, attention distance, pos-embed similarity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import input_size_for, small_model
+from vitkit.interpret import (
+    attention_rollout,
+    attention_similarity,
+    capture_attention,
+    mean_attention_distance,
+    pos_embed_similarity,
+)
+from vitkit.layers import fused_attn
+
+
+@pytest.mark.parametrize(
+    "name", ["vit_tiny_patch16_224", "nest_tiny", "mobilevit_xxs", "mobilevitv2_050", "halonet26t", "lavit_tiny"]
+)
+def test_capture_attention_every_family(name):
+    model = small_model(name).eval()
+    x = torch.randn(1, *input_size_for(name))
+    with torch.no_grad(), capture_attention(model) as records:
+        model(x)
+        assert not fused_attn()  # eager inside
+    assert fused_attn()  # restored
+    assert records, name
+    for r in records:
+        torch.testing.assert_close(r.probs.sum(-1), torch.ones_like(r.probs.sum(-1)), atol=1e-4, rtol=0)
+    n = len(records)
+    with torch.no_grad():
+        model(x)
+    assert len(records) == n  # hooks removed
+
+
+def test_capture_attention_needs_attention_layers():
+    with pytest.raises(ValueError, match="no attention layer"):
+        with capture_attention(torch.nn.Linear(2, 2)):
+            pass
+
+
+def test_rollout_of_identity_attention_is_identity():
+    eye = torch.eye(5).expand(2, 3, 5, 5)
+    for residual in (True, False):
+        torch.testing.assert_close(attention_rollout([eye, eye, eye], residual=residual), torch.eye(5).expand(2, 5, 5))
+
+
+def test_rollout_rows_are_distributions_and_compose():
+    torch.manual_seed(0)
+    maps = [torch.rand(1, 2, 4, 4).softmax(-1) for _ in range(3)]
+    r = attention_rollout(maps, residual=False)
+    torch.testing.assert_close(r.sum(-1), torch.ones(1, 4))
+    fused = [m.mean(1) for m in maps]
+    torch.testing.assert_close(r, fused[2] @ fused[1] @ fused[0])
+    with pytest.raises(ValueError, match="head_fusion"):
+        attention_rollout(maps, head_fusion="median")
+
+
+def test_mean_attention_distance_in_pixels():
+    grid, p = (3, 4), 16
+    n = 12
+    self_attn = torch.eye(n).expand(2, 1, n, n)
+    assert mean_attention_distance(self_attn, grid, p).item() == 0.0
+    # every query attends to the patch to its right (rows whose right neighbour exists)
+    right = torch.zeros(1, 1, n, n)
+    for i in range(n):
+        if (i % 4) < 3:
+            right[0, 0, i, i + 1] = 1.0
+        else:
+            right[0, 0, i, i] = 1.0
+    assert mean_attention_distance(right, grid, p).item() == pytest.approx(16 * 9 / 12)
+    # a class token in front is ignored
+    with_cls = torch.zeros(1, 1, n + 1, n + 1)
+    with_cls[0, 0, 1:, 1:] = right[0, 0]
+    with_cls[0, 0, 1:, 0] = 5.0  # mass on the class token is dropped, then rows renormalise
+    with_cls[0, 0, 0, 0] = 1.0
+    assert mean_attention_distance(with_cls, grid, p, num_prefix_tokens=1).item() == pytest.approx(16 * 9 / 12)
+
+
+def test_pos_embed_similarity_grid():
+    model = small_model("vit_tiny_patch16_224")
+    sim = pos_embed_similarity(model.pos_embed.detach(), model.patch_embed.grid_size)
+    assert sim.shape == (4, 4, 4, 4)
+    torch.testing.assert_close(sim.reshape(16, 16).diagonal(), torch.ones(16))
+    torch.testing.assert_close(sim.reshape(16, 16), sim.reshape(16, 16).T)
+
+
+def test_attention_similarity_of_identical_layers_is_one():
+    a = torch.rand(2, 3, 6, 6).softmax(-1)
+    assert attention_similarity([a, a, torch.rand(2, 3, 6, 6)])[0] == pytest.approx(1.0)
+    assert attention_similarity([a, torch.rand(2, 3, 4, 4)]) == []  # different shapes are skipped
