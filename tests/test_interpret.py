@@ -91,3 +91,12 @@ def test_attention_similarity_of_identical_layers_is_one():
     a = torch.rand(2, 3, 6, 6).softmax(-1)
     assert attention_similarity([a, a, torch.rand(2, 3, 6, 6)])[0] == pytest.approx(1.0)
     assert attention_similarity([a, torch.rand(2, 3, 4, 4)]) == []  # different shapes are skipped
+
+
+def test_uniform_attention_distance_is_the_mean_pairwise_distance():
+    grid, p = (2, 3), 8
+    centres = [((y + 0.5) * p, (x + 0.5) * p) for y in range(2) for x in range(3)]
+    pairwise = [((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2) ** 0.5 for a in centres for b in centres]
+    uniform = torch.full((1, 2, 6, 6), 1 / 6)
+    got = mean_attention_distance(uniform, grid, p)
+    torch.testing.assert_close(got, torch.full((2,), sum(pairwise) / len(pairwise)))
