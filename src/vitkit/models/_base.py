@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -74,8 +75,20 @@ class VitkitModel(nn.Module):
     def name(self) -> str:
         return self.model_name or type(self).__name__
 
+    drop_rate: float = 0.0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Default head for NCHW features: global average pool -> dropout -> ``head`` (a Linear)."""
+        x = F.dropout(x.mean(dim=(2, 3)), p=self.drop_rate, training=self.training)  # (B, C)
+        return x if pre_logits else self.head(x)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the Linear ``head`` (``num_classes=0``: an identity, so ``forward`` gives pooled features)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in backward instead of storing them (saves memory in training)."""

@@ -215,10 +215,6 @@ class LaViT(VitkitModel):
     def no_weight_decay(self) -> set[str]:
         return {f"stages.{i}.pos_embed" for i, s in enumerate(self.stages) if s.pos_embed is not None}
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def _run_stage(self, i: int, x: torch.Tensor, carried, prev_grids):
         stage = self.stages[i]
         x = stage.embed(x)  # (B, N, C)
@@ -260,10 +256,6 @@ class LaViT(VitkitModel):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x, _ = self._features(x)
         return self._to_map(len(self.stages) - 1, x)  # (B, C, h, w)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = F.dropout(x.mean(dim=(2, 3)), p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.head(x)
 
     def forward_intermediates(
         self,

@@ -247,20 +247,12 @@ class Nest(VitkitModel):
         for level in self.levels:
             level.grad_checkpointing = enable
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x, (self.input_multiple, self.input_multiple), self.img_size)
         return self.patch_embed(x)  # (B, C, H/p, W/p)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.levels(self._stem(x)))  # (B, C, H/(p*2^(L-1)), W/(p*2^(L-1)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = F.dropout(x.mean(dim=(2, 3)), p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.head(x)
 
     def forward_intermediates(
         self,
