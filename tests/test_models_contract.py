@@ -156,6 +156,7 @@ def test_contract_attributes(name):
         assert set(f) >= {"num_chs", "reduction", "module"}
         assert model.get_submodule(f["module"]) is not None
     assert set(vitkit.resolve_data_config(model)) == {"input_size", "mean", "std", "interpolation", "crop_pct"}
+    assert model.data_config == vitkit.resolve_data_config(model)
     assert all(n in dict(model.named_parameters()) for n in model.no_weight_decay())
     model.set_grad_checkpointing(True)
     assert model.grad_checkpointing

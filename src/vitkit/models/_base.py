@@ -102,8 +102,10 @@ class VitkitModel(nn.Module):
 
     @property
     def data_config(self) -> dict[str, Any]:
-        keys = ("input_size", "mean", "std", "interpolation", "crop_pct")
-        return {k: self.pretrained_cfg[k] for k in keys}
+        """The preprocessing this model expects; same as :func:`vitkit.resolve_data_config`."""
+        from vitkit.models._builder import resolve_data_config  # the builder imports this module
+
+        return resolve_data_config(self)
 
     def check_input(self, x: torch.Tensor, multiple: tuple[int, int], fixed: tuple[int, int] | None = None) -> None:
         """Raise a ValueError naming the model when ``x`` cannot be processed.
