@@ -75,7 +75,7 @@ class EcaModule(nn.Module):
 _ATTN = {"": None, "se": SEModule, "eca": EcaModule}
 
 
-def _shortcut(in_chs: int, out_chs: int, stride: int, act: type[nn.Module]) -> nn.Module | None:
+def _shortcut(in_chs: int, out_chs: int, stride: int) -> nn.Module:
     """Identity when the shape is kept, else a strided 1x1 conv + BN (timm ByobNet 'conv1x1' downsample)."""
     if in_chs == out_chs and stride == 1:
         return nn.Identity()
@@ -89,7 +89,7 @@ class BottleneckBlock(nn.Module):
         super().__init__()
         mid = make_divisible(out_chs * br)
         groups = mid // group_size if group_size else 1
-        self.shortcut = _shortcut(in_chs, out_chs, stride, act)
+        self.shortcut = _shortcut(in_chs, out_chs, stride)
         self.conv1_1x1 = ConvNormAct(in_chs, mid, 1, act_layer=act)
         self.conv2_kxk = ConvNormAct(mid, mid, 3, stride, groups=groups, act_layer=act)
         self.attn = _ATTN[attn](mid) if attn else nn.Identity()
@@ -114,7 +114,7 @@ class SelfAttnBlock(nn.Module):
         super().__init__()
         mid = make_divisible(out_chs * br)
         v = int(mid * value_ratio)
-        self.shortcut = _shortcut(in_chs, out_chs, stride, act)
+        self.shortcut = _shortcut(in_chs, out_chs, stride)
         self.conv1_1x1 = ConvNormAct(in_chs, mid, 1, act_layer=act)
         self.self_attn = HaloAttention(mid, v, stride=stride, qk_ratio=1 / value_ratio, **(halo or {}))
         self.post_attn = BatchNormAct2d(v, act)
