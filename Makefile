@@ -1,5 +1,5 @@
 # vitkit: two commands on a fresh machine.
-#   make run    create/reuse .venv, install, run the main job
+#   make run    create/reuse .venv, install, train the default model on the bundled digits (offline, ~2 min)
 #   make test   create/reuse .venv, install, run the default test suite (fast; `make test-slow` for the rest)
 #
 # The virtual environment sees the system site-packages, so a torch that is already installed is reused.
@@ -25,8 +25,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/vitkit models
-	$(VENV)/bin/vitkit info vit_tiny_patch16_224
+	$(VENV)/bin/vitkit train
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -2,6 +2,9 @@
 
     vitkit models [PATTERN] [--family F]     list registered models with parameter counts
     vitkit info [NAME] [--img-size S]        config, parameters, MACs, feature_info and a timed forward pass
+    vitkit train [--config F] [--set k=v]    train (default: a small NesT on the bundled digits, offline)
+    vitkit eval RUN [--ema]                  top-1/top-5, per-class accuracy, confusion matrix of a run
+    vitkit predict RUN IMAGE|FOLDER ...      top-k classes with names
 
 Each subcommand lives in its own function and registers its parser in ``_SUBCOMMANDS``; training,
 evaluation, benchmarking, export and explanation commands plug in the same way.
@@ -90,6 +93,108 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace):
+    from vitkit.train import load_config
+
+    flags = [
+        ("model", "model.name"),
+        ("dataset", "data.dataset"),
+        ("data_root", "data.root"),
+        ("epochs", "sched.epochs"),
+        ("output", "train.output"),
+        ("amp", "train.amp"),
+    ]
+    # flags first, so that --set can refine what a flag chose (e.g. --model X --set model.kwargs.depth=6)
+    sets = [f"{key}={getattr(args, flag)}" for flag, key in flags if getattr(args, flag) is not None]
+    return load_config(args.config, sets + args.set)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vitkit.train import train
+
+    cfg = _train_config(args)
+    if args.smoke:
+        cfg.set("train.max_steps", 2)
+        cfg.set("sched.epochs", 1)
+        cfg.set("train.progress", False)
+    summary = train(cfg, resume=args.resume)
+    if summary["final_top1"] is not None:
+        ema = f" (EMA {summary['final_ema_top1']:.4f})" if summary["final_ema_top1"] is not None else ""
+        print(
+            f"held-out top-1 {summary['final_top1']:.4f}{ema}, best {summary['best_top1']:.4f} at epoch "
+            f"{summary['best_epoch']}; {summary['seconds']:.0f}s, {summary['img_per_s']:.0f} img/s; "
+            f"run in {summary['run_dir']}"
+        )
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vitkit.data.datasets import build_dataset
+    from vitkit.data.loader import TransformView, eval_plan
+    from vitkit.train.evaluate import evaluate, plot_confusion
+    from vitkit.train.inference import eval_transform, load_run
+
+    model, info = load_run(args.run, args.which, ema=args.ema)
+    cfg = _saved_config(info, args)
+    ds = build_dataset(
+        args.dataset or cfg["data"]["dataset"],
+        args.data_root or cfg["data"]["root"],
+        args.split or cfg["data"]["val_split"],
+    )
+    size = tuple(info["data_config"]["input_size"][1:])
+    view = TransformView(ds, eval_transform(info), 0)
+    res = evaluate(model, view, eval_plan(len(ds), args.batch_size, size), len(info["classes"]), torch.device("cpu"))
+    out = Path(args.out) if args.out else Path(info["run_dir"]) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(
+        json.dumps(dict(res, checkpoint=info["checkpoint"], classes=info["classes"]), indent=2)
+    )
+    plot_confusion(
+        res["confusion"], info["classes"], out / "confusion.png", f"{info['model']}: top-1 {res['top1']:.4f}"
+    )
+    print(
+        f"{info['checkpoint']}: top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}  loss {res['loss']:.4f}  "
+        f"({res['images']} images, {res['failed_images']} undecodable)"
+    )
+    for name, acc in zip(info["classes"], res["per_class"]):
+        print(f"  {name:<20} {acc:.4f}")
+    print(f"wrote {out / 'eval.json'} and {out / 'confusion.png'}")
+    return 0
+
+
+def _saved_config(info: dict, args) -> dict:
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(info["run_dir"]) / "config.yaml"
+    return (
+        yaml.safe_load(path.read_text())
+        if path.is_file()
+        else {"data": {"dataset": None, "root": None, "val_split": "test"}}
+    )
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from vitkit.train.inference import load_run, predict
+
+    model, info = load_run(args.run, args.which, ema=args.ema)
+    results = predict(model, info, args.images, topk=args.topk)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        if "error" in r:
+            print(f"{r['image']}: could not be read ({r['error']})")
+        else:
+            print(f"{r['image']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
+    return 0
+
+
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list registered models")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'vit_*'")
@@ -106,7 +211,51 @@ def _add_info(sub) -> None:
     p.set_defaults(func=cmd_info)
 
 
-_SUBCOMMANDS: list[Callable] = [_add_models, _add_info]
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model (default: NesT on the bundled digits, offline)",
+        description="Train from a recipe (configs/*.yaml) with validated overrides.",
+    )
+    p.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml); defaults apply without one")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
+    p.add_argument("--model", default=None, help="registered model name (model.name)")
+    p.add_argument("--dataset", default=None, help="digits | mnist | fashion_mnist | cifar10 | cifar100 | imagefolder")
+    p.add_argument("--data-root", default=None, help="dataset folder (data.root)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"])
+    p.add_argument("--output", default=None, help="run folder (default runs/<model>-<dataset>[-N])")
+    p.add_argument("--resume", default=None, help="'auto' (latest run's last checkpoint) or a run/checkpoint folder")
+    p.add_argument("--smoke", action="store_true", help="two optimizer steps and an evaluation, to check a recipe")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a trained run: top-1/top-5, per-class accuracy, confusion matrix")
+    p.add_argument("run", help="run folder (runs/...) or checkpoint folder")
+    p.add_argument("--which", default="best", choices=["best", "last"])
+    p.add_argument("--ema", action="store_true", help="use the EMA weights")
+    p.add_argument("--dataset", default=None, help="default: the run's dataset")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--split", default=None, help="default: the run's held-out split")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--out", default=None, help="output folder (default RUN/eval)")
+    p.set_defaults(func=cmd_eval)
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="top-k classes for images or folders of images")
+    p.add_argument("run", help="run folder or checkpoint folder")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--which", default="best", choices=["best", "last"])
+    p.add_argument("--ema", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+
+_SUBCOMMANDS: list[Callable] = [_add_models, _add_info, _add_train, _add_eval, _add_predict]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
+    except (ValueError, RuntimeError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"vitkit: error: {e}", file=sys.stderr)
         return 2
 

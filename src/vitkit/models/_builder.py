@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from vitkit.models._checkpoint import atomic_write, load_checkpoint
+from vitkit._io import download
+from vitkit.models._checkpoint import load_checkpoint
 from vitkit.models._features import FeatureGetterNet
 from vitkit.models._registry import ModelEntry, PretrainedCfg, get_model_entry, split_model_name
 
@@ -53,23 +52,10 @@ def pretrained_file(entry: ModelEntry, cfg: PretrainedCfg) -> Path:
     if os.environ.get("VITKIT_OFFLINE", "") not in ("", "0"):
         raise RuntimeError(f"{entry.name}.{cfg.tag}: weights not found and VITKIT_OFFLINE is set; {where} ({url})")
     try:
-        _download(url, target, cfg.sha256)
+        download(url, target, cfg.sha256)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         raise RuntimeError(f"{entry.name}.{cfg.tag}: could not download {url} ({e}); {where}") from None
     return target
-
-
-def _download(url: str, target: Path, sha256: str | None) -> None:
-    def fetch(tmp: str) -> None:
-        digest = hashlib.sha256()
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            while chunk := r.read(1 << 20):
-                digest.update(chunk)
-                f.write(chunk)
-        if sha256 and digest.hexdigest() != sha256:
-            raise OSError(f"checksum mismatch: expected sha256 {sha256}, got {digest.hexdigest()}")
-
-    atomic_write(target, fetch)
 
 
 def create_model(

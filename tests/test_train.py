@@ -1,0 +1,241 @@
+"""The training engine on real data: config validation, schedule, EMA, checkpoints, NaN handling, resume,
+run folders, multi-scale batches, extra losses, eval/predict, and every shipped recipe in smoke mode."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from vitkit.cli import main as cli
+from vitkit.data.datasets import Digits
+from vitkit.models._checkpoint import read_state_dict
+from vitkit.train import Trainer, TrainingAborted, load_config
+from vitkit.train.config import ScheduleConfig, TrainConfig
+from vitkit.train.engine import resolve_run_dir
+from vitkit.train.optim import ModelEma, lr_at, param_groups
+from vitkit.train.state import find_checkpoint, save_checkpoint
+
+TINY = [
+    "model.kwargs={patch_size: 2, num_levels: 2, embed_dims: [32, 32], num_heads: [2, 2], depths: [1, 1]}",
+    "data.train_split=train[:512]",
+    "data.val_split=test[:128]",
+    "data.batch_size=16",
+    "train.progress=false",
+]
+
+
+def tiny_cfg(tmp_path: Path, *sets: str) -> TrainConfig:
+    return load_config(None, TINY + [f"train.output={tmp_path / 'run'}", *sets])
+
+
+# ---- config, schedule, optimizer --------------------------------------------------------------------
+
+
+def test_config_validates_every_key(tmp_path):
+    cfg = load_config(None, ["optim.lr=3e-4", "data.resolutions=[32, 64]", "optim.clip_grad=null"])
+    assert cfg.optim.lr == 3e-4 and cfg.data.resolutions == [32, 64] and cfg.optim.clip_grad is None
+    for bad, msg in [
+        ("optim.lrr=1", "unknown key optim.lrr"),
+        ("optim.lr=fast", "optim.lr expects float"),
+        ("data.batch_size=1.5", "data.batch_size expects int"),
+        ("solver.lr=1", "not section.key"),
+        ("optim.lr", "section.key=value"),
+        ("optim.lr.x=1", "not a mapping"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            load_config(None, [bad])
+    f = tmp_path / "r.yaml"
+    f.write_text("optim: {lr: 0.01}\nbogus: {x: 1}\n")
+    with pytest.raises(ValueError, match="unknown section 'bogus'"):
+        load_config(f)
+    f.write_text("optim: {lr: 0.01}\n")
+    assert load_config(f, ["optim.lr=0.02"]).optim.lr == 0.02  # --set wins over the file
+    # naming another model drops the default run's architecture overrides, unless they are given again
+    assert load_config(None, ["model.name=vit_small_patch16_224"]).model.kwargs == {}
+    f.write_text("model: {kwargs: {depth: 2}, name: vit_small_patch16_224}\n")
+    assert load_config(f).model.kwargs == {"depth": 2}
+
+
+def test_lr_schedule_shape():
+    s = ScheduleConfig(epochs=10, warmup_epochs=1, warmup_lr=1e-6, min_lr=1e-5)
+    lrs = [lr_at(i, 100, 10, 1e-3, s) for i in range(101)]
+    assert lrs[0] == 1e-6 and lrs[10] == pytest.approx(1e-3) and lrs[100] == pytest.approx(1e-5)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[55] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))  # halfway through the cosine
+
+
+def test_no_weight_decay_groups_and_ema():
+    import vitkit
+
+    m = vitkit.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3)
+    decay, no_decay = param_groups(m, 0.05)
+    names = {id(p): n for n, p in m.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert {"pos_embed", "cls_token", "norm.weight", "head.bias"} <= nd
+    assert all(names[id(p)].endswith("weight") and p.ndim > 1 for p in decay["params"])
+    ema = ModelEma(m, 0.9)
+    before = ema.module.head.weight.clone()
+    with torch.no_grad():
+        m.head.weight.add_(1.0)
+    ema.update(m)
+    assert torch.allclose(ema.module.head.weight, 0.9 * before + 0.1 * m.head.weight)
+
+
+# ---- checkpoints and run folders --------------------------------------------------------------------
+
+
+def test_checkpoint_folders_are_replaced_atomically(tmp_path):
+    m = torch.nn.Linear(3, 2)
+    save_checkpoint(tmp_path, "last", m, None, {"step": 1})
+    save_checkpoint(tmp_path, "last", m, None, {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    # a crash between the two renames leaves only the previous complete folder: it is found
+    (tmp_path / "last").rename(tmp_path / ".last.old")
+    assert find_checkpoint(tmp_path) == tmp_path / ".last.old"
+    with torch.no_grad():
+        m.weight[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN/Inf"):
+        save_checkpoint(tmp_path, "best", m, None, {})
+    assert not (tmp_path / "best").exists() and not list(tmp_path.glob(".best.tmp*"))
+
+
+def test_run_folders_are_never_overwritten(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, [])
+    (tmp_path / "runs" / "nest_tiny_cifar-digits").mkdir(parents=True)
+    (tmp_path / "runs" / "nest_tiny_cifar-digits" / "config.yaml").write_text("x")
+    assert resolve_run_dir(cfg, None)[0] == Path("runs/nest_tiny_cifar-digits-2")
+    cfg.set("train.output", "runs/nest_tiny_cifar-digits")
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        resolve_run_dir(cfg, None)
+
+
+# ---- real training ----------------------------------------------------------------------------------
+
+
+def test_training_learns_digits_and_writes_the_run(tmp_path):
+    cfg = tiny_cfg(tmp_path, "sched.epochs=8", "sched.warmup_epochs=0.2", "train.log_every=4", "optim.lr=3e-3")
+    s = Trainer(cfg).fit()
+    run = Path(s["run_dir"])
+    assert s["final_top1"] > 0.5 and s["global_step"] == 8 * 32  # 10 classes: chance is 0.1
+    for f in ["config.yaml", "run.json", "metrics.jsonl", "metrics.csv", "curves.png", "confusion.png", "eval.json"]:
+        assert (run / f).is_file(), f
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == list(range(1, 9))
+    assert load_config(run / "config.yaml").to_dict() == cfg.to_dict()  # the resolved config reloads
+    assert (run / "checkpoints" / "best" / "ema.safetensors").is_file()
+    # eval and predict from the run folder
+    assert cli(["eval", str(run), "--split", "test[:128]", "--ema"]) == 0  # best is chosen by the EMA score
+    assert json.loads((run / "eval" / "eval.json").read_text())["top1"] == pytest.approx(s["best_top1"])
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        img, _ = Digits("test")[i]
+        img.resize((16, 16)).save(imgs / f"{i}.png")
+    (imgs / "broken.png").write_bytes(b"nope")
+    assert cli(["predict", str(run), str(imgs), "--topk", "2"]) == 0
+
+
+def test_resume_in_process_is_bitwise_identical(tmp_path):
+    sets = ["sched.epochs=2", "model.drop_path_rate=0.1", "aug.mixup=0.8", "aug.cutmix=1.0", "aug.randaugment=rand-m9"]
+    full = Trainer(load_config(None, TINY + sets + [f"train.output={tmp_path / 'a'}"])).fit()
+    part = load_config(None, TINY + sets + [f"train.output={tmp_path / 'b'}", "train.max_steps=21"])
+    Trainer(part).fit()  # stops mid-epoch 1 (32 steps per epoch) and saves where it stopped
+    cfg = load_config(None, TINY + sets + [f"train.output={tmp_path / 'b'}"])
+    resumed = Trainer(cfg, resume="auto")
+    assert (resumed.epoch, resumed.step_in_epoch, resumed.global_step) == (0, 21, 21)
+    resumed.fit()
+    a = read_state_dict(Path(full["run_dir"]) / "checkpoints/last/model.safetensors")
+    b = read_state_dict(tmp_path / "b" / "checkpoints/last/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nonfinite_losses_skip_then_abort(tmp_path):
+    trainer = Trainer(tiny_cfg(tmp_path, "sched.epochs=1", "train.max_nonfinite=3"))
+    real = trainer._forward_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(x, t):
+        calls["n"] += 1
+        loss, parts = real(x, t)
+        return (loss * float("nan"), parts) if calls["n"] in (2, 5, 6) else (loss, parts)
+
+    trainer._forward_loss = sometimes_nan
+    s = trainer.fit()
+    assert s["nonfinite_steps"] == 3 and s["global_step"] == 32 and s["final_top1"] is not None
+    # inputs that are all Inf (std 0): every step is non-finite, the run stops, nothing non-finite is saved
+    bad = Trainer(tiny_cfg(tmp_path / "bad", "data.std=[0.0]", "train.max_nonfinite=4"))
+    with pytest.raises(TrainingAborted, match="4 optimizer steps in a row"):
+        bad.fit()
+    assert find_checkpoint(bad.ckpt_root) is None
+
+
+def test_multiscale_sampler_and_extra_losses(tmp_path):
+    ms = Trainer(
+        tiny_cfg(
+            tmp_path / "ms",
+            "model.name=mobilevit_xxs",
+            "model.kwargs={}",
+            "model.img_size=64",
+            "data.multiscale=true",
+            "data.resolutions=[32, 64]",
+            "data.batch_size=8",
+            "train.max_steps=3",
+            "data.val_split=test[:16]",
+        )
+    )
+    shapes = {(len(b), b[0][2]) for b in ms._plan(0)}
+    assert shapes >= {(8, 64)} and any(size == 32 and n == 32 for n, size in shapes)
+    assert ms.fit()["global_step"] == 3
+    lavit = tiny_cfg(
+        tmp_path / "lv",
+        "model.name=lavit_tiny",
+        "model.kwargs={}",
+        "model.img_size=32",
+        "train.extra_loss_weights={dp: 1.0}",
+        "train.max_steps=1",
+    )
+    t = Trainer(lavit)
+    x = torch.randn(2, 1, 32, 32)
+    t.model.train()
+    loss, parts = t._forward_loss(x, torch.full((2, 10), 0.1))
+    assert "dp" in parts and math.isfinite(parts["dp"].item())
+    t.cfg.train.extra_loss_weights = {"nope": 1.0}
+    with pytest.raises(ValueError, match="extra_loss_weights names"):
+        t._forward_loss(x, torch.full((2, 10), 0.1))
+
+
+RECIPES = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_opens_with_its_launch_command_and_runs(recipe, tmp_path):
+    head = recipe.read_text().splitlines()[:4]
+    assert any(line.startswith("#") and "vitkit train --config configs/" + recipe.name in line for line in head)
+    cfg = load_config(recipe)
+    # smoke mode on the bundled digits at a small size: the recipe's model, optimizer, augmentation and losses
+    size = cfg.model.img_size if cfg.model.img_size and cfg.model.img_size <= 64 else 64
+    cfg.override(
+        [
+            f"train.output={tmp_path / 'run'}",
+            "data.dataset=digits",
+            "data.root=null",
+            "data.train_split=train[:64]",
+            "data.val_split=test[:16]",
+            "data.batch_size=4",
+            f"model.img_size={size}",
+            "data.resolutions=[32, 64]",
+            "train.max_steps=2",
+            "train.progress=false",
+            "data.mean=null",
+            "data.std=null",
+            "data.num_workers=0",
+        ]
+    )
+    s = Trainer(cfg).fit()
+    assert s["global_step"] == 2 and s["final_top1"] is not None
