@@ -278,7 +278,7 @@ class TrainTransform:
         if self.crop == "rrc":
             img = random_resized_crop(img, size, rng, self.scale, interp=self.interp)
         elif self.crop == "pad":
-            img = pad_random_crop(img, size, rng, self.pad, self.interp, fill=self._fill)
+            img = pad_random_crop(img, size, rng, self.pad, self.interp)  # zero padding, as torchvision's RandomCrop
         elif img.size != (size[1], size[0]):
             img = img.resize((size[1], size[0]), interpolation(self.interp))
         if self.hflip > 0 and rng.random() < self.hflip:

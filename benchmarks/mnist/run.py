@@ -1,0 +1,115 @@
+"""Real MNIST results of `vitkit train` (issue: training and evaluation).
+
+Each recipe in configs/mnist_*.yaml trains on the first 8,000 digits of ../shared/data/mnist (the MNIST test
+split) and is evaluated on the last 2,000, with `vitkit train` exactly as a user runs it, in fp32 and with
+bf16 autocast. Recorded per run: best and final held-out top-1, wall time of the whole command (start-up,
+data, training, every per-epoch evaluation, checkpoints), training images/s, and the time to reach 97%.
+
+    python benchmarks/mnist/run.py                          # every recipe, fp32 and bf16 -> results.json
+    python benchmarks/mnist/run.py --only mnist_vit --amp none
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+
+def run_one(recipe: Path, amp: str, out_root: Path, extra: list[str]) -> dict:
+    out = out_root / f"{recipe.stem}-{amp}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "vitkit",
+        "train",
+        "--config",
+        str(recipe.relative_to(REPO)),
+        "--output",
+        str(out),
+        "--set",
+        f"train.amp={amp}",
+        "--set",
+        "train.progress=false",
+        "--json",
+        *extra,
+    ]
+    if out.exists():
+        sys.exit(f"{out} exists; remove it or pass another --out")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads(proc.stdout[proc.stdout.index("{") :])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    elapsed, first97 = 0.0, None
+    for r in epochs:
+        elapsed += r["seconds"]
+        acc = max(r.get("val_top1") or 0, r.get("ema_top1") or 0)
+        if first97 is None and acc >= 0.97:
+            first97 = {"epoch": r["epoch"], "train_seconds": round(elapsed, 1)}
+    run_info = json.loads((out / "run.json").read_text())
+    return {
+        "recipe": recipe.stem,
+        "amp": amp,
+        "model": summary["model"],
+        "model_kwargs": run_info["model_kwargs"],
+        "command": "vitkit " + " ".join(cmd[3:]),
+        "best_top1": summary["best_top1"],
+        "best_epoch": summary["best_epoch"],
+        "final_top1": summary["final_top1"],
+        "final_ema_top1": summary["final_ema_top1"],
+        "epochs": summary["epochs"],
+        "wall_seconds": round(wall, 1),
+        "train_img_per_s": round(sum(r["img_per_s"] for r in epochs) / len(epochs), 1),
+        "first_97": first97,
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", default=None, help="recipe stems (default: every configs/mnist_*.yaml)")
+    ap.add_argument("--amp", nargs="*", default=["none", "bf16"])
+    ap.add_argument("--out", default=str(REPO / "runs" / "bench-mnist"), help="where the runs go (not committed)")
+    ap.add_argument("--results", default=str(HERE / "results.json"))
+    ap.add_argument("--set", action="append", default=[], help="extra --set overrides for every run")
+    args = ap.parse_args(argv)
+    recipes = sorted((REPO / "configs").glob("mnist_*.yaml"))
+    if args.only:
+        recipes = [r for r in recipes if r.stem in args.only]
+    extra = [x for s in args.set for x in ("--set", s)]
+    path = Path(args.results)
+    results = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+    import torch
+
+    results["machine"] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    for recipe in recipes:
+        for amp in args.amp:
+            row = run_one(recipe, amp, Path(args.out), extra)
+            results["runs"] = [r for r in results["runs"] if (r["recipe"], r["amp"]) != (recipe.stem, amp)] + [row]
+            path.write_text(json.dumps(results, indent=2))
+            print(
+                f"{row['recipe']:<16} {amp:<5} best {row['best_top1']:.4f} (epoch {row['best_epoch']}) "
+                f"final {row['final_top1']:.4f}  wall {row['wall_seconds']:.0f}s  {row['train_img_per_s']:.0f} img/s"
+                f"  97% at {row['first_97']}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
