@@ -24,6 +24,12 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> Path:
     """Call ``write_fn(tmp_path)``, fsync the result and rename it onto ``path`` only once it succeeded.
 
@@ -35,6 +41,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> Pa
     os.close(fd)
     try:
         write_fn(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the file the usual permissions
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

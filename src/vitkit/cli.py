@@ -5,6 +5,8 @@
     vitkit train [--config F] [--set k=v]    train (default: a small NesT on the bundled digits, offline)
     vitkit eval RUN [--ema]                  top-1/top-5, per-class accuracy, confusion matrix of a run
     vitkit predict RUN IMAGE|FOLDER ...      top-k classes with names
+    vitkit bench NAME ... [--img-size S ...]  params, GMACs, images/s, latency, peak memory, MFU vs matmul peak
+    vitkit export NAME --format F            ONNX / torch.export / TorchScript, verified against eager
 
 Each subcommand lives in its own function and registers its parser in ``_SUBCOMMANDS``; training,
 evaluation, benchmarking, export and explanation commands plug in the same way.
@@ -195,6 +197,115 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vitkit.bench.speed import bench_model, matmul_peak
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [n for pattern in args.names for n in (vitkit.list_models(pattern) if "*" in pattern else [pattern])]
+    if not names:
+        raise ValueError(f"no registered model matches {args.names}")
+    rows = []
+    for name in names:
+        for size in args.img_size or [None]:
+            row = bench_model(
+                name,
+                img_size=size,
+                batch=args.batch,
+                dtype=args.dtype,
+                channels_last=args.channels_last,
+                compile=args.compile,
+                train=args.train,
+                runtime=args.runtime,
+                repeats=args.repeats,
+                device=args.device,
+                in_chans=3,
+            )
+            rows.append(row.as_dict())
+            if args.format == "table":
+                print(_bench_line(row.as_dict(), header=len(rows) == 1), flush=True)
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+    elif args.format == "csv":
+        import csv
+
+        w = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        print(
+            f"matmul peak ({args.dtype}, {torch.get_num_threads()} threads): "
+            f"{matmul_peak(args.dtype, device=args.device) / 1e9:.0f} GFLOP/s; mfu = 2 x MACs x img/s / peak"
+        )
+    if args.plot:
+        _plot_sweep(rows, args.plot)
+    return 0
+
+
+_BENCH_COLS = [
+    ("model", 26),
+    ("img_size", 5),
+    ("batch", 5),
+    ("dtype", 5),
+    ("params", 11),
+    ("gmacs", 8),
+    ("img_per_s", 9),
+    ("latency_ms", 10),
+    ("peak_mem_mb", 11),
+    ("mfu", 6),
+    ("train_img_per_s", 9),
+]
+
+
+def _bench_line(row: dict, header: bool = False) -> str:
+    def fmt(v):
+        return "-" if v is None else (f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
+
+    line = "  ".join(fmt(row[k]).rjust(w) if k != "model" else fmt(row[k]).ljust(w) for k, w in _BENCH_COLS)
+    if header:
+        head = "  ".join(k.rjust(w) if k != "model" else k.ljust(w) for k, w in _BENCH_COLS)
+        return head + "\n" + line
+    return line
+
+
+def _plot_sweep(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        rs = sorted((r for r in rows if r["model"] == name), key=lambda r: r["img_size"])
+        a.plot([r["img_size"] for r in rs], [r["img_per_s"] for r in rs], marker="o", label=name)
+        b.plot([r["img_size"] for r in rs], [r["latency_ms"] for r in rs], marker="o", label=name)
+    a.set_xlabel("input size (px)")
+    a.set_ylabel(f"images/s (batch {rows[0]['batch']})")
+    b.set_xlabel("input size (px)")
+    b.set_ylabel("latency at batch 1 (ms)")
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vitkit.export import SUFFIX, export_model
+
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    model = vitkit.create_model(args.name, checkpoint_path=args.checkpoint, **kwargs).eval()
+    out = args.output or f"{args.name}{SUFFIX[args.format]}"
+    res = export_model(model, out, args.format, dynamic_batch=args.dynamic_batch)
+    diffs = ", ".join(f"batch {b}: {d:.2e}" for b, d in res["max_abs_diff"].items())
+    print(f"wrote {res['path']} ({args.format}); max |exported - eager| {diffs}")
+    if max(res["max_abs_diff"].values()) > args.tolerance:
+        print(f"vitkit: error: the export differs from the eager model by more than {args.tolerance}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list registered models")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'vit_*'")
@@ -255,7 +366,38 @@ def _add_predict(sub) -> None:
     p.set_defaults(func=cmd_predict)
 
 
-_SUBCOMMANDS: list[Callable] = [_add_models, _add_info, _add_train, _add_eval, _add_predict]
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="params, GMACs, speed, latency, peak memory and MFU of models")
+    p.add_argument("names", nargs="+", help="model names or shell patterns ('nest_*')")
+    p.add_argument("--img-size", type=int, nargs="*", default=None, help="one or more sizes (a sweep)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: the faster of autocast/weights")
+    p.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--train", action="store_true", help="also measure training-step throughput")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--plot", default=None, help="write a PNG of a resolution sweep")
+    p.set_defaults(func=cmd_bench)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a model (ONNX, torch.export, TorchScript) and verify it")
+    p.add_argument("name")
+    p.add_argument("--format", required=True, choices=["onnx", "export", "torchscript"])
+    p.add_argument("--checkpoint", default=None, help="weights to load (vitkit or timm format)")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch axis (ONNX / torch.export)")
+    p.add_argument("--output", default=None)
+    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.set_defaults(func=cmd_export)
+
+
+_SUBCOMMANDS: list[Callable] = [_add_models, _add_info, _add_train, _add_eval, _add_predict, _add_bench, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

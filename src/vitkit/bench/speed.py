@@ -1,0 +1,262 @@
+"""Speed, memory and model FLOP utilisation (MFU) against the machine's own measured matmul peak.
+
+* ``matmul_peak(dtype)``: dense square matmul throughput (FLOP/s) on this machine and thread count, the
+  median of timed repeats; the yardstick that makes results comparable across machines.
+* ``bench_model(...)``: inference throughput at a batch size and latency at batch 1 (warm-up, then the
+  median of repeats), optional training-step throughput, peak memory of one forward pass, GMACs and MFU
+  = ``2 * MACs * images/s / peak FLOP/s``. ``dtype='bf16'`` tries autocast and bf16 weights and keeps the
+  faster (reported in ``bf16_mode``).
+* Peak memory: on CUDA ``max_memory_allocated``; on Linux CPUs the growth of the process's resident-set
+  high-water mark over the call (``/proc/self/clear_refs`` resets it), with glibc's mmap threshold fixed
+  so that large tensors are returned to the OS when freed. Elsewhere it is reported as None.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import vitkit
+from vitkit.bench.flops import count_macs, count_params
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def timeit(fn: Callable[[], object], warmup: int = 2, repeats: int = 5, min_seconds: float = 0.0) -> float:
+    """Median wall time of ``fn`` in seconds, after ``warmup`` untimed calls (CUDA is synchronised)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times, start = [], time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@cache
+def matmul_peak(dtype: str = "fp32", n: int = 2048, device: str = "cpu", threads: int | None = None) -> float:
+    """Measured dense matmul throughput in FLOP/s (``2 n^3`` per ``n x n`` product), median of repeats."""
+    a = torch.randn(n, n, device=device).to(DTYPES[dtype])
+    b = torch.randn(n, n, device=device).to(DTYPES[dtype])
+    t = timeit(lambda: torch.mm(a, b), warmup=3, repeats=10, min_seconds=1.0)
+    return 2 * n**3 / t
+
+
+_MALLOC_FIXED = False
+
+
+def _fix_malloc() -> None:
+    """Fix glibc's mmap threshold at 64 KiB so freed tensors leave the resident set (no-op off glibc)."""
+    global _MALLOC_FIXED
+    if _MALLOC_FIXED or not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+    _MALLOC_FIXED = True
+
+
+def _proc_kb(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cpu") -> float | None:
+    """Peak extra memory (MiB) while ``fn`` runs: CUDA allocator peak, or resident-set growth on Linux."""
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    _fix_malloc()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+    except OSError:
+        return None
+    base = _proc_kb("VmRSS:")
+    fn()
+    peak = _proc_kb("VmHWM:")
+    return None if base is None or peak is None else max(0.0, (peak - base) / 1024)
+
+
+@dataclass
+class BenchRow:
+    model: str
+    img_size: int
+    batch: int
+    dtype: str
+    params: int
+    gmacs: float
+    img_per_s: float
+    latency_ms: float
+    peak_mem_mb: float | None
+    mfu: float
+    peak_gflops: float
+    bf16_mode: str | None = None
+    train_img_per_s: float | None = None
+    channels_last: bool = False
+    compiled: bool = False
+    runtime: str = "torch"
+    threads: int = 1
+    device: str = "cpu"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _runner(model: nn.Module, dtype: str, mode: str, device: torch.device):
+    """``(model, context)`` for one precision mode: fp32, bf16 autocast, or bf16 weights."""
+    if mode == "weights":
+        return model.to(torch.bfloat16), contextlib.nullcontext, torch.bfloat16
+    if mode == "autocast":
+        return model, lambda: torch.autocast(device.type, dtype=torch.bfloat16), torch.float32
+    return model, contextlib.nullcontext, torch.float32
+
+
+def bench_model(
+    name: str,
+    img_size: int | None = None,
+    batch: int = 16,
+    dtype: str = "fp32",
+    channels_last: bool = False,
+    compile: bool = False,
+    train: bool = False,
+    runtime: str = "torch",
+    repeats: int = 5,
+    device: str = "cpu",
+    memory: bool = True,
+    **model_kwargs,
+) -> BenchRow:
+    """Measure one model at one setting (random weights; speed does not depend on them)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    dev = torch.device(device)
+    kwargs = dict(model_kwargs, **({"img_size": img_size} if img_size else {}))
+    model = vitkit.create_model(name, **kwargs).eval().to(dev)
+    c, h, w = model.pretrained_cfg["input_size"]
+    params, macs = count_params(model), count_macs(model, (c, h, w))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(batch, c, h, w, device=dev)
+    x1 = x[:1].clone()
+    if channels_last:
+        x, x1 = x.contiguous(memory_format=torch.channels_last), x1.contiguous(memory_format=torch.channels_last)
+    peak = matmul_peak(dtype, device=device)
+    bf16_mode = None
+    if runtime == "onnxruntime":
+        if dtype != "fp32" or compile or train:
+            raise ValueError("--runtime onnxruntime measures fp32 inference only")
+        t_batch, t_one, mem = _bench_onnx(model, x, x1, repeats)
+    elif runtime == "torch":
+        modes = ["autocast", "weights"] if dtype == "bf16" else ["fp32"]
+        best = None
+        for mode in modes:
+            m, ctx, in_dtype = _runner(model, dtype, mode, dev)
+            fwd = torch.compile(m) if compile else m
+            xb, xo = x.to(in_dtype), x1.to(in_dtype)
+
+            def run(inp, fwd=fwd, ctx=ctx):
+                with torch.inference_mode(), ctx():
+                    return fwd(inp)
+
+            t = timeit(lambda run=run, xb=xb: run(xb), repeats=repeats)
+            if best is None or t < best[0]:
+                best = (t, mode, run, xb, xo)
+        t_batch, bf16_mode, run, xb, xo = best
+        bf16_mode = bf16_mode if dtype == "bf16" else None
+        t_one = timeit(lambda: run(xo), repeats=max(repeats, 5))
+        mem = peak_memory_mb(lambda: run(xb), dev) if memory else None
+        model = model.float()
+    else:
+        raise ValueError(f"runtime must be 'torch' or 'onnxruntime', got {runtime!r}")
+    train_ips = _bench_train(model, x, dtype, dev, repeats) if train else None
+    ips = batch / t_batch
+    return BenchRow(
+        model=name,
+        img_size=h,
+        batch=batch,
+        dtype=dtype,
+        params=params,
+        gmacs=round(macs / 1e9, 4),
+        img_per_s=round(ips, 2),
+        latency_ms=round(t_one * 1e3, 2),
+        peak_mem_mb=None if mem is None else round(mem, 1),
+        mfu=round(2 * macs * ips / peak, 4),
+        peak_gflops=round(peak / 1e9, 1),
+        bf16_mode=bf16_mode,
+        train_img_per_s=None if train_ips is None else round(train_ips, 2),
+        channels_last=channels_last,
+        compiled=compile,
+        runtime=runtime,
+        threads=torch.get_num_threads(),
+        device=str(dev),
+    )
+
+
+def _bench_train(model: nn.Module, x: torch.Tensor, dtype: str, dev: torch.device, repeats: int) -> float:
+    """Images/s of a full training step (forward, cross-entropy, backward, SGD step)."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    target = torch.zeros(x.shape[0], dtype=torch.long, device=dev)
+    ctx = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if dtype == "bf16" else contextlib.nullcontext
+
+    def step():
+        with ctx():
+            out = model(x)
+        loss = nn.functional.cross_entropy(out.float(), target) if out.ndim == 2 else out.float().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t = timeit(step, warmup=1, repeats=max(2, repeats // 2))
+    model.eval()
+    return x.shape[0] / t
+
+
+def _bench_onnx(model: nn.Module, x: torch.Tensor, x1: torch.Tensor, repeats: int):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ImportError(
+            "--runtime onnxruntime needs the optional export extra: pip install 'vitkit[export]'"
+        ) from None
+    from vitkit.export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(model, path, x.shape[1:], dynamic_batch=True)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        xb, xo = x.cpu().numpy(), x1.cpu().numpy()
+        t_batch = timeit(lambda: sess.run(None, {name: xb}), repeats=repeats)
+        t_one = timeit(lambda: sess.run(None, {name: xo}), repeats=max(repeats, 5))
+        mem = peak_memory_mb(lambda: sess.run(None, {name: xb}))
+    return t_batch, t_one, mem

@@ -1,0 +1,106 @@
+"""Export a model for deployment: ONNX (dynamo exporter), ``torch.export`` programs (.pt2), TorchScript.
+
+Every export is checked before it is reported as done: the exported artefact is run on the same input as
+the eager model and the largest absolute difference is returned (ONNX through onnxruntime when the
+optional ``export`` extra is installed). A model that cannot be exported in a format raises
+:class:`ExportError` naming the model, the format and the exporter's reason.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FORMATS = ("onnx", "export", "torchscript")
+SUFFIX = {"onnx": ".onnx", "export": ".pt2", "torchscript": ".torchscript.pt"}
+
+
+class ExportError(RuntimeError):
+    """A model that cannot be exported in the requested format."""
+
+
+def _name(model: nn.Module) -> str:
+    return getattr(model, "model_name", type(model).__name__)
+
+
+def _batch_dim(dynamic_batch: bool):
+    # 2..64 rather than 1..: exporters specialise a dimension seen as 1; batch 1 still runs in the artefacts
+    return {"x": {0: torch.export.Dim("batch", min=1, max=1024)}} if dynamic_batch else None
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_chw, dynamic_batch: bool = True) -> Path:
+    """Write ``model`` as ONNX (opset of the dynamo exporter) with an optional dynamic batch axis."""
+    x = torch.randn(2, *input_chw)
+    try:
+        program = torch.onnx.export(
+            model.eval(), (x,), dynamo=True, dynamic_shapes=_batch_dim(dynamic_batch), verbose=False
+        )
+        program.save(str(path))
+    except Exception as e:  # noqa: BLE001 - the exporter raises many types; report them as one
+        raise ExportError(f"{_name(model)}: ONNX export failed: {type(e).__name__}: {str(e)[:500]}") from e
+    return Path(path)
+
+
+def export_program(model: nn.Module, path: str | os.PathLike, input_chw, dynamic_batch: bool = True) -> Path:
+    """Write a ``torch.export`` ExportedProgram (.pt2); load it with ``torch.export.load``."""
+    x = torch.randn(2, *input_chw)
+    try:
+        ep = torch.export.export(model.eval(), (x,), dynamic_shapes=_batch_dim(dynamic_batch))
+        torch.export.save(ep, str(path))
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"{_name(model)}: torch.export failed: {type(e).__name__}: {str(e)[:500]}") from e
+    return Path(path)
+
+
+def export_torchscript(model: nn.Module, path: str | os.PathLike, input_chw) -> Path:
+    """Write a traced TorchScript module (batch size is free in the trace; the input size is fixed)."""
+    x = torch.randn(2, *input_chw)
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(model.eval(), (x,), check_trace=False)
+        traced.save(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"{_name(model)}: TorchScript tracing failed: {type(e).__name__}: {str(e)[:500]}") from e
+    return Path(path)
+
+
+def run_exported(path: str | os.PathLike, fmt: str, x: torch.Tensor) -> torch.Tensor:
+    """Run an exported artefact on ``x`` (ONNX through onnxruntime)."""
+    if fmt == "onnx":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ImportError("checking an ONNX export needs onnxruntime: pip install 'vitkit[export]'") from None
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    if fmt == "export":
+        return torch.export.load(str(path)).module()(x)
+    return torch.jit.load(str(path))(x)
+
+
+def export_model(
+    model: nn.Module, path: str | os.PathLike, fmt: str, dynamic_batch: bool = True, check_batches=(1, 3)
+) -> dict:
+    """Export and verify: returns ``{"path", "format", "max_abs_diff": {batch: diff}}``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"export format must be one of {FORMATS}, got {fmt!r}")
+    chw = tuple(model.pretrained_cfg["input_size"])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "onnx":
+        export_onnx(model, path, chw, dynamic_batch)
+    elif fmt == "export":
+        export_program(model, path, chw, dynamic_batch)
+    else:
+        export_torchscript(model, path, chw)
+    diffs = {}
+    for b in check_batches if dynamic_batch or fmt == "torchscript" else (2,):
+        x = torch.randn(b, *chw)
+        with torch.no_grad():
+            ref = model.eval()(x)
+            out = run_exported(path, fmt, x)
+        diffs[b] = float((out.float() - ref.float()).abs().max())
+    return {"path": str(path), "format": fmt, "max_abs_diff": diffs}
