@@ -130,7 +130,8 @@ def test_training_learns_digits_and_writes_the_run(tmp_path):
     assert load_config(run / "config.yaml").to_dict() == cfg.to_dict()  # the resolved config reloads
     assert (run / "checkpoints" / "best" / "ema.safetensors").is_file()
     # eval and predict from the run folder
-    assert cli(["eval", str(run), "--split", "test[:128]", "--ema"]) == 0  # best is chosen by the EMA score
+    ema = s["best_weights"] == "ema"
+    assert cli(["eval", str(run), "--split", "test[:128]"] + ["--ema"] * ema) == 0
     assert json.loads((run / "eval" / "eval.json").read_text())["top1"] == pytest.approx(s["best_top1"])
     imgs = tmp_path / "imgs"
     imgs.mkdir()

@@ -49,24 +49,30 @@ def run_one(recipe: Path, amp: str, out_root: Path, extra: list[str]) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    summary = json.loads(proc.stdout[proc.stdout.index("{") :])
+    return summarise(out, recipe.stem, amp, "vitkit " + " ".join(cmd[3:]), wall)
+
+
+def summarise(out: Path, recipe: str, amp: str, command: str, wall: float) -> dict:
+    """One results row from a finished run folder (metrics.jsonl, run.json, eval.json)."""
+    summary = json.loads((out / "eval.json").read_text())["summary"]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     epochs = [r for r in rows if r["kind"] == "epoch"]
-    elapsed, first97 = 0.0, None
+    elapsed, first97, best = 0.0, None, (0.0, None)
     for r in epochs:
         elapsed += r["seconds"]
-        acc = max(r.get("val_top1") or 0, r.get("ema_top1") or 0)
+        acc = max(r.get("val_top1") or 0, r.get("ema_top1") or 0)  # raw or EMA weights, whichever is better
+        best = max(best, (acc, r["epoch"]))
         if first97 is None and acc >= 0.97:
             first97 = {"epoch": r["epoch"], "train_seconds": round(elapsed, 1)}
     run_info = json.loads((out / "run.json").read_text())
     return {
-        "recipe": recipe.stem,
+        "recipe": recipe,
         "amp": amp,
         "model": summary["model"],
         "model_kwargs": run_info["model_kwargs"],
-        "command": "vitkit " + " ".join(cmd[3:]),
-        "best_top1": summary["best_top1"],
-        "best_epoch": summary["best_epoch"],
+        "command": command,
+        "best_top1": best[0],
+        "best_epoch": best[1],
         "final_top1": summary["final_top1"],
         "final_ema_top1": summary["final_ema_top1"],
         "epochs": summary["epochs"],
@@ -83,6 +89,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(REPO / "runs" / "bench-mnist"), help="where the runs go (not committed)")
     ap.add_argument("--results", default=str(HERE / "results.json"))
     ap.add_argument("--set", action="append", default=[], help="extra --set overrides for every run")
+    ap.add_argument("--summarise-only", action="store_true", help="rebuild the rows from existing run folders")
     args = ap.parse_args(argv)
     recipes = sorted((REPO / "configs").glob("mnist_*.yaml"))
     if args.only:
@@ -100,7 +107,14 @@ def main(argv=None) -> None:
     }
     for recipe in recipes:
         for amp in args.amp:
-            row = run_one(recipe, amp, Path(args.out), extra)
+            if args.summarise_only:
+                old = next((r for r in results["runs"] if (r["recipe"], r["amp"]) == (recipe.stem, amp)), None)
+                out = Path(args.out) / f"{recipe.stem}-{amp}"
+                if old is None or not out.is_dir():
+                    continue
+                row = summarise(out, recipe.stem, amp, old["command"], old["wall_seconds"])
+            else:
+                row = run_one(recipe, amp, Path(args.out), extra)
             results["runs"] = [r for r in results["runs"] if (r["recipe"], r["amp"]) != (recipe.stem, amp)] + [row]
             path.write_text(json.dumps(results, indent=2))
             print(

@@ -7,6 +7,7 @@
     vitkit predict RUN IMAGE|FOLDER ...      top-k classes with names
     vitkit bench NAME ... [--img-size S ...]  params, GMACs, images/s, latency, peak memory, MFU vs matmul peak
     vitkit export NAME --format F            ONNX / torch.export / TorchScript, verified against eager
+    vitkit explain NAME|RUN --image I --method M   attention maps, rollout, CAM, GradCAT, distances (PNG + .npy)
 
 Each subcommand lives in its own function and registers its parser in ``_SUBCOMMANDS``; training,
 evaluation, benchmarking, export and explanation commands plug in the same way.
@@ -306,6 +307,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vitkit.data.datasets import load_image
+    from vitkit.interpret import explain
+    from vitkit.train.inference import eval_transform, load_run
+
+    if Path(args.model).is_dir():
+        model, info = load_run(args.model, args.which, ema=args.ema)
+    else:
+        kwargs = {"img_size": args.img_size} if args.img_size else {}
+        if args.num_classes is not None:
+            kwargs["num_classes"] = args.num_classes
+        model = vitkit.create_model(args.model, checkpoint_path=args.checkpoint, **kwargs)
+        info = {"data_config": vitkit.resolve_data_config(model)}
+    model.eval()
+    if args.image:
+        x = eval_transform(info)(load_image(args.image))[None]
+    else:
+        if args.method != "posembed":
+            raise ValueError(f"--method {args.method} needs --image")
+        x = torch.zeros(1, *info["data_config"]["input_size"])
+    written = explain(model, x, args.method, args.out, target=args.target)
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list registered models")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'vit_*'")
@@ -397,7 +426,33 @@ def _add_export(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
-_SUBCOMMANDS: list[Callable] = [_add_models, _add_info, _add_train, _add_eval, _add_predict, _add_bench, _add_export]
+def _add_explain(sub) -> None:
+    from vitkit.interpret.explain import METHODS
+
+    p = sub.add_parser("explain", help="attention maps, rollout, CAM, GradCAT, distances: PNG figures + .npy arrays")
+    p.add_argument("model", help="a registered model name, or a run folder from vitkit train")
+    p.add_argument("--checkpoint", default=None, help="weights for a model name (vitkit or timm format)")
+    p.add_argument("--image", default=None, help="the image to explain")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--target", type=int, default=None, help="class to explain (default: the prediction)")
+    p.add_argument("--out", default="explain", help="output folder")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--which", default="best", choices=["best", "last"])
+    p.add_argument("--ema", action="store_true")
+    p.set_defaults(func=cmd_explain)
+
+
+_SUBCOMMANDS: list[Callable] = [
+    _add_models,
+    _add_info,
+    _add_train,
+    _add_eval,
+    _add_predict,
+    _add_bench,
+    _add_export,
+    _add_explain,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

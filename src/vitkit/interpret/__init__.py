@@ -1,5 +1,5 @@
-"""Interpretability: attention capture, rollout, attention distance, position-embedding similarity, and
-attention similarity across layers (CAM, GradCAT and the `vitkit explain` command are still to come)."""
+"""Interpretability: attention capture, rollout, attention distance, position-embedding similarity, attention
+similarity across layers, CAM / Grad-CAM, NesT's GradCAT, patch-filter PCA, and ``vitkit explain``."""
 
 from vitkit.interpret.attention import (
     AttentionRecord,
@@ -8,10 +8,20 @@ from vitkit.interpret.attention import (
     mean_attention_distance,
     pos_embed_similarity,
 )
+from vitkit.interpret.cam import CamResult, GradCatResult, class_activation_map, grad_cam, gradcat, patch_embed_pca
+from vitkit.interpret.explain import METHODS, explain
 from vitkit.interpret.similarity import attention_similarity
 
 __all__ = [
+    "METHODS",
     "AttentionRecord",
+    "CamResult",
+    "GradCatResult",
+    "class_activation_map",
+    "explain",
+    "grad_cam",
+    "gradcat",
+    "patch_embed_pca",
     "attention_rollout",
     "attention_similarity",
     "capture_attention",

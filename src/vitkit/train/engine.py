@@ -458,10 +458,12 @@ class Trainer:
         if "ema" in results:
             row.update(ema_top1=results["ema"]["top1"], ema_top5=results["ema"]["top5"])
         self.last_eval = results
-        score = row.get("ema_top1", row.get("val_top1"))
-        improved = score is not None and score > self.best["top1"]
+        # best = the better of the raw and EMA weights (an EMA lags far behind early on, e.g. with BatchNorm)
+        scores = {k: row[f"{k}_top1"] for k in ("val", "ema") if row.get(f"{k}_top1") is not None}
+        which = max(scores, key=scores.get) if scores else None
+        improved = which is not None and scores[which] > self.best["top1"]
         if improved:
-            self.best = {"top1": score, "epoch": epoch + 1}
+            self.best = {"top1": scores[which], "epoch": epoch + 1, "weights": "ema" if which == "ema" else "model"}
         if self._epoch_failures and self.dist.is_main:
             shown = "; ".join(f"{f.path} ({f.reason})" for f in self._epoch_failures[:5])
             more = len(self._epoch_failures) - 5
@@ -494,6 +496,7 @@ class Trainer:
             "global_step": self.global_step,
             "best_top1": self.best["top1"] if self.best["epoch"] else None,
             "best_epoch": self.best["epoch"],
+            "best_weights": self.best.get("weights"),
             "final_top1": last.get("model", {}).get("top1"),
             "final_ema_top1": last.get("ema", {}).get("top1"),
             "seconds": seconds,

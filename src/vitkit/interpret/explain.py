@@ -1,0 +1,176 @@
+"""``vitkit explain``: one image (or a model's weights) in, PNG figures and the raw ``.npy`` arrays out.
+
+Methods: ``attention`` (last layer's maps), ``rollout`` (ViT), ``cam`` (exact CAM where the head is GAP +
+linear, Grad-CAM otherwise), ``gradcat`` (NesT), ``distance`` (mean attention distance per layer and head),
+``posembed`` (ViT position-embedding similarity and patch-filter principal components).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitkit.interpret.attention import (
+    attention_rollout,
+    capture_attention,
+    mean_attention_distance,
+    pos_embed_similarity,
+)
+from vitkit.interpret.cam import class_activation_map, grad_cam, gradcat, patch_embed_pca
+
+METHODS = ("attention", "rollout", "cam", "gradcat", "distance", "posembed")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _show_image(ax, x: torch.Tensor) -> None:
+    img = x.detach().float().cpu()
+    img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-8)
+    ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray" if img.shape[0] == 1 else None)
+    ax.axis("off")
+
+
+def _vit_grid(model: nn.Module, x: torch.Tensor) -> tuple[tuple[int, int], int]:
+    pe = getattr(model, "patch_embed", None)
+    if pe is None or not hasattr(model, "num_prefix_tokens") or not hasattr(model, "blocks"):
+        raise ValueError(f"{type(model).__name__}: this method reads ViT tokens (a ViT with patch_embed and blocks)")
+    p = pe.patch_size[0]
+    return (x.shape[-2] // p, x.shape[-1] // p), p
+
+
+def explain(model: nn.Module, x: torch.Tensor, method: str, out_dir: str | Path, target=None) -> dict[str, Path]:
+    """Run ``method`` on ``x`` (``(1, C, H, W)``, preprocessed) and write figures and arrays to ``out_dir``."""
+    if method not in METHODS:
+        raise ValueError(f"explain: method must be one of {METHODS}, got {method!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    plt = _plt()
+    written: dict[str, Path] = {}
+
+    def save(name: str, arr) -> None:
+        path = out / f"{method}_{name}.npy"
+        np.save(path, np.asarray(arr.detach().cpu().float() if torch.is_tensor(arr) else arr))
+        written[name] = path
+
+    fig = None
+    if method in ("attention", "rollout", "distance"):
+        with torch.no_grad(), capture_attention(model) as records:
+            model(x)
+        for i, r in enumerate(records):
+            save(f"layer{i:02d}_{r.layer.replace('.', '_')}", r.probs)
+        if method == "attention":
+            last = records[-1].probs[0].float()  # (heads, ..., N, N) or layer-specific
+            last = last.reshape(-1, *last.shape[-2:])[:8]
+            fig, axes = plt.subplots(1, len(last) + 1, figsize=(2.4 * (len(last) + 1), 2.6))
+            _show_image(axes[0], x[0])
+            for ax, m in zip(axes[1:], last):
+                ax.imshow(m.cpu(), cmap="viridis")
+                ax.set_title(records[-1].layer, fontsize=6)
+                ax.axis("off")
+        elif method == "rollout":
+            grid, _ = _vit_grid(model, x)
+            roll = attention_rollout([r.probs for r in records])[0, 0, model.num_prefix_tokens :]
+            heat = roll.reshape(grid)
+            save("map", heat)
+            fig, axes = plt.subplots(1, 2, figsize=(6, 3))
+            _show_image(axes[0], x[0])
+            _show_image(axes[1], x[0])
+            axes[1].imshow(_upsample(heat, x.shape[-2:]), cmap="jet", alpha=0.5)
+        else:
+            grid, p = _vit_grid(model, x)
+            dist = torch.stack([mean_attention_distance(r.probs, grid, p, model.num_prefix_tokens) for r in records])
+            save("pixels", dist)  # (layers, heads)
+            fig, ax = plt.subplots(figsize=(5, 4))
+            for layer, d in enumerate(dist):
+                ax.scatter([layer + 1] * len(d), d.cpu(), s=12)
+            ax.set_xlabel("layer")
+            ax.set_ylabel("mean attention distance (pixels)")
+    elif method == "cam":
+        try:
+            res, kind = class_activation_map(model, x, target), "CAM"
+        except ValueError:
+            res, kind = grad_cam(model, x, target), "Grad-CAM"
+        save("map", res.maps[0])
+        fig, axes = plt.subplots(1, 2, figsize=(6, 3))
+        _show_image(axes[0], x[0])
+        _show_image(axes[1], x[0])
+        axes[1].imshow(res.maps[0].cpu(), cmap="jet", alpha=0.5)
+        axes[1].plot(res.peaks[0, 1], res.peaks[0, 0], "w+", ms=12)
+        axes[1].set_title(f"{kind}, class {int(res.target[0])}", fontsize=8)
+    elif method == "gradcat":
+        res = gradcat(model, x, target)
+        for lv, s in enumerate(res.scores):
+            save(f"level{lv}_scores", s[0])
+        save("boxes", np.array(res.boxes[0]))
+        fig, axes = plt.subplots(1, 2, figsize=(6, 3))
+        _show_image(axes[0], x[0])
+        _show_image(axes[1], x[0])
+        for i, (y0, x0, y1, x1) in enumerate(res.boxes[0]):
+            axes[1].add_patch(
+                plt.Rectangle(
+                    (x0 - 0.5, y0 - 0.5),
+                    x1 - x0,
+                    y1 - y0,
+                    fill=False,
+                    lw=2 - i * 0.4,
+                    edgecolor=plt.cm.autumn(i / max(1, len(res.boxes[0]) - 1)),
+                )
+            )
+        axes[1].plot(res.peaks[0, 1], res.peaks[0, 0], "c+", ms=12)
+        axes[1].set_title(f"GradCAT, class {int(res.target[0])}", fontsize=8)
+    else:  # posembed
+        grid, _ = _vit_grid(model, x)
+        sim = pos_embed_similarity(model.pos_embed.detach(), model.patch_embed.grid_size, model.num_prefix_tokens)
+        pcs = patch_embed_pca(model)
+        save("similarity", sim)
+        save("patch_pca", pcs)
+        gh, gw = sim.shape[:2]
+        fig, axes = plt.subplots(gh, gw, figsize=(gw * 0.6 + 1, gh * 0.6 + 1))
+        for i in range(gh):
+            for j in range(gw):
+                ax = axes[i][j] if gh > 1 else axes[j]
+                ax.imshow(sim[i, j].cpu(), vmin=-1, vmax=1, cmap="viridis")
+                ax.axis("off")
+        fig.suptitle("position-embedding cosine similarity")
+        _save(_pca_figure(pcs, plt), out / "posembed_pca.png", plt)
+        written["pca_figure"] = out / "posembed_pca.png"
+    if fig is not None:
+        _save(fig, out / f"{method}.png", plt)
+        written["figure"] = out / f"{method}.png"
+    return written
+
+
+def _upsample(m: torch.Tensor, size) -> np.ndarray:
+    return torch.nn.functional.interpolate(m[None, None].float(), size=tuple(size), mode="bilinear")[0, 0].cpu().numpy()
+
+
+def _pca_figure(pcs: torch.Tensor, plt):
+    k = len(pcs)
+    cols = min(7, k)
+    rows = -(-k // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.1), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < k:
+            pc = pcs[i]
+            pc = (pc - pc.min()) / (pc.max() - pc.min()).clamp_min(1e-8)
+            ax.imshow(pc[0] if pc.shape[0] == 1 else pc.permute(1, 2, 0), cmap="gray" if pc.shape[0] == 1 else None)
+    fig.suptitle("patch-embedding filters: principal components")
+    return fig
+
+
+def _save(fig, path: Path, plt) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,128 @@
+"""vitkit bench: MFU against the measured matmul peak, memory measurement, the JSON contract; export per family."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import vitkit
+from vitkit.bench.speed import bench_model, matmul_peak, peak_memory_mb, timeit
+from vitkit.cli import main as cli
+from vitkit.export import ExportError, export_model
+
+MISSING = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+needs_ort = pytest.mark.skipif(bool(MISSING), reason=f"optional export extra not installed (missing {MISSING})")
+
+
+def test_timeit_is_a_median_of_real_time():
+    import time
+
+    assert 0.009 < timeit(lambda: time.sleep(0.01), warmup=0, repeats=3) < 0.05
+
+
+def test_matmul_peak_is_a_plausible_flop_rate():
+    peak = matmul_peak("fp32", n=512)
+    a = torch.randn(512, 512)
+    t = timeit(lambda: a @ a, repeats=5)
+    assert 1e8 < peak < 1e14 and peak > 0.3 * (2 * 512**3 / t)  # the same measurement, give or take noise
+
+
+@pytest.mark.skipif(peak_memory_mb(lambda: None) is None, reason="no /proc/self/clear_refs on this system")
+def test_peak_memory_sees_a_known_allocation():
+    def alloc():
+        x = torch.ones(25 * 2**20)  # 100 MiB
+        y = x * 2  # another 100 MiB while x is alive
+        return float(y[0])
+
+    mb = peak_memory_mb(alloc)
+    assert 190 < mb < 260, mb
+    assert peak_memory_mb(lambda: torch.ones(10)) < 20
+
+
+def test_bench_json_rows_have_the_contract_keys(capsys):
+    assert (
+        cli(
+            [
+                "bench",
+                "vit_tiny_patch16_224",
+                "--img-size",
+                "32",
+                "64",
+                "--batch",
+                "2",
+                "--repeats",
+                "1",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
+    rows = json.loads(capsys.readouterr().out)
+    keys = {"model", "img_size", "batch", "dtype", "params", "gmacs", "img_per_s", "latency_ms", "peak_mem_mb", "mfu"}
+    assert len(rows) == 2 and all(keys <= set(r) for r in rows)
+    assert [r["img_size"] for r in rows] == [32, 64] and rows[1]["gmacs"] > rows[0]["gmacs"] > 0
+    r = rows[0]
+    assert 0 < r["mfu"] < 1 and r["mfu"] == pytest.approx(
+        2 * r["gmacs"] * 1e9 * r["img_per_s"] / (r["peak_gflops"] * 1e9), rel=0.01
+    )
+
+
+def test_bench_bf16_and_training_step():
+    row = bench_model("nest_tiny", img_size=32, batch=2, dtype="bf16", repeats=1, train=True, memory=False)
+    assert row.bf16_mode in ("autocast", "weights") and row.train_img_per_s > 0 and row.dtype == "bf16"
+    with pytest.raises(ValueError, match="dtype"):
+        bench_model("nest_tiny", img_size=32, dtype="fp8")
+
+
+# one model per family, at a small input: ONNX through onnxruntime at two batch sizes
+FAMILIES = {
+    "vit_tiny_patch16_224": dict(img_size=32),
+    "nest_tiny": dict(img_size=32),
+    "mobilevit_xxs": dict(img_size=64),
+    "halonet26t": dict(img_size=64),
+    "lavit_tiny": dict(img_size=64),
+}
+
+
+@needs_ort
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_onnx_export_matches_pytorch_per_family(name, tmp_path):
+    torch.manual_seed(0)
+    model = vitkit.create_model(name, num_classes=7, **FAMILIES[name]).eval()
+    try:
+        res = export_model(model, tmp_path / f"{name}.onnx", "onnx", dynamic_batch=True, check_batches=(1, 3))
+    except ExportError as e:
+        pytest.fail(str(e))
+    assert set(res["max_abs_diff"]) == {1, 3} and max(res["max_abs_diff"].values()) < 1e-4, res
+
+
+@pytest.mark.parametrize("fmt", ["export", "torchscript"])
+def test_torch_export_formats(fmt, tmp_path):
+    model = vitkit.create_model("nest_tiny", img_size=32, num_classes=5).eval()
+    res = export_model(model, tmp_path / f"m.{fmt}", fmt, dynamic_batch=True)
+    assert max(res["max_abs_diff"].values()) < 1e-4
+
+
+def test_export_cli_reports_and_checks(tmp_path, capsys):
+    out = tmp_path / "v.pt2"
+    assert (
+        cli(
+            [
+                "export",
+                "vit_tiny_patch16_224",
+                "--format",
+                "export",
+                "--img-size",
+                "32",
+                "--dynamic-batch",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert out.is_file() and "max |exported - eager|" in capsys.readouterr().out
