@@ -36,7 +36,8 @@ def _plt():
 def _show_image(ax, x: torch.Tensor) -> None:
     img = x.detach().float().cpu()
     img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-8)
-    ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray" if img.shape[0] == 1 else None)
+    arr = (img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy()
+    ax.imshow(arr, cmap="gray" if img.shape[0] == 1 else None)
     ax.axis("off")
 
 
@@ -75,7 +76,7 @@ def explain(model: nn.Module, x: torch.Tensor, method: str, out_dir: str | Path,
             fig, axes = plt.subplots(1, len(last) + 1, figsize=(2.4 * (len(last) + 1), 2.6))
             _show_image(axes[0], x[0])
             for ax, m in zip(axes[1:], last):
-                ax.imshow(m.cpu(), cmap="viridis")
+                ax.imshow(m.cpu().numpy(), cmap="viridis")
                 ax.set_title(records[-1].layer, fontsize=6)
                 ax.axis("off")
         elif method == "rollout":
@@ -93,7 +94,7 @@ def explain(model: nn.Module, x: torch.Tensor, method: str, out_dir: str | Path,
             save("pixels", dist)  # (layers, heads)
             fig, ax = plt.subplots(figsize=(5, 4))
             for layer, d in enumerate(dist):
-                ax.scatter([layer + 1] * len(d), d.cpu(), s=12)
+                ax.scatter([layer + 1] * len(d), d.cpu().numpy(), s=12)
             ax.set_xlabel("layer")
             ax.set_ylabel("mean attention distance (pixels)")
     elif method == "cam":
@@ -105,8 +106,8 @@ def explain(model: nn.Module, x: torch.Tensor, method: str, out_dir: str | Path,
         fig, axes = plt.subplots(1, 2, figsize=(6, 3))
         _show_image(axes[0], x[0])
         _show_image(axes[1], x[0])
-        axes[1].imshow(res.maps[0].cpu(), cmap="jet", alpha=0.5)
-        axes[1].plot(res.peaks[0, 1], res.peaks[0, 0], "w+", ms=12)
+        axes[1].imshow(res.maps[0].cpu().numpy(), cmap="jet", alpha=0.5)
+        axes[1].plot(int(res.peaks[0, 1]), int(res.peaks[0, 0]), "w+", ms=12)
         axes[1].set_title(f"{kind}, class {int(res.target[0])}", fontsize=8)
     elif method == "gradcat":
         res = gradcat(model, x, target)
@@ -127,7 +128,7 @@ def explain(model: nn.Module, x: torch.Tensor, method: str, out_dir: str | Path,
                     edgecolor=plt.cm.autumn(i / max(1, len(res.boxes[0]) - 1)),
                 )
             )
-        axes[1].plot(res.peaks[0, 1], res.peaks[0, 0], "c+", ms=12)
+        axes[1].plot(int(res.peaks[0, 1]), int(res.peaks[0, 0]), "c+", ms=12)
         axes[1].set_title(f"GradCAT, class {int(res.target[0])}", fontsize=8)
     else:  # posembed
         grid, _ = _vit_grid(model, x)
@@ -140,7 +141,7 @@ def explain(model: nn.Module, x: torch.Tensor, method: str, out_dir: str | Path,
         for i in range(gh):
             for j in range(gw):
                 ax = axes[i][j] if gh > 1 else axes[j]
-                ax.imshow(sim[i, j].cpu(), vmin=-1, vmax=1, cmap="viridis")
+                ax.imshow(sim[i, j].cpu().numpy(), vmin=-1, vmax=1, cmap="viridis")
                 ax.axis("off")
         fig.suptitle("position-embedding cosine similarity")
         _save(_pca_figure(pcs, plt), out / "posembed_pca.png", plt)
@@ -165,7 +166,8 @@ def _pca_figure(pcs: torch.Tensor, plt):
         if i < k:
             pc = pcs[i]
             pc = (pc - pc.min()) / (pc.max() - pc.min()).clamp_min(1e-8)
-            ax.imshow(pc[0] if pc.shape[0] == 1 else pc.permute(1, 2, 0), cmap="gray" if pc.shape[0] == 1 else None)
+            arr = (pc[0] if pc.shape[0] == 1 else pc.permute(1, 2, 0)).numpy()
+            ax.imshow(arr, cmap="gray" if pc.shape[0] == 1 else None)
     fig.suptitle("patch-embedding filters: principal components")
     return fig
 
