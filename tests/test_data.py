@@ -212,6 +212,16 @@ def test_geometry_transforms():
     assert np.array_equal(np.asarray(c), np.asarray(_gradient((40, 40)))[10:30, 10:30])
 
 
+def test_canvas_placement_keeps_the_pixels():
+    from vitkit.data.transforms import place_on_canvas
+
+    img = _gradient((10, 12), "L")
+    canvas, (y0, x0, y1, x1) = place_on_canvas(img, 32, np.random.default_rng(3))
+    arr = np.asarray(canvas)
+    assert arr.shape == (32, 32) and (y1 - y0, x1 - x0) == (10, 12)
+    assert np.array_equal(arr[y0:y1, x0:x1], np.asarray(img)) and arr.sum() == np.asarray(img).astype(int).sum()
+
+
 def test_train_transform_is_keyed_and_normalised():
     t = TrainTransform((16, 16), [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], crop="rrc", randaugment="rand-m9-mstd0.5")
     img = _gradient()

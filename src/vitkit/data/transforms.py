@@ -81,6 +81,23 @@ def pad_random_crop(img: Image.Image, size, rng: np.random.Generator, pad: int, 
     return padded.crop((x0, y0, x0 + w_out, y0 + h_out))
 
 
+def place_on_canvas(img: Image.Image, size, rng: np.random.Generator, interp: str = "bicubic"):
+    """Paste ``img`` unscaled (shrunk to fit if larger) at a random place on a zero canvas of ``size``.
+
+    Returns the canvas and the pasted box ``(y0, x0, y1, x1)``.
+    """
+    h_out, w_out = _pair(size)
+    w, h = img.size
+    if w > w_out or h > h_out:
+        s = min(w_out / w, h_out / h)
+        w, h = max(1, int(w * s)), max(1, int(h * s))
+        img = img.resize((w, h), interpolation(interp))
+    y0, x0 = int(rng.integers(0, h_out - h + 1)), int(rng.integers(0, w_out - w + 1))
+    canvas = Image.new(img.mode, (w_out, h_out), 0)
+    canvas.paste(img, (x0, y0))
+    return canvas, (y0, x0, y0 + h, x0 + w)
+
+
 def resize_center_crop(img: Image.Image, size, crop_pct: float = 1.0, interp: str = "bicubic") -> Image.Image:
     """timm's eval pipeline: scale so the crop is ``crop_pct`` of the short side, then centre-crop ``size``."""
     h_out, w_out = _pair(size)
@@ -248,7 +265,8 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 class TrainTransform:
     """One training pipeline: crop -> flip -> RandAugment -> tensor/normalise -> random erasing.
 
-    ``crop`` is 'rrc' (random-resized-crop with ``scale``), 'pad' (resize, pad by ``pad``, random crop) or
+    ``crop`` is 'rrc' (random-resized-crop with ``scale``), 'pad' (resize, pad by ``pad``, random crop),
+    'canvas' (the image unscaled at a random place on a blank canvas of ``size``; shrunk first if larger) or
     'resize'. Called as ``t(img, rng, size)`` so the multi-scale sampler can pick the size per batch.
     """
 
@@ -265,8 +283,8 @@ class TrainTransform:
     interp: str = "bicubic"
 
     def __post_init__(self):
-        if self.crop not in ("rrc", "pad", "resize"):
-            raise ValueError(f"aug.crop must be 'rrc', 'pad' or 'resize', got {self.crop!r}")
+        if self.crop not in ("rrc", "pad", "canvas", "resize"):
+            raise ValueError(f"aug.crop must be 'rrc', 'pad', 'canvas' or 'resize', got {self.crop!r}")
         interpolation(self.interp)
         fill = tuple(round(m * 255) for m in self.mean[: self.in_chans])
         self._fill = fill[0] if self.in_chans == 1 else fill
@@ -279,6 +297,8 @@ class TrainTransform:
             img = random_resized_crop(img, size, rng, self.scale, interp=self.interp)
         elif self.crop == "pad":
             img = pad_random_crop(img, size, rng, self.pad, self.interp)  # zero padding, as torchvision's RandomCrop
+        elif self.crop == "canvas":
+            img, _ = place_on_canvas(img, size, rng, self.interp)
         elif img.size != (size[1], size[0]):
             img = img.resize((size[1], size[0]), interpolation(self.interp))
         if self.hflip > 0 and rng.random() < self.hflip:
@@ -298,7 +318,20 @@ class EvalTransform:
     in_chans: int = 3
     crop_pct: float = 1.0
     interp: str = "bicubic"
+    canvas: bool = False  # centre the image unscaled on a blank canvas (for models trained with crop='canvas')
 
     def __call__(self, img: Image.Image, rng=None, size=None) -> torch.Tensor:
         img = img.convert("L" if self.in_chans == 1 else "RGB")
-        return to_tensor(resize_center_crop(img, size or self.size, self.crop_pct, self.interp), self.mean, self.std)
+        if self.canvas:
+            h, w = _pair(size or self.size)
+            img = place_on_canvas(img, (h, w), _Centre())[0]
+        else:
+            img = resize_center_crop(img, size or self.size, self.crop_pct, self.interp)
+        return to_tensor(img, self.mean, self.std)
+
+
+class _Centre:
+    """A stand-in generator whose integers(lo, hi) is the middle of the range (centred placement)."""
+
+    def integers(self, lo, hi):
+        return (lo + hi - 1) // 2

@@ -50,7 +50,7 @@ class DataConfig:
 
 @dataclass
 class AugConfig:
-    crop: str = "pad"  # rrc | pad | resize
+    crop: str = "pad"  # rrc | pad | canvas | resize
     scale: list = field(default_factory=lambda: [0.08, 1.0])
     pad: int = 2
     hflip: float = 0.0

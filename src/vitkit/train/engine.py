@@ -171,8 +171,9 @@ class Trainer:
             a.erasing,
             dc["interpolation"],
         )
-        self.eval_tf = EvalTransform(self.size, mean, std, self.in_chans, dc["crop_pct"], dc["interpolation"])
-        self.data_config = dict(dc, mean=list(mean), std=list(std))
+        canvas = a.crop == "canvas"
+        self.eval_tf = EvalTransform(self.size, mean, std, self.in_chans, dc["crop_pct"], dc["interpolation"], canvas)
+        self.data_config = dict(dc, mean=list(mean), std=list(std), eval_canvas=canvas)
 
     def _first_image(self):
         for i in range(min(len(self.train_set), 8)):

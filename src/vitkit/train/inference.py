@@ -47,8 +47,15 @@ def load_run(path: str | Path, which: str = "best", ema: bool = False) -> tuple[
 
 def eval_transform(info: dict) -> EvalTransform:
     dc = info["data_config"]
-    return EvalTransform(tuple(dc["input_size"][1:]), dc["mean"], dc["std"], dc["input_size"][0], dc["crop_pct"],
-                         dc["interpolation"])  # fmt: skip
+    return EvalTransform(
+        tuple(dc["input_size"][1:]),
+        dc["mean"],
+        dc["std"],
+        dc["input_size"][0],
+        dc["crop_pct"],
+        dc["interpolation"],
+        dc.get("eval_canvas", False),
+    )
 
 
 def image_files(paths: list[str]) -> list[Path]:

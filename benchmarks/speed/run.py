@@ -1,0 +1,128 @@
+"""Speed targets of the efficiency issue: fp32 MFU at batch 16 and the bf16 speed-up, per family.
+
+For each family's default-size model: fp32 inference at batch 16 (images/s, achieved fraction of the
+measured fp32 matmul peak), bf16 inference (the faster of autocast and bf16 weights) and its speed-up over
+fp32, batch-1 latency, peak memory. Then bf16 top-1 agreement with fp32 on real images: the 2,000
+held-out MNIST digits through the models trained by benchmarks/mnist (if their runs exist).
+
+    python benchmarks/speed/run.py                 # -> results.json, results.md
+    python benchmarks/speed/run.py --models vit_base_patch16_224 --batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from vitkit.bench.speed import bench_model, matmul_peak
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+# the reference implementation's fp32 fraction of peak on this machine, from the issue
+REFERENCE_MFU = {
+    "vit_base_patch16_224": 0.47,
+    "halonet_h1": 0.03,
+    "halonet26t": 0.23,
+    "mobilevit_xxs": 0.14,
+    "mobilevit_xs": 0.05,
+    "nest_tiny_jx": 0.25,
+}
+BF16_TARGET = {"vit_base_patch16_224": 4.0, "nest_tiny_jx": 3.0}
+
+
+def target_mfu(name: str) -> float:
+    if name == "vit_base_patch16_224":
+        return 0.60
+    return min(2 * REFERENCE_MFU[name], 0.35)
+
+
+def agreement(run_dir: Path) -> dict | None:
+    """Top-1 agreement of bf16 autocast with fp32 on the held-out MNIST digits for a trained run."""
+    if not (run_dir / "run.json").is_file():
+        return None
+    from vitkit.data.datasets import build_dataset
+    from vitkit.data.loader import TransformView, eval_plan
+    from vitkit.train.inference import eval_transform, load_run
+
+    model, info = load_run(run_dir, "best")
+    ds = build_dataset("mnist", REPO.parent / "shared" / "data" / "mnist", "test[8000:]")
+    view = TransformView(ds, eval_transform(info), 0)
+    size = tuple(info["data_config"]["input_size"][1:])
+    preds = {"fp32": [], "bf16": []}
+    labels = []
+    with torch.inference_mode():
+        for batch in eval_plan(len(ds), 250, size):
+            x = torch.stack([view[k][0] for k in batch])
+            labels += [ds[k[0]][1] for k in batch]
+            preds["fp32"].append(model(x).argmax(1))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                preds["bf16"].append(model(x).argmax(1))
+    p32, p16, y = torch.cat(preds["fp32"]), torch.cat(preds["bf16"]), torch.tensor(labels)
+    return {
+        "run": str(run_dir.relative_to(REPO)),
+        "model": info["model"],
+        "images": len(y),
+        "agreement": (p32 == p16).float().mean().item(),
+        "fp32_top1": (p32 == y).float().mean().item(),
+        "bf16_top1": (p16 == y).float().mean().item(),
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=list(REFERENCE_MFU))
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--runs", default=str(REPO / "runs" / "bench-mnist"), help="trained MNIST runs (agreement)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(min(2, os.cpu_count() or 2))
+    peaks = {d: matmul_peak(d) / 1e9 for d in ("fp32", "bf16")}
+    rows = []
+    for name in args.models:
+        fp32 = bench_model(name, batch=args.batch, dtype="fp32", repeats=args.repeats).as_dict()
+        bf16 = bench_model(name, batch=args.batch, dtype="bf16", repeats=args.repeats, memory=False).as_dict()
+        row = {
+            "model": name,
+            "img_size": fp32["img_size"],
+            "batch": args.batch,
+            "gmacs": fp32["gmacs"],
+            "fp32_img_per_s": fp32["img_per_s"],
+            "fp32_mfu": fp32["mfu"],
+            "target_mfu": target_mfu(name),
+            "reference_mfu": REFERENCE_MFU.get(name),
+            "fp32_latency_ms": fp32["latency_ms"],
+            "peak_mem_mb": fp32["peak_mem_mb"],
+            "bf16_img_per_s": bf16["img_per_s"],
+            "bf16_mode": bf16["bf16_mode"],
+            "bf16_speedup": round(bf16["img_per_s"] / fp32["img_per_s"], 2),
+            "bf16_target": BF16_TARGET.get(name),
+        }
+        row["mfu_met"] = row["fp32_mfu"] >= row["target_mfu"]
+        row["bf16_met"] = None if row["bf16_target"] is None else row["bf16_speedup"] >= row["bf16_target"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    agree = [a for a in (agreement(p) for p in sorted(Path(args.runs).glob("mnist_*-none"))) if a]
+    result = {
+        "command": "python benchmarks/speed/run.py " + " ".join(argv or []),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "matmul_peak_gflops": peaks,
+        },
+        "rows": rows,
+        "bf16_agreement": agree,
+    }
+    (HERE / "results.json").write_text(json.dumps(result, indent=2))
+    for a in agree:
+        print(json.dumps(a))
+
+
+if __name__ == "__main__":
+    main()
