@@ -240,3 +240,42 @@ def test_recipe_opens_with_its_launch_command_and_runs(recipe, tmp_path):
     )
     s = Trainer(cfg).fit()
     assert s["global_step"] == 2 and s["final_top1"] is not None
+
+
+def test_gradient_accumulation_equals_the_big_batch(tmp_path):
+    common = ["train.max_steps=2", "train.ema_decay=0", "sched.warmup_epochs=0", "optim.lr=1e-3"]
+    big = Trainer(tiny_cfg(tmp_path / "big", *common, "data.batch_size=16"))
+    big.fit()
+    acc = Trainer(tiny_cfg(tmp_path / "acc", *common, "data.batch_size=8", "optim.accum_steps=2"))
+    acc.fit()
+    for (k, a), b in zip(big.model.state_dict().items(), acc.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_channels_last_and_sgd_train(tmp_path):
+    s = Trainer(
+        tiny_cfg(tmp_path, "train.channels_last=true", "optim.name=sgd", "optim.lr=0.05", "train.max_steps=3")
+    ).fit()
+    assert s["global_step"] == 3 and s["final_top1"] is not None
+
+
+def test_too_many_undecodable_images_abort_naming_them(tmp_path):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        Image.new("L", (8, 8), 200 if cls == "a" else 30).save(tmp_path / "data" / cls / "good.png")
+        for i in range(12):
+            (tmp_path / "data" / cls / f"broken{i}.png").write_bytes(b"\x89PNG not really")
+    cfg = tiny_cfg(
+        tmp_path,
+        "data.dataset=imagefolder",
+        f"data.root={tmp_path / 'data'}",
+        "data.train_split=train",
+        "data.val_split=",
+        "data.batch_size=4",
+        "data.max_bad_images=6",
+        "model.kwargs.in_chans=1",
+    )
+    with pytest.raises(TrainingAborted, match=r"could not be decoded \(last: .*broken"):
+        Trainer(cfg).fit()

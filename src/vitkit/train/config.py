@@ -36,7 +36,7 @@ class DataConfig:
     dataset: str = "digits"  # digits | mnist | fashion_mnist | cifar10 | cifar100 | imagefolder
     root: str | None = None
     train_split: str = "train"  # TFDS-style slices: "test[:8000]", "train[:90%]"
-    val_split: str = "test"
+    val_split: str | None = "test"  # None: no held-out evaluation
     download: bool = False
     batch_size: int = 32  # per process and micro-step; the base batch of the multi-scale sampler
     eval_batch_size: int = 256
