@@ -97,7 +97,8 @@ def main(argv=None) -> None:
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "model": info["model"],
         "model_kwargs": info["model_kwargs"],
-        "train_seconds": train_seconds,
+        "train_command_seconds": train_seconds,  # None when the run already existed
+        "train_loop_seconds": round(sum(r["seconds"] for r in _epochs(run)), 1),
         "canvas": list(size),
         "images": len(x),
         "canvas_top1": correct / len(x),
@@ -109,6 +110,11 @@ def main(argv=None) -> None:
     _figure(examples, HERE / "examples.png")
 
 
+def _epochs(run: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [r for r in rows if r["kind"] == "epoch"]
+
+
 def _figure(examples, path: Path) -> None:
     import matplotlib
 
@@ -117,11 +123,11 @@ def _figure(examples, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(examples), figsize=(2.2 * len(examples), 2.6))
     marks = {"cam": ("r", "x"), "grad_cam": ("y", "+"), "gradcat": ("c", "o")}
-    for ax, (x, box, peaks, path) in zip(axes, examples):
+    for ax, (x, box, peaks, tree) in zip(axes, examples):
         ax.imshow(x[0].numpy(), cmap="gray")
         y0, x0, y1, x1 = box
         ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime", lw=1.5))
-        b = path[-1]
+        b = tree[-1]
         ax.add_patch(
             plt.Rectangle((b[1] - 0.5, b[0] - 0.5), b[3] - b[1], b[2] - b[0], fill=False, edgecolor="c", lw=1, ls="--")
         )
