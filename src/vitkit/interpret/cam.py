@@ -9,9 +9,9 @@
 * :func:`gradcat` (NesT paper, §4.3): gradient-based class-aware tree traversal. Starting at the top of the
   4-ary block tree, at each level the child block with the highest gradient x activation score is chosen,
   down to one leaf block; its highest-scoring token is the localisation. A token's score is
-  ``sum_c |dy/da_c * a_c|`` (our choice; the paper does not fix the sign handling). On the planted-object
-  test in ``tests/test_cam.py`` the leaf peak lands on the object for 98% of images with this score, 75%
-  with ``|sum_c ...|`` and 55% with the signed sum.
+  ``sum_c |dy/da_c * a_c|`` (our choice; the paper does not fix the sign handling; on one planted-object probe
+  the signed sum and its absolute value localised worse). On 2,000 held-out MNIST digits placed on 64x64
+  canvases, the leaf peak falls inside the digit's box 94.2% of the time (``benchmarks/localisation``).
 
 Maps come back at the input's resolution (bilinear), with ``peak`` = (row, col) pixel of the maximum.
 """
