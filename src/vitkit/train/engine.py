@@ -420,6 +420,7 @@ class Trainer:
             initial=self.step_in_epoch,
             desc=f"epoch {epoch + 1}/{self.cfg.sched.epochs}",
             dynamic_ncols=True,
+            disable=None,  # no bar when stderr is not a terminal (logs, CI)
             leave=False,
             file=sys.stderr,
         )
