@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import gc
 import statistics
@@ -30,6 +31,7 @@ from torch import nn
 
 import vitkit
 from vitkit.bench.flops import count_macs, count_params
+from vitkit.train.evaluate import autocast
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -130,12 +132,15 @@ class BenchRow:
         return asdict(self)
 
 
-def _runner(model: nn.Module, dtype: str, mode: str, device: torch.device):
-    """``(model, context)`` for one precision mode: fp32, bf16 autocast, or bf16 weights."""
+def _runner(model: nn.Module, mode: str, device: torch.device):
+    """``(model, context factory, input dtype)`` for one precision mode: fp32, bf16 autocast or bf16 weights.
+
+    bf16 weights go on a copy, so the caller's fp32 model serves the other modes unchanged.
+    """
     if mode == "weights":
-        return model.to(torch.bfloat16), contextlib.nullcontext, torch.bfloat16
+        return copy.deepcopy(model).to(torch.bfloat16), contextlib.nullcontext, torch.bfloat16
     if mode == "autocast":
-        return model, lambda: torch.autocast(device.type, dtype=torch.bfloat16), torch.float32
+        return model, lambda: autocast(device, "bf16"), torch.float32
     return model, contextlib.nullcontext, torch.float32
 
 
@@ -177,7 +182,7 @@ def bench_model(
         modes = ["autocast", "weights"] if dtype == "bf16" else ["fp32"]
         best = None
         for mode in modes:
-            m, ctx, in_dtype = _runner(model, dtype, mode, dev)
+            m, ctx, in_dtype = _runner(model, mode, dev)
             fwd = torch.compile(m) if compile else m
             xb, xo = x.to(in_dtype), x1.to(in_dtype)
 
@@ -192,7 +197,6 @@ def bench_model(
         bf16_mode = bf16_mode if dtype == "bf16" else None
         t_one = timeit(lambda: run(xo), repeats=max(repeats, 5))
         mem = peak_memory_mb(lambda: run(xb), dev) if memory else None
-        model = model.float()
     else:
         raise ValueError(f"runtime must be 'torch' or 'onnxruntime', got {runtime!r}")
     train_ips = _bench_train(model, x, dtype, dev, repeats) if train else None
@@ -224,7 +228,7 @@ def _bench_train(model: nn.Module, x: torch.Tensor, dtype: str, dev: torch.devic
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     target = torch.zeros(x.shape[0], dtype=torch.long, device=dev)
-    ctx = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if dtype == "bf16" else contextlib.nullcontext
+    ctx = (lambda: autocast(dev, "bf16")) if dtype == "bf16" else contextlib.nullcontext
 
     def step():
         with ctx():
