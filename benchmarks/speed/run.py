@@ -47,11 +47,12 @@ def agreement(run_dir: Path) -> dict | None:
         return None
     from vitkit.data.datasets import build_dataset
     from vitkit.data.loader import TransformView, eval_plan
-    from vitkit.train.inference import eval_transform, load_run
+    from vitkit.data.transforms import EvalTransform
+    from vitkit.train.inference import load_run
 
     model, info = load_run(run_dir, "best")
     ds = build_dataset("mnist", REPO.parent / "shared" / "data" / "mnist", "test[8000:]")
-    view = TransformView(ds, eval_transform(info), 0)
+    view = TransformView(ds, EvalTransform.from_data_config(info["data_config"]), 0)
     size = tuple(info["data_config"]["input_size"][1:])
     preds = {"fp32": [], "bf16": []}
     labels = []

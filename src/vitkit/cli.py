@@ -138,18 +138,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from vitkit.data.datasets import build_dataset
     from vitkit.data.loader import TransformView, eval_plan
+    from vitkit.data.transforms import EvalTransform
     from vitkit.train.evaluate import evaluate, plot_confusion
-    from vitkit.train.inference import eval_transform, load_run
+    from vitkit.train.inference import load_run
 
     model, info = load_run(args.run, args.which, ema=args.ema)
-    cfg = _saved_config(info, args)
+    cfg = _saved_config(info)
     ds = build_dataset(
         args.dataset or cfg["data"]["dataset"],
         args.data_root or cfg["data"]["root"],
         args.split or cfg["data"]["val_split"],
     )
     size = tuple(info["data_config"]["input_size"][1:])
-    view = TransformView(ds, eval_transform(info), 0)
+    view = TransformView(ds, EvalTransform.from_data_config(info["data_config"]), 0)
     res = evaluate(model, view, eval_plan(len(ds), args.batch_size, size), len(info["classes"]), torch.device("cpu"))
     out = Path(args.out) if args.out else Path(info["run_dir"]) / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +170,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _saved_config(info: dict, args) -> dict:
+def _saved_config(info: dict) -> dict:
     from pathlib import Path
 
     import yaml
@@ -311,8 +312,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from vitkit.data.datasets import load_image
+    from vitkit.data.transforms import EvalTransform
     from vitkit.interpret import explain
-    from vitkit.train.inference import eval_transform, load_run
+    from vitkit.train.inference import load_run
 
     if Path(args.model).is_dir():
         model, info = load_run(args.model, args.which, ema=args.ema)
@@ -324,7 +326,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         info = {"data_config": vitkit.resolve_data_config(model)}
     model.eval()
     if args.image:
-        x = eval_transform(info)(load_image(args.image))[None]
+        x = EvalTransform.from_data_config(info["data_config"])(load_image(args.image))[None]
     else:
         if args.method != "posembed":
             raise ValueError(f"--method {args.method} needs --image")

@@ -27,7 +27,7 @@ def _name(model: nn.Module) -> str:
 
 
 def _batch_dim(dynamic_batch: bool):
-    # 2..64 rather than 1..: exporters specialise a dimension seen as 1; batch 1 still runs in the artefacts
+    # traced at batch 2 (exporters specialise a dimension they see as 1); batches 1..1024 then run
     return {"x": {0: torch.export.Dim("batch", min=1, max=1024)}} if dynamic_batch else None
 
 

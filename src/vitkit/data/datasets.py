@@ -104,7 +104,6 @@ class ImageFolder(Dataset):
                 f"ImageFolder: class folder(s) {empty} in {str(root)!r} hold no images ({', '.join(IMG_EXTENSIONS)})"
             )
         self.root, self.max_pixels = root, max_pixels
-        self.labels = np.array([s[1] for s in self.samples], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -288,5 +287,4 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, split: str =
         raise ValueError(f"split {split!r} of {name!r} selects no images (the split holds {n})")
     sub = torch.utils.data.Subset(ds, list(idx))
     sub.classes = ds.classes
-    sub.labels = np.asarray(ds.labels)[list(idx)]
     return sub

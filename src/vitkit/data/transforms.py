@@ -10,7 +10,7 @@ identical to an uninterrupted one.
   magnitude drawn from N(m, mstd) and clipped to [0, 10]).
 * ``RandomErasing``: on the normalised tensor, random-normal fill (timm's 'pixel' mode).
 * ``mix_batch``: mixup / cutmix on a batch with soft, label-smoothed targets; ``soft_cross_entropy``.
-* ``eval_transform``: resize the short side to ``size / crop_pct``, centre crop (timm's eval pipeline).
+* ``EvalTransform``: resize the short side to ``size / crop_pct``, centre crop (timm's eval pipeline).
 """
 
 from __future__ import annotations
@@ -319,6 +319,12 @@ class EvalTransform:
     crop_pct: float = 1.0
     interp: str = "bicubic"
     canvas: bool = False  # centre the image unscaled on a blank canvas (for models trained with crop='canvas')
+
+    @classmethod
+    def from_data_config(cls, dc: dict) -> EvalTransform:
+        """From a data config (``resolve_data_config`` keys, plus the training run's ``eval_canvas``)."""
+        c, h, w = dc["input_size"]
+        return cls((h, w), dc["mean"], dc["std"], c, dc["crop_pct"], dc["interpolation"], dc.get("eval_canvas", False))
 
     def __call__(self, img: Image.Image, rng=None, size=None) -> torch.Tensor:
         img = img.convert("L" if self.in_chans == 1 else "RGB")

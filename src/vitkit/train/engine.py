@@ -171,9 +171,8 @@ class Trainer:
             a.erasing,
             dc["interpolation"],
         )
-        canvas = a.crop == "canvas"
-        self.eval_tf = EvalTransform(self.size, mean, std, self.in_chans, dc["crop_pct"], dc["interpolation"], canvas)
-        self.data_config = dict(dc, mean=list(mean), std=list(std), eval_canvas=canvas)
+        self.data_config = dict(dc, mean=list(mean), std=list(std), eval_canvas=a.crop == "canvas")
+        self.eval_tf = EvalTransform.from_data_config(self.data_config)
 
     def _first_image(self):
         for i in range(min(len(self.train_set), 8)):

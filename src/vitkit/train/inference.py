@@ -45,19 +45,6 @@ def load_run(path: str | Path, which: str = "best", ema: bool = False) -> tuple[
     return model.eval(), info
 
 
-def eval_transform(info: dict) -> EvalTransform:
-    dc = info["data_config"]
-    return EvalTransform(
-        tuple(dc["input_size"][1:]),
-        dc["mean"],
-        dc["std"],
-        dc["input_size"][0],
-        dc["crop_pct"],
-        dc["interpolation"],
-        dc.get("eval_canvas", False),
-    )
-
-
 def image_files(paths: list[str]) -> list[Path]:
     """Expand folders (recursively) into image files; a path that does not exist is an error."""
     files = []
@@ -76,7 +63,7 @@ def image_files(paths: list[str]) -> list[Path]:
 @torch.no_grad()
 def predict(model: nn.Module, info: dict, paths: list[str], topk: int = 5, batch_size: int = 64) -> list[dict]:
     """Top-k classes with probabilities for each image; undecodable files get an 'error' entry."""
-    tf, classes = eval_transform(info), info["classes"]
+    tf, classes = EvalTransform.from_data_config(info["data_config"]), info["classes"]
     files, results = image_files(paths), []
     k = min(topk, len(classes))
     for i in range(0, len(files), batch_size):
