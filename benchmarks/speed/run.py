@@ -5,8 +5,11 @@ measured fp32 matmul peak), bf16 inference (the faster of autocast and bf16 weig
 fp32, batch-1 latency, peak memory. Then bf16 top-1 agreement with fp32 on real images: the 2,000
 held-out MNIST digits through the models trained by benchmarks/mnist (if their runs exist).
 
-    python benchmarks/speed/run.py                 # -> results.json, results.md
+    python benchmarks/speed/run.py                 # -> results.json (speed malloc policy, faster layout)
+    python benchmarks/speed/run.py --malloc default --layout nchw --out benchmarks/speed/results_baseline.json
     python benchmarks/speed/run.py --models vit_base_patch16_224 --batch 16
+
+Each model runs in a fresh process.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -74,39 +79,59 @@ def agreement(run_dir: Path) -> dict | None:
     }
 
 
+def bench_one(name: str, batch: int, repeats: int, malloc: str, layout: str) -> dict:
+    tune = malloc == "speed"
+    fp32 = bench_model(name, batch=batch, dtype="fp32", layout=layout, repeats=repeats, tune_malloc=tune).as_dict()
+    bf16 = bench_model(
+        name, batch=batch, dtype="bf16", layout=layout, repeats=repeats, memory=False, tune_malloc=tune
+    ).as_dict()
+    row = {
+        "model": name,
+        "img_size": fp32["img_size"],
+        "batch": batch,
+        "gmacs": fp32["gmacs"],
+        "fp32_img_per_s": fp32["img_per_s"],
+        "fp32_mfu": fp32["mfu"],
+        "fp32_channels_last": fp32["channels_last"],
+        "target_mfu": target_mfu(name),
+        "reference_mfu": REFERENCE_MFU.get(name),
+        "fp32_latency_ms": fp32["latency_ms"],
+        "peak_mem_mb": fp32["peak_mem_mb"],
+        "bf16_img_per_s": bf16["img_per_s"],
+        "bf16_mode": bf16["bf16_mode"],
+        "bf16_channels_last": bf16["channels_last"],
+        "bf16_speedup": round(bf16["img_per_s"] / fp32["img_per_s"], 2),
+        "bf16_target": BF16_TARGET.get(name),
+        "allocator": fp32["allocator"],
+    }
+    row["mfu_met"] = row["fp32_mfu"] >= row["target_mfu"]
+    row["bf16_met"] = None if row["bf16_target"] is None else row["bf16_speedup"] >= row["bf16_target"]
+    return row
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=list(REFERENCE_MFU))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--malloc", default="speed", choices=["speed", "default"], help="glibc policy (vitkit.allocator)")
+    ap.add_argument("--layout", default="auto", choices=["auto", "nchw", "channels_last"])
+    ap.add_argument("--out", default=str(HERE / "results.json"))
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one model, JSON row on stdout
     ap.add_argument("--runs", default=str(REPO / "runs" / "bench-mnist"), help="trained MNIST runs (agreement)")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 2))
+    if args.one:
+        print(json.dumps(bench_one(args.one, args.batch, args.repeats, args.malloc, args.layout)))
+        return
     peaks = {d: matmul_peak(d) / 1e9 for d in ("fp32", "bf16")}
     rows = []
-    for name in args.models:
-        fp32 = bench_model(name, batch=args.batch, dtype="fp32", repeats=args.repeats).as_dict()
-        bf16 = bench_model(name, batch=args.batch, dtype="bf16", repeats=args.repeats, memory=False).as_dict()
-        row = {
-            "model": name,
-            "img_size": fp32["img_size"],
-            "batch": args.batch,
-            "gmacs": fp32["gmacs"],
-            "fp32_img_per_s": fp32["img_per_s"],
-            "fp32_mfu": fp32["mfu"],
-            "target_mfu": target_mfu(name),
-            "reference_mfu": REFERENCE_MFU.get(name),
-            "fp32_latency_ms": fp32["latency_ms"],
-            "peak_mem_mb": fp32["peak_mem_mb"],
-            "bf16_img_per_s": bf16["img_per_s"],
-            "bf16_mode": bf16["bf16_mode"],
-            "bf16_speedup": round(bf16["img_per_s"] / fp32["img_per_s"], 2),
-            "bf16_target": BF16_TARGET.get(name),
-        }
-        row["mfu_met"] = row["fp32_mfu"] >= row["target_mfu"]
-        row["bf16_met"] = None if row["bf16_target"] is None else row["bf16_speedup"] >= row["bf16_target"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    for name in args.models:  # each model in a fresh process: no allocator or cache state carried between models
+        cmd = [sys.executable, __file__, "--one", name, "--batch", str(args.batch), "--repeats", str(args.repeats)]
+        cmd += ["--malloc", args.malloc, "--layout", args.layout]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
     agree = [a for a in (agreement(p) for p in sorted(Path(args.runs).glob("mnist_*-none"))) if a]
     result = {
         "command": "python benchmarks/speed/run.py " + " ".join(argv or []),
@@ -120,7 +145,7 @@ def main(argv=None) -> None:
         "rows": rows,
         "bf16_agreement": agree,
     }
-    (HERE / "results.json").write_text(json.dumps(result, indent=2))
+    Path(args.out).write_text(json.dumps(result, indent=2))
     for a in agree:
         print(json.dumps(a))
 

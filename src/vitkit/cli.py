@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 import vitkit
+from vitkit import allocator
 from vitkit.bench import count_macs, count_params
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
@@ -215,7 +216,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 img_size=size,
                 batch=args.batch,
                 dtype=args.dtype,
-                channels_last=args.channels_last,
+                layout=args.layout,
                 compile=args.compile,
                 train=args.train,
                 runtime=args.runtime,
@@ -404,7 +405,13 @@ def _add_bench(sub) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: the faster of autocast/weights")
     p.add_argument("--format", default="table", choices=["table", "csv", "json"])
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument(
+        "--layout",
+        default="auto",
+        choices=["auto", "nchw", "channels_last"],
+        help="input/weight memory layout; auto times both and keeps the faster (reported)",
+    )
+    p.add_argument("--channels-last", dest="layout", action="store_const", const="channels_last")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--train", action="store_true", help="also measure training-step throughput")
     p.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"])
@@ -469,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        allocator.tune_from_env()  # the CLI owns its process: keep freed tensor memory for reuse (see allocator)
         return args.func(args)
     except (ValueError, RuntimeError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"vitkit: error: {e}", file=sys.stderr)

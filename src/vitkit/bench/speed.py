@@ -7,18 +7,19 @@
   = ``2 * MACs * images/s / peak FLOP/s``. ``dtype='bf16'`` tries autocast and bf16 weights and keeps the
   faster (reported in ``bf16_mode``).
 * Peak memory: on CUDA ``max_memory_allocated``; on Linux CPUs the growth of the process's resident-set
-  high-water mark over the call (``/proc/self/clear_refs`` resets it), with glibc's mmap threshold fixed
-  so that large tensors are returned to the OS when freed. Elsewhere it is reported as None.
+  high-water mark over the call (``/proc/self/clear_refs`` resets it), measured under
+  :func:`vitkit.allocator.exact_accounting` so that freed tensors leave the resident set; the allocator's
+  previous policy is restored afterwards, so memory measurement never slows later timings. Elsewhere None.
+* ``bench_model`` switches the process to :func:`vitkit.allocator.tune_allocator`'s policy first
+  (``tune_malloc=False`` keeps glibc's defaults) and records the policy in the row's ``allocator``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import gc
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 import vitkit
+from vitkit import allocator
 from vitkit.bench.flops import count_macs, count_params
 from vitkit.train.evaluate import autocast
 
@@ -60,19 +62,6 @@ def matmul_peak(dtype: str = "fp32", n: int = 2048, device: str = "cpu", threads
     return 2 * n**3 / t
 
 
-_MALLOC_FIXED = False
-
-
-def _fix_malloc() -> None:
-    """Fix glibc's mmap threshold at 64 KiB so freed tensors leave the resident set (no-op off glibc)."""
-    global _MALLOC_FIXED
-    if _MALLOC_FIXED or not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-    _MALLOC_FIXED = True
-
-
 def _proc_kb(key: str) -> float | None:
     try:
         with open("/proc/self/status") as f:
@@ -95,15 +84,15 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cpu")
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    _fix_malloc()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-    except OSError:
-        return None
-    base = _proc_kb("VmRSS:")
-    fn()
-    peak = _proc_kb("VmHWM:")
+    with allocator.exact_accounting():
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+        except OSError:
+            return None
+        base = _proc_kb("VmRSS:")
+        fn()
+        peak = _proc_kb("VmHWM:")
     return None if base is None or peak is None else max(0.0, (peak - base) / 1024)
 
 
@@ -127,6 +116,7 @@ class BenchRow:
     runtime: str = "torch"
     threads: int = 1
     device: str = "cpu"
+    allocator: str = "default"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -144,61 +134,80 @@ def _runner(model: nn.Module, mode: str, device: torch.device):
     return model, contextlib.nullcontext, torch.float32
 
 
+LAYOUTS = ("auto", "nchw", "channels_last")
+
+
+def _in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
+
+
 def bench_model(
     name: str,
     img_size: int | None = None,
     batch: int = 16,
     dtype: str = "fp32",
-    channels_last: bool = False,
+    layout: str = "auto",
     compile: bool = False,
     train: bool = False,
     runtime: str = "torch",
     repeats: int = 5,
     device: str = "cpu",
     memory: bool = True,
+    tune_malloc: bool = True,
     **model_kwargs,
 ) -> BenchRow:
-    """Measure one model at one setting (random weights; speed does not depend on them)."""
+    """Measure one model at one setting (random weights; speed does not depend on them).
+
+    ``layout``: 'nchw', 'channels_last', or 'auto' (time both, keep the faster; like bf16's two modes, the
+    choice is reported, here in ``channels_last``). ``tune_malloc``: switch the process to
+    :func:`vitkit.allocator.tune_allocator`'s policy first (reported in ``allocator``).
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if tune_malloc:
+        allocator.tune_allocator()
     dev = torch.device(device)
     kwargs = dict(model_kwargs, **({"img_size": img_size} if img_size else {}))
     model = vitkit.create_model(name, **kwargs).eval().to(dev)
     c, h, w = model.pretrained_cfg["input_size"]
     params, macs = count_params(model), count_macs(model, (c, h, w))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     x = torch.randn(batch, c, h, w, device=dev)
     x1 = x[:1].clone()
-    if channels_last:
-        x, x1 = x.contiguous(memory_format=torch.channels_last), x1.contiguous(memory_format=torch.channels_last)
     peak = matmul_peak(dtype, device=device)
     bf16_mode = None
+    layouts = ["nchw", "channels_last"] if layout == "auto" else [layout]
     if runtime == "onnxruntime":
         if dtype != "fp32" or compile or train:
             raise ValueError("--runtime onnxruntime measures fp32 inference only")
+        layout = "nchw"
         t_batch, t_one, mem = _bench_onnx(model, x, x1, repeats)
     elif runtime == "torch":
         modes = ["autocast", "weights"] if dtype == "bf16" else ["fp32"]
         best = None
-        for mode in modes:
-            m, ctx, in_dtype = _runner(model, mode, dev)
-            fwd = torch.compile(m) if compile else m
-            xb, xo = x.to(in_dtype), x1.to(in_dtype)
+        for lay in layouts:
+            m_lay = copy.deepcopy(model).to(memory_format=torch.channels_last) if lay == "channels_last" else model
+            for mode in modes:
+                m, ctx, in_dtype = _runner(m_lay, mode, dev)
+                fwd = torch.compile(m) if compile else m
+                xb, xo = _in_layout(x.to(in_dtype), lay), _in_layout(x1.to(in_dtype), lay)
 
-            def run(inp, fwd=fwd, ctx=ctx):
-                with torch.inference_mode(), ctx():
-                    return fwd(inp)
+                def run(inp, fwd=fwd, ctx=ctx):
+                    with torch.inference_mode(), ctx():
+                        return fwd(inp)
 
-            t = timeit(lambda run=run, xb=xb: run(xb), repeats=repeats)
-            if best is None or t < best[0]:
-                best = (t, mode, run, xb, xo)
-        t_batch, bf16_mode, run, xb, xo = best
+                t = timeit(lambda run=run, xb=xb: run(xb), repeats=repeats)
+                if best is None or t < best[0]:
+                    best = (t, mode, lay, run, xb, xo)
+        t_batch, bf16_mode, layout, run, xb, xo = best
         bf16_mode = bf16_mode if dtype == "bf16" else None
         t_one = timeit(lambda: run(xo), repeats=max(repeats, 5))
         mem = peak_memory_mb(lambda: run(xb), dev) if memory else None
     else:
         raise ValueError(f"runtime must be 'torch' or 'onnxruntime', got {runtime!r}")
+    if layout == "channels_last":
+        model, x = model.to(memory_format=torch.channels_last), _in_layout(x, layout)
     train_ips = _bench_train(model, x, dtype, dev, repeats) if train else None
     ips = batch / t_batch
     return BenchRow(
@@ -215,11 +224,12 @@ def bench_model(
         peak_gflops=round(peak / 1e9, 1),
         bf16_mode=bf16_mode,
         train_img_per_s=None if train_ips is None else round(train_ips, 2),
-        channels_last=channels_last,
+        channels_last=layout == "channels_last",
         compiled=compile,
         runtime=runtime,
         threads=torch.get_num_threads(),
         device=str(dev),
+        allocator=allocator.policy(),
     )
 
 
