@@ -118,6 +118,22 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("b,h", [(4, 1), (3, 3), (2, 3), (4, 0)])  # 2, 3 and 4 pieces per window axis, and none
+def test_window_gather_equals_unfold_forward_and_backward(b, h):
+    from vitkit.layers.halo_attention import _GatherWindows
+
+    torch.manual_seed(0)
+    win, nh, nw, dk = b + 2 * h, 3, 2, 3
+    m = torch.randn(2, 2, 5, nh * b + 2 * h, nw * b + 2 * h, dtype=torch.float64, requires_grad=True)
+    k, v = _GatherWindows.apply(m, (nh, nw), win, b, dk)
+    ref = m.unfold(3, win, b).unfold(4, win, b).permute(0, 1, 3, 4, 2, 5, 6)  # (B, G, nh, nw, D, win, win)
+    assert torch.equal(k, ref[:, :, :, :, :dk]) and torch.equal(v, ref[:, :, :, :, dk:])
+    gk, gv = torch.randn_like(k), torch.randn_like(v)
+    (ours,) = torch.autograd.grad((k * gk).sum() + (v * gv).sum(), m)
+    (expected,) = torch.autograd.grad((ref * torch.cat([gk, gv], 4)).sum(), m)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
+
+
 def test_eager_probabilities_are_captured_and_sum_to_one():
     layer = HaloAttention(8, num_heads=2, block_size=4, halo_size=1).eval()
     probs = []

@@ -55,17 +55,72 @@ class PosEmbedRel(nn.Module):
         self.register_buffer("rel_index", j - i + win_size - 1, persistent=False)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        """``q``: (B, blocks, bs*bs, d) -> relative logits (B, blocks, bs*bs, win*win)."""
+        """``q``: (B, blocks, bs*bs, d) -> relative logits (B, blocks, bs*bs, win*win).
+
+        One product with both tables, ``p = q @ [height_rel; width_rel]^T`` (B, blocks, y, x, 2R), then the
+        logit of query row ``y`` for key row ``ky`` is column ``ky - y + win - 1``: a skewed view of ``p`` (row
+        stride one less than ``p``'s), so no index gather is materialised. Same products, same sums as the
+        reference (bitwise equal).
+        """
         B, NB, _, d = q.shape
         bs, win = self.block_size, self.win_size
-        q = q.reshape(B, NB, bs, bs, d)  # (B, NB, y, x, d)
-        ar = torch.arange(bs, device=q.device)[:, None]
-        lw = q @ self.width_rel.transpose(0, 1)  # (B, NB, y, x, R)
-        rw = lw[:, :, :, ar, self.rel_index]  # (B, NB, y, x, kx)
-        lh = (q @ self.height_rel.transpose(0, 1)).transpose(2, 3)  # (B, NB, x, y, R)
-        rh = lh[:, :, :, ar, self.rel_index].transpose(2, 3)  # (B, NB, y, x, ky)
+        R = 2 * win - 1
+        table = torch.cat([self.height_rel, self.width_rel]).to(q.dtype)
+        p = q.reshape(B, NB, bs, bs, d) @ table.t()  # (B, NB, y, x, 2R)
+        s0, s1, sy, sx, _ = p.stride()
+        size, off = (B, NB, bs, bs, win), p.storage_offset() + win - 1
+        rh = p.as_strided(size, (s0, s1, sy - 1, sx, 1), off)  # (B, NB, y, x, ky)
+        rw = p.as_strided(size, (s0, s1, sy, sx - 1, 1), off + R)  # (B, NB, y, x, kx)
         rel = rh.unsqueeze(-1) + rw.unsqueeze(-2)  # (B, NB, y, x, ky, kx)
         return rel.reshape(B, NB, bs * bs, win * win)
+
+
+def _chunks(win: int, step: int) -> list[tuple[int, int]]:
+    """``[0, win)`` cut into pieces no longer than ``step``."""
+    return [(a, min(a + step, win)) for a in range(0, win, step)]
+
+
+def _windows(m: torch.Tensor, n: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int], step: int):
+    """(B, G, D, Hp, Wp) -> view (B, G, nh, nw, D, rows, cols): rows ``i * step + [r0, r1)`` of block row ``i``."""
+    sB, sG, sD, sH, sW = m.stride()
+    (r0, r1), (c0, c1) = rows, cols
+    return m.as_strided(
+        (m.shape[0], m.shape[1], n[0], n[1], m.shape[2], r1 - r0, c1 - c0),
+        (sB, sG, step * sH, step * sW, sD, sH, sW),
+        m.storage_offset() + r0 * sH + c0 * sW,
+    )
+
+
+class _GatherWindows(torch.autograd.Function):
+    """The overlapping ``win x win`` windows at step ``b`` of a (B, G, D, Hp, Wp) map, group- and block-major,
+    split along D at ``split``: two contiguous tensors (B, G, nh, nw, D_i, win, win) (keys and values).
+
+    Forward is one strided copy per part (runs of ``win`` contiguous pixels). Backward adds the window
+    gradients back with ``ceil(win / b)^2`` strided adds per part: within a piece of the window axis no longer
+    than ``b``, the blocks land on disjoint rows, so each piece is one add over all blocks (``Tensor.unfold``'s
+    backward copies per window offset, and slicing one gathered tensor in two would zero-fill a full-size
+    gradient per slice).
+    """
+
+    @staticmethod
+    def forward(ctx, m, n, win, step, split):
+        ctx.meta = (m.shape, n, win, step, split)
+        view = _windows(m, n, (0, win), (0, win), step)
+        return view[:, :, :, :, :split].contiguous(), view[:, :, :, :, split:].contiguous()
+
+    @staticmethod
+    def backward(ctx, gk, gv):
+        shape, n, win, step, split = ctx.meta
+        gm = gk.new_zeros(shape)
+        for rows in _chunks(win, step):
+            for cols in _chunks(win, step):
+                view = _windows(gm, n, rows, cols, step)
+                r, c = slice(*rows), slice(*cols)
+                if gk is not None:
+                    view[:, :, :, :, :split].add_(gk[..., r, c])
+                if gv is not None:
+                    view[:, :, :, :, split:].add_(gv[..., r, c])
+        return gm, None, None, None, None
 
 
 class HaloAttention(nn.Module):
@@ -171,21 +226,25 @@ class HaloAttention(nn.Module):
         q = self.q(x).reshape(B * heads, dqk, nh, bs, nw, bs)
         q = q.permute(0, 2, 4, 3, 5, 1).reshape(B * heads, nb, bs * bs, dqk)  # (B*heads, blocks, bs*bs, dqk)
 
+        # key/value windows, channel-major: (B*heads, blocks, dqk + dv, win*win); each channel's window rows are
+        # contiguous runs in the NCHW map, and k^T / v^T are the two halves along the channel axis
         kv = F.pad(self.kv(x), (h, h, h, h))  # each head's channels: dqk of k, then dv of v
-        kv = kv.unfold(2, win, b).unfold(3, win, b)  # (B, C, nh, nw, win, win)
-        kv = kv.reshape(B * heads, dqk + dv, nb, win * win).permute(0, 2, 3, 1)
-        k, v = kv.split([dqk, dv], dim=-1)  # (B*heads, blocks, win*win, d)
+        kv = kv.view(B, heads, dqk + dv, Hp + 2 * h, Wp + 2 * h)
+        kT, vT = _GatherWindows.apply(kv, (nh, nw), win, b, dqk)
+        kT, vT = kT.view(B * heads, nb, dqk, win * win), vT.view(B * heads, nb, dv, win * win)
 
         bias = self.pos_embed(q)  # relative logits use the unscaled query, as in the reference
         key_bias = self._key_bias(H, W, Hp, Wp, bias)
         if key_bias is not None:
             bias = bias + key_bias[:, None, :]
         if self.use_fused():
+            k, v = kT.transpose(-2, -1), vT.transpose(-2, -1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         else:
-            # same operation order as the reference: (q k^T) * scale + relative logits
-            attn = self.attn_probs(((q @ k.transpose(-2, -1)) * self.scale + bias).softmax(dim=-1))
-            out = attn @ v  # (B*heads, blocks, bs*bs, dv)
+            # the reference's operation order, (q k^T) * scale + relative logits, in place where autograd allows
+            attn = (q @ kT).mul_(self.scale).add_(bias)
+            attn = self.attn_probs(attn.softmax(dim=-1))
+            out = attn @ vT.transpose(-2, -1)  # (B*heads, blocks, bs*bs, dv)
 
         out = out.reshape(B, heads, nh, nw, bs, bs, dv).permute(0, 1, 6, 2, 4, 3, 5)
         out = out.reshape(B, heads * dv, nh * bs, nw * bs)

@@ -1,6 +1,6 @@
 """Where the time goes: torch.profiler op table for one model's fp32 inference at batch 16.
 
-python benchmarks/speed/profile.py mobilevit_xxs          # prints the top ops, writes profile_<model>.txt
+python benchmarks/speed/profile_model.py mobilevit_xxs          # prints the top ops, writes profile_<model>.txt
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main(name: str, batch: int = 16) -> None:
             for _ in range(3):
                 model(x)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-    (HERE / f"profile_{name}.txt").write_text(f"python benchmarks/speed/profile.py {name}\n\n{table}\n")
+    (HERE / f"profile_{name}.txt").write_text(f"python benchmarks/speed/profile_model.py {name}\n\n{table}\n")
     print(table)
 
 
