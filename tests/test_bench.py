@@ -126,3 +126,28 @@ def test_export_cli_reports_and_checks(tmp_path, capsys):
         == 0
     )
     assert out.is_file() and "max |exported - eager|" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["mobilevit_xxs", "halonet26t"])
+def test_fuse_conv_bn_keeps_outputs_and_removes_batchnorm(name):
+    from vitkit.layers import fuse_conv_bn
+    from vitkit.layers.conv_bn import ConvNormAct
+
+    torch.manual_seed(0)
+    model = vitkit.create_model(name, img_size=64, num_classes=5)
+    with pytest.raises(ValueError, match="eval"):
+        fuse_conv_bn(model)
+    model.eval()
+    for m in model.modules():  # non-trivial statistics, so a wrong fold would show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        n = fuse_conv_bn(model)
+        out = model(x)
+    pairs = sum(isinstance(m, ConvNormAct) for m in model.modules())
+    assert n == pairs > 0
+    assert not any(isinstance(m.bn, torch.nn.BatchNorm2d) for m in model.modules() if isinstance(m, ConvNormAct))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())

@@ -151,3 +151,22 @@ def test_bad_arguments():
         HaloAttention(8, mask_padding="none")
     with pytest.raises(ValueError, match="divisible by num_heads"):
         HaloAttention(12, num_heads=8)
+
+
+def test_chunked_eager_path_equals_one_pass(monkeypatch):
+    import vitkit.layers.halo_attention as ha
+
+    torch.manual_seed(5)
+    layer = HaloAttention(8, 8, stride=1, num_heads=2, block_size=4, halo_size=1)  # (10, 7) needs size padding
+    x = torch.randn(2, 8, 10, 7, requires_grad=True)
+    probs = []
+    hook = layer.attn_probs.register_forward_hook(lambda m, i, o: probs.append(o))
+    one = layer(x)  # observed: one chunk
+    hook.remove()
+    (g_one,) = torch.autograd.grad(one.sum(), x)
+    monkeypatch.setattr(ha, "_CHUNK_LOGITS", 3 * 16 * 36)  # three blocks per chunk: 2*2*6 blocks -> 8 chunks
+    chunked = layer(x)
+    (g_chunked,) = torch.autograd.grad(chunked.sum(), x)
+    assert len(probs) == 1 and probs[0].shape == (4, 6, 16, 36)
+    assert torch.equal(one, chunked)
+    torch.testing.assert_close(g_one, g_chunked, rtol=0, atol=1e-6)

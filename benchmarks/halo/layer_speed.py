@@ -4,7 +4,9 @@
 
 For each layer shape, dtype (fp32, bf16 autocast) and pass (forward, forward+backward), the median of 20
 alternating repeats of: the unfold-based reference (`unfold_reference.py`), vitkit's eager path (the default),
-and vitkit's fused SDPA path. Outputs are compared first (max abs difference to the reference).
+and vitkit's fused SDPA path, all under vitkit's malloc policy (vitkit.allocator); then the peak memory of one
+call of each (vitkit.bench.speed.peak_memory_mb). Outputs are compared first (max abs difference to the
+reference).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from vitkit import allocator
+from vitkit.bench.speed import peak_memory_mb
 from vitkit.layers import HaloAttention
 
 HERE = Path(__file__).resolve().parent
@@ -31,6 +35,7 @@ SHAPES = [(256, 16, 1), (512, 16, 2), (512, 8, 1)]
 
 def main():
     torch.set_num_threads(2)
+    allocator.tune_allocator()  # the same malloc policy for every implementation
     rows = []
     for dim, size, stride in SHAPES:
         torch.manual_seed(0)
@@ -60,6 +65,8 @@ def main():
                         run(m, backward, dtype)
                         times[m].append((time.perf_counter() - t0) * 1e3)
                 med = {m: round(statistics.median(t), 2) for m, t in times.items()}
+                x.grad = None
+                mem = {m: peak_memory_mb(lambda m=m, b=backward, d=dtype: run(m, b, d)) for m in times}
                 row = dict(
                     dim=dim,
                     size=size,
@@ -70,6 +77,7 @@ def main():
                     speedup_eager=round(med["unfold"] / med["eager"], 2),
                     speedup_fused=round(med["unfold"] / med["fused"], 2),
                     max_abs_diff=diffs,
+                    peak_mem_mb={m: None if v is None else round(v, 1) for m, v in mem.items()},
                 )
                 print(row, flush=True)
                 rows.append(row)

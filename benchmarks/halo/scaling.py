@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/halo/scaling.py      # -> scaling.json, scaling.png
 
-Each (model, size, dtype) runs in a fresh process: median of 3 timed forwards after one warm-up, and the peak
-resident memory growth of that process over its state after building the model and the input (ru_maxrss).
+Each (model, size, dtype) runs in a fresh process under vitkit's malloc policy (vitkit.allocator): median of 3
+timed forwards after one warm-up, then the peak memory of one forward (vitkit.bench.speed.peak_memory_mb: the
+resident-set high-water mark over the call under exact allocator accounting).
 The ViT is `vit_base_patch16_224` with `dynamic_img_size=True` (position embeddings interpolated per size).
 bf16 is CPU autocast.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,28 +28,34 @@ def one(name: str, size: int, dtype: str) -> dict:
     import torch
 
     import vitkit
+    from vitkit import allocator
     from vitkit.bench import count_macs
+    from vitkit.bench.speed import peak_memory_mb
 
     torch.set_num_threads(2)
+    allocator.tune_allocator()  # timings under vitkit's malloc policy; memory below under exact accounting
     model = vitkit.create_model(name, **MODELS[name]).eval()
     x = torch.randn(1, 3, size, size)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def fwd():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            return model(x)
+
+    fwd()
     times = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-        model(x)
-        for _ in range(3):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    gmacs = count_macs(model, (3, size, size)) / 1e9  # after the memory reading: counting allocates a little
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fwd()
+        times.append(time.perf_counter() - t0)
+    mem = peak_memory_mb(fwd)
+    gmacs = count_macs(model, (3, size, size)) / 1e9
     return dict(
         model=name,
         size=size,
         dtype=dtype,
         gmacs=round(gmacs, 2),
         ms=round(statistics.median(times) * 1e3, 1),
-        peak_mem_mb=round((peak - base) / 1024, 1),
+        peak_mem_mb=None if mem is None else round(mem, 1),
     )
 
 

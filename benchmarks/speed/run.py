@@ -5,7 +5,7 @@ measured fp32 matmul peak), bf16 inference (the faster of autocast and bf16 weig
 fp32, batch-1 latency, peak memory. Then bf16 top-1 agreement with fp32 on real images: the 2,000
 held-out MNIST digits through the models trained by benchmarks/mnist (if their runs exist).
 
-    python benchmarks/speed/run.py                 # -> results.json (speed malloc policy, faster layout)
+    python benchmarks/speed/run.py                 # -> results.json (speed malloc, faster layout, BN folded)
     python benchmarks/speed/run.py --malloc default --layout nchw --out benchmarks/speed/results_baseline.json
     python benchmarks/speed/run.py --models vit_base_patch16_224 --batch 16
 
@@ -79,12 +79,11 @@ def agreement(run_dir: Path) -> dict | None:
     }
 
 
-def bench_one(name: str, batch: int, repeats: int, malloc: str, layout: str) -> dict:
+def bench_one(name: str, batch: int, repeats: int, malloc: str, layout: str, fuse_bn: bool) -> dict:
     tune = malloc == "speed"
-    fp32 = bench_model(name, batch=batch, dtype="fp32", layout=layout, repeats=repeats, tune_malloc=tune).as_dict()
-    bf16 = bench_model(
-        name, batch=batch, dtype="bf16", layout=layout, repeats=repeats, memory=False, tune_malloc=tune
-    ).as_dict()
+    opts = dict(batch=batch, layout=layout, repeats=repeats, tune_malloc=tune, fuse_bn=fuse_bn)
+    fp32 = bench_model(name, dtype="fp32", **opts).as_dict()
+    bf16 = bench_model(name, dtype="bf16", memory=False, **opts).as_dict()
     row = {
         "model": name,
         "img_size": fp32["img_size"],
@@ -103,6 +102,7 @@ def bench_one(name: str, batch: int, repeats: int, malloc: str, layout: str) -> 
         "bf16_speedup": round(bf16["img_per_s"] / fp32["img_per_s"], 2),
         "bf16_target": BF16_TARGET.get(name),
         "allocator": fp32["allocator"],
+        "fused_bn": fp32["fused_bn"],
     }
     row["mfu_met"] = row["fp32_mfu"] >= row["target_mfu"]
     row["bf16_met"] = None if row["bf16_target"] is None else row["bf16_speedup"] >= row["bf16_target"]
@@ -116,19 +116,20 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--malloc", default="speed", choices=["speed", "default"], help="glibc policy (vitkit.allocator)")
     ap.add_argument("--layout", default="auto", choices=["auto", "nchw", "channels_last"])
+    ap.add_argument("--no-fuse-bn", dest="fuse_bn", action="store_false", help="keep BatchNorm separate")
     ap.add_argument("--out", default=str(HERE / "results.json"))
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one model, JSON row on stdout
     ap.add_argument("--runs", default=str(REPO / "runs" / "bench-mnist"), help="trained MNIST runs (agreement)")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 2))
     if args.one:
-        print(json.dumps(bench_one(args.one, args.batch, args.repeats, args.malloc, args.layout)))
+        print(json.dumps(bench_one(args.one, args.batch, args.repeats, args.malloc, args.layout, args.fuse_bn)))
         return
     peaks = {d: matmul_peak(d) / 1e9 for d in ("fp32", "bf16")}
     rows = []
     for name in args.models:  # each model in a fresh process: no allocator or cache state carried between models
         cmd = [sys.executable, __file__, "--one", name, "--batch", str(args.batch), "--repeats", str(args.repeats)]
-        cmd += ["--malloc", args.malloc, "--layout", args.layout]
+        cmd += ["--malloc", args.malloc, "--layout", args.layout] + ([] if args.fuse_bn else ["--no-fuse-bn"])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)

@@ -217,6 +217,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 batch=args.batch,
                 dtype=args.dtype,
                 layout=args.layout,
+                fuse_bn=args.fuse_bn,
                 compile=args.compile,
                 train=args.train,
                 runtime=args.runtime,
@@ -412,6 +413,7 @@ def _add_bench(sub) -> None:
         help="input/weight memory layout; auto times both and keeps the faster (reported)",
     )
     p.add_argument("--channels-last", dest="layout", action="store_const", const="channels_last")
+    p.add_argument("--fuse-bn", action="store_true", help="fold BatchNorm into convolutions (inference)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--train", action="store_true", help="also measure training-step throughput")
     p.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"])

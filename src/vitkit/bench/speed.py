@@ -33,6 +33,7 @@ from torch import nn
 import vitkit
 from vitkit import allocator
 from vitkit.bench.flops import count_macs, count_params
+from vitkit.layers import fuse_conv_bn
 from vitkit.train.evaluate import autocast
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -117,6 +118,7 @@ class BenchRow:
     threads: int = 1
     device: str = "cpu"
     allocator: str = "default"
+    fused_bn: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -154,18 +156,23 @@ def bench_model(
     device: str = "cpu",
     memory: bool = True,
     tune_malloc: bool = True,
+    fuse_bn: bool = False,
     **model_kwargs,
 ) -> BenchRow:
     """Measure one model at one setting (random weights; speed does not depend on them).
 
     ``layout``: 'nchw', 'channels_last', or 'auto' (time both, keep the faster; like bf16's two modes, the
     choice is reported, here in ``channels_last``). ``tune_malloc``: switch the process to
-    :func:`vitkit.allocator.tune_allocator`'s policy first (reported in ``allocator``).
+    :func:`vitkit.allocator.tune_allocator`'s policy first (reported in ``allocator``). ``fuse_bn``: fold
+    BatchNorm into the preceding convolutions for inference (:func:`vitkit.layers.fuse_conv_bn`; reported in
+    ``fused_bn``, the number of folded pairs).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if fuse_bn and train:
+        raise ValueError("fuse_bn folds BatchNorm for inference; it cannot be combined with train=True")
     if tune_malloc:
         allocator.tune_allocator()
     dev = torch.device(device)
@@ -173,6 +180,7 @@ def bench_model(
     model = vitkit.create_model(name, **kwargs).eval().to(dev)
     c, h, w = model.pretrained_cfg["input_size"]
     params, macs = count_params(model), count_macs(model, (c, h, w))
+    fused_bn = fuse_conv_bn(model) if fuse_bn else 0
     x = torch.randn(batch, c, h, w, device=dev)
     x1 = x[:1].clone()
     peak = matmul_peak(dtype, device=device)
@@ -230,6 +238,7 @@ def bench_model(
         threads=torch.get_num_threads(),
         device=str(dev),
         allocator=allocator.policy(),
+        fused_bn=fused_bn,
     )
 
 

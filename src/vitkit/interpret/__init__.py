@@ -10,6 +10,7 @@ from vitkit.interpret.attention import (
 )
 from vitkit.interpret.cam import CamResult, GradCatResult, class_activation_map, grad_cam, gradcat, patch_embed_pca
 from vitkit.interpret.explain import METHODS, explain
+from vitkit.interpret.geometry import attention_to_image
 from vitkit.interpret.similarity import attention_similarity
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "gradcat",
     "patch_embed_pca",
     "attention_rollout",
+    "attention_to_image",
     "attention_similarity",
     "capture_attention",
     "mean_attention_distance",

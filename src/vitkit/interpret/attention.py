@@ -26,6 +26,9 @@ from vitkit.layers.attention import use_fused_attn
 class AttentionRecord:
     layer: str  # the attention module's name in the model
     probs: torch.Tensor  # as the layer computes them, e.g. (B, heads, N, N) for ViT
+    module: nn.Module | None = None  # the attention module itself
+    input_shape: tuple[int, ...] | None = None  # shape of its input (tokens or map) in this call
+    grid: tuple[int, int] | None = None  # the token grid, for layers that are given one (LaViT)
 
 
 @contextlib.contextmanager
@@ -33,12 +36,22 @@ def capture_attention(model: nn.Module) -> Iterator[list[AttentionRecord]]:
     """Record the attention probabilities of every attention layer while the block is active."""
     records: list[AttentionRecord] = []
     hooks = []
+    inputs: dict[str, tuple] = {}
+
+    def remember(owner: str, args: tuple) -> None:
+        grid = next((a for a in args[1:] if isinstance(a, tuple) and len(a) == 2), None)
+        inputs[owner] = (tuple(args[0].shape) if args and torch.is_tensor(args[0]) else None, grid)
+
     for name, module in model.named_modules():
         if name.endswith("attn_probs"):
             owner = name[: -len(".attn_probs")]
+            owner_module = model.get_submodule(owner)
+            hooks.append(owner_module.register_forward_pre_hook(lambda m, args, owner=owner: remember(owner, args)))
             hooks.append(
                 module.register_forward_hook(
-                    lambda m, i, o, owner=owner: records.append(AttentionRecord(owner, o.detach()))
+                    lambda m, i, o, owner=owner, om=owner_module: records.append(
+                        AttentionRecord(owner, o.detach(), om, *inputs.get(owner, (None, None)))
+                    )
                 )
             )
     if not hooks:

@@ -2,7 +2,7 @@
 
 from vitkit.layers.attention import Attention, MultiQueryAttention, fused_attn, use_fused_attn
 from vitkit.layers.block import Block
-from vitkit.layers.conv_bn import ClassifierHead, ConvNormAct, make_divisible
+from vitkit.layers.conv_bn import ClassifierHead, ConvNormAct, fuse_conv_bn, make_divisible
 from vitkit.layers.drop import DropPath, drop_path_schedule
 from vitkit.layers.halo_attention import HaloAttention, PosEmbedRel
 from vitkit.layers.helpers import to_2tuple
@@ -18,6 +18,7 @@ __all__ = [
     "Block",
     "ClassifierHead",
     "ConvNormAct",
+    "fuse_conv_bn",
     "Conv2dSame",
     "DropPath",
     "GroupNormAct",

@@ -36,6 +36,41 @@ class ConvNormAct(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
+@torch.no_grad()
+def fuse_conv_bn(model: nn.Module) -> int:
+    """Fold every :class:`ConvNormAct`'s BatchNorm into its convolution, in place, for inference.
+
+    ``conv(x) * g + c`` with ``g = gamma / sqrt(running_var + eps)`` and ``c = beta - running_mean * g`` is one
+    convolution with weights scaled per output channel and a bias; ``bn`` becomes an identity. Outputs are the
+    same up to rounding. The model must be in eval mode (training-mode BatchNorm normalises with batch
+    statistics, which cannot be folded). Returns the number of folded pairs.
+    """
+    if model.training:
+        raise ValueError("fuse_conv_bn: call model.eval() first (training-mode BatchNorm cannot be folded)")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, ConvNormAct) and isinstance(m.bn, nn.BatchNorm2d) and m.bn.track_running_stats:
+            conv, bn = m.conv, m.bn
+            g = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else torch.rsqrt(bn.running_var + bn.eps)
+            shift = (bn.bias if bn.affine else 0) - bn.running_mean * g
+            fused = nn.Conv2d(
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                conv.groups,
+                bias=True,
+                padding_mode=conv.padding_mode,
+            ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+            fused.weight.copy_(conv.weight * g.reshape(-1, 1, 1, 1))
+            fused.bias.copy_(shift + (conv.bias * g if conv.bias is not None else 0))
+            m.conv, m.bn = fused, nn.Identity()
+            n += 1
+    return n
+
+
 class ClassifierHead(nn.Module):
     """Global average pool -> dropout -> ``fc`` (identity when ``num_classes`` is 0)."""
 

@@ -39,6 +39,7 @@ from vitkit.layers.attention import fused_attn
 from vitkit.layers.conv_bn import make_divisible
 
 _MASKS = ("size", "all")
+_CHUNK_LOGITS = 1 << 21  # logits per chunk of blocks in the eager path (8 MiB in fp32): stays in cache
 
 
 class PosEmbedRel(nn.Module):
@@ -214,6 +215,32 @@ class HaloAttention(nn.Module):
         bias.masked_fill_(~windows, torch.finfo(ref.dtype).min)
         return bias.reshape(-1, win * win)
 
+    def _eager(self, q, kT, vT, key_bias) -> torch.Tensor:
+        """The reference's operation order, ``softmax((q k^T) * scale + rel) v``, over chunks of blocks.
+
+        ``q`` (B*heads, blocks, bs*bs, dqk), ``kT``/``vT`` (B*heads, blocks, d, win*win). The logits of a large map
+        do not fit in cache (halonet_h1 at 1024 px: 400 MB for its first stage), so blocks go through in chunks of
+        about ``_CHUNK_LOGITS`` logits; every block is computed exactly as in one pass (same products, same
+        sums). While anything observes ``attn_probs`` (:func:`vitkit.interpret.capture_attention`), one chunk,
+        so the probabilities arrive whole.
+        """
+        nb, bs2, dqk = q.shape[1:]
+        win2 = kT.shape[-1]
+        q, kT, vT = q.reshape(-1, bs2, dqk), kT.reshape(-1, dqk, win2), vT.reshape(-1, vT.shape[-2], win2)
+        n = q.shape[0]
+        observed = bool(self.attn_probs._forward_hooks or self.attn_probs._forward_pre_hooks)
+        step = n if observed else max(1, _CHUNK_LOGITS // (bs2 * win2))
+        outs = []
+        for i in range(0, n, step):
+            sl = slice(i, min(n, i + step))
+            bias = self.pos_embed(q[None, sl])[0]  # relative logits use the unscaled query, as in the reference
+            if key_bias is not None:
+                bias = bias + key_bias[torch.arange(sl.start, sl.stop, device=q.device) % nb][:, None, :]
+            attn = (q[sl] @ kT[sl]).mul_(self.scale).add_(bias)
+            attn = self.attn_probs(attn.softmax(dim=-1).view(-1, nb, bs2, win2) if observed else attn.softmax(dim=-1))
+            outs.append(attn.reshape(-1, bs2, win2) @ vT[sl].transpose(-2, -1))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
         b, h, s, bs, win = self.block_size, self.halo_size, self.block_stride, self.block_size_ds, self.win_size
@@ -233,18 +260,15 @@ class HaloAttention(nn.Module):
         kT, vT = _GatherWindows.apply(kv, (nh, nw), win, b, dqk)
         kT, vT = kT.view(B * heads, nb, dqk, win * win), vT.view(B * heads, nb, dv, win * win)
 
-        bias = self.pos_embed(q)  # relative logits use the unscaled query, as in the reference
-        key_bias = self._key_bias(H, W, Hp, Wp, bias)
-        if key_bias is not None:
-            bias = bias + key_bias[:, None, :]
+        key_bias = self._key_bias(H, W, Hp, Wp, q)
         if self.use_fused():
+            bias = self.pos_embed(q)  # relative logits use the unscaled query, as in the reference
+            if key_bias is not None:
+                bias = bias + key_bias[:, None, :]
             k, v = kT.transpose(-2, -1), vT.transpose(-2, -1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         else:
-            # the reference's operation order, (q k^T) * scale + relative logits, in place where autograd allows
-            attn = (q @ kT).mul_(self.scale).add_(bias)
-            attn = self.attn_probs(attn.softmax(dim=-1))
-            out = attn @ vT.transpose(-2, -1)  # (B*heads, blocks, bs*bs, dv)
+            out = self._eager(q, kT, vT, key_bias).view(B * heads, nb, bs * bs, dv)
 
         out = out.reshape(B, heads, nh, nw, bs, bs, dv).permute(0, 1, 6, 2, 4, 3, 5)
         out = out.reshape(B, heads * dv, nh * bs, nw * bs)

@@ -1,0 +1,119 @@
+"""Captured attention painted onto the image: each family's query/key layout, checked by its locality rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import input_size_for, small_model
+from vitkit.interpret import attention_to_image, capture_attention
+from vitkit.layers import HaloAttention
+
+FAMILIES = ["vit_tiny_patch16_224", "nest_tiny", "mobilevit_xxs", "mobilevitv2_050", "halonet26t", "lavit_tiny"]
+
+
+def _capture(name):
+    model = small_model(name).eval()
+    x = torch.randn(1, *input_size_for(name))
+    with torch.no_grad(), capture_attention(model) as records:
+        model(x)
+    return model, tuple(x.shape[-2:]), records
+
+
+def _cells(heat: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Sample a painted (B, heads, H, W) map at the centre of each cell of ``grid``: (B, heads, gh, gw)."""
+    H, W = heat.shape[-2:]
+    ys = ((torch.arange(grid[0]) + 0.5) * H / grid[0]).long()
+    xs = ((torch.arange(grid[1]) + 0.5) * W / grid[1]).long()
+    return heat[..., ys[:, None], xs[None, :]]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_layer_maps_to_a_distribution_over_image_cells(name):
+    model, size, records = _capture(name)
+    H, W = size
+    for r in records:
+        for q in [(0, 0), (H // 2, W // 3), (H - 1, W - 1)]:
+            heat = attention_to_image(model, r, size, q)
+            assert heat.shape[0] == 1 and heat.shape[-2:] == size, (r.layer, heat.shape)
+            assert (heat >= 0).all() and heat.amax() > 0
+            assert heat.amax() <= 1 + 1e-5
+    with pytest.raises(ValueError, match="outside"):
+        attention_to_image(model, records[0], size, (H, 0))
+
+
+def test_vit_map_is_the_query_tokens_row_on_the_patch_grid():
+    model, size, records = _capture("vit_tiny_patch16_224")
+    gh, gw = size[0] // 16, size[1] // 16
+    r = records[-1]
+    q = (size[0] - 1, 20)  # last patch row, second patch column
+    tok = (gh - 1) * gw + 1
+    heat = attention_to_image(model, r, size, q)
+    expected = r.probs[:, :, 1 + tok, 1:].reshape(1, -1, gh, gw)
+    torch.testing.assert_close(_cells(heat, (gh, gw)), expected)
+    torch.testing.assert_close(heat.sum((-2, -1)) / 256 + r.probs[:, :, 1 + tok, 0], torch.ones(1, heat.shape[1]))
+
+
+def test_nest_map_stays_in_the_query_block_and_sums_to_one():
+    model, size, records = _capture("nest_tiny")
+    q = (size[0] - 3, 2)
+    for r in records:
+        level = model.get_submodule(r.layer.split(".transformer_encoder")[0])
+        (gh, gw), (bh, bw) = level.grid, level.block
+        cells = _cells(attention_to_image(model, r, size, q), (gh * bh, gw * bw))
+        torch.testing.assert_close(cells.sum((-2, -1)), torch.ones(cells.shape[:2]))
+        by, bx = q[0] * gh * bh // size[0] // bh, q[1] * gw * bw // size[1] // bw
+        inside = torch.zeros(gh * bh, gw * bw, dtype=torch.bool)
+        inside[by * bh : (by + 1) * bh, bx * bw : (bx + 1) * bw] = True
+        assert (cells[..., ~inside] == 0).all(), r.layer  # local attention: nothing outside the block
+
+
+def test_halo_map_is_the_query_blocks_window():
+    model, size, records = _capture("halonet26t")
+    for r in records:
+        layer = r.module
+        assert isinstance(layer, HaloAttention)
+        Hf, Wf = r.input_shape[-2:]
+        b, h = layer.block_size, layer.halo_size
+        for fy, fx in [(0, 0), (Hf // 2, Wf // 2), (Hf - 1, Wf - 1)]:
+            q = (fy * size[0] // Hf, fx * size[1] // Wf)
+            cells = _cells(attention_to_image(model, r, size, q), (Hf, Wf))
+            by, bx = fy // b, fx // b
+            inside = torch.zeros(Hf, Wf, dtype=torch.bool)
+            inside[max(0, by * b - h) : by * b + b + h, max(0, bx * b - h) : bx * b + b + h] = True
+            assert (cells[..., ~inside] == 0).all(), (r.layer, fy, fx)
+            mass = cells.sum((-2, -1))
+            assert (mass <= 1 + 1e-5).all() and (mass > 0).all()
+            window_in_map = by * b - h >= 0 and bx * b - h >= 0 and by * b + b + h <= Hf and bx * b + b + h <= Wf
+            if window_in_map:  # no zero-padding keys: all the mass is on the image
+                torch.testing.assert_close(mass, torch.ones_like(mass))
+
+
+@pytest.mark.parametrize("name", ["mobilevit_xxs", "mobilevitv2_050"])
+def test_mobilevit_map_keeps_the_query_offset_in_every_patch(name):
+    model, size, records = _capture(name)
+    for r in records:
+        n = r.probs.shape[-1]
+        block = next(m for k, m in model.named_modules() if r.layer.startswith(k + ".") and hasattr(m, "patch"))
+        ph, pw = block.patch
+        nh = math.isqrt(n)  # square test images
+        grid = (nh * ph, nh * pw)
+        q = (size[0] // 2 + 1, size[1] // 3)
+        fy, fx = q[0] * grid[0] // size[0], q[1] * grid[1] // size[1]
+        cells = _cells(attention_to_image(model, r, size, q), grid)
+        same = torch.zeros(grid, dtype=torch.bool)
+        same[fy % ph :: ph, fx % pw :: pw] = True
+        assert (cells[..., ~same] == 0).all(), r.layer
+        torch.testing.assert_close(cells.sum((-2, -1)), torch.ones(cells.shape[:2]))
+
+
+def test_lavit_keys_on_the_reduced_grid_cover_the_image():
+    model, size, records = _capture("lavit_tiny")
+    for r in records:
+        heat = attention_to_image(model, r, size, (3, 5))
+        n_keys = r.probs.shape[-1]
+        side = math.isqrt(n_keys)
+        cells = _cells(heat, (side, side))
+        torch.testing.assert_close(cells.sum((-2, -1)), torch.ones(cells.shape[:2]), atol=1e-5, rtol=0)
