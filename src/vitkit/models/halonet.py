@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from vitkit.layers import ConvNormAct, DropPath, HaloAttention, drop_path_schedule, make_divisible
+from vitkit.layers.helpers import apply_act
 from vitkit.models._base import ConvStagesModel, FeatureInfo
 from vitkit.models._registry import PretrainedCfg, default_cfg, register_variant
 
@@ -41,7 +42,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         self.act = act_layer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(super().forward(x))
+        return apply_act(self.act, super().forward(x))
 
 
 class SEModule(nn.Module):
@@ -99,7 +100,7 @@ class BottleneckBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv3_1x1(self.attn(self.conv2_kxk(self.conv1_1x1(x))))
-        return self.act(self.drop_path(y) + self.shortcut(x))
+        return apply_act(self.act, self.drop_path(y) + self.shortcut(x))
 
 
 class SelfAttnBlock(nn.Module):
@@ -125,7 +126,7 @@ class SelfAttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv3_1x1(self.attn(self.post_attn(self.self_attn(self.conv1_1x1(x)))))
-        return self.act(self.drop_path(y) + self.shortcut(x))
+        return apply_act(self.act, self.drop_path(y) + self.shortcut(x))
 
 
 _BLOCKS = {"b": BottleneckBlock, "sa": SelfAttnBlock}

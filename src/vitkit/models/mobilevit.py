@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitkit.layers import Block, ConvNormAct, DropPath, drop_path_schedule, make_divisible
+from vitkit.layers.helpers import apply_act
 from vitkit.models._base import ConvStagesModel, FeatureInfo
 from vitkit.models._registry import PretrainedCfg, default_cfg, register_variant
 
@@ -155,7 +156,7 @@ class ConvMlp(nn.Module):
         self.fc2 = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return self.drop(self.fc2(self.drop(apply_act(self.act, self.fc1(x)))))
 
 
 class LinearTransformerBlock(nn.Module):
