@@ -117,3 +117,26 @@ def test_lavit_keys_on_the_reduced_grid_cover_the_image():
         side = math.isqrt(n_keys)
         cells = _cells(heat, (side, side))
         torch.testing.assert_close(cells.sum((-2, -1)), torch.ones(cells.shape[:2]), atol=1e-5, rtol=0)
+
+
+def test_image_distance_agrees_with_token_distance_for_vit():
+    from vitkit.interpret import mean_attention_distance, mean_attention_distance_image
+
+    model, size, records = _capture("vit_tiny_patch16_224")
+    grid = (size[0] // 16, size[1] // 16)
+    for r in records:
+        tokens = mean_attention_distance(r.probs, grid, 16, model.num_prefix_tokens)
+        image = mean_attention_distance_image(model, r, size, queries=grid[0])  # one query per token
+        # each key token counts with its pixels' mean distance instead of its centre's: within half a token
+        assert (image - tokens).abs().max() < 8, (r.layer, image, tokens)
+
+
+def test_image_distance_of_halo_attention_stays_within_the_window():
+    from vitkit.interpret import mean_attention_distance_image
+
+    model, size, records = _capture("halonet26t")
+    for r in records:
+        stride = size[0] / r.input_shape[-2]
+        reach = (r.module.block_size + r.module.halo_size) * stride * 2**0.5  # farthest key of a window
+        d = mean_attention_distance_image(model, r, size, queries=4)
+        assert d.shape == (r.module.num_heads,) and (d > 0).all() and (d < reach).all(), (r.layer, d, reach)

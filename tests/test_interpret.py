@@ -9,6 +9,7 @@ from conftest import input_size_for, small_model
 from vitkit.interpret import (
     attention_rollout,
     attention_similarity,
+    attention_similarity_matrix,
     capture_attention,
     mean_attention_distance,
     pos_embed_similarity,
@@ -100,3 +101,16 @@ def test_uniform_attention_distance_is_the_mean_pairwise_distance():
     uniform = torch.full((1, 2, 6, 6), 1 / 6)
     got = mean_attention_distance(uniform, grid, p)
     torch.testing.assert_close(got, torch.full((2,), sum(pairwise) / len(pairwise)))
+
+
+def test_attention_similarity_matrix_per_head():
+    torch.manual_seed(0)
+    a = torch.rand(2, 3, 6, 6).softmax(-1)
+    b = a.clone()
+    b[:, 1] = torch.rand(2, 6, 6).softmax(-1)  # head 1 changes, heads 0 and 2 repeat
+    sim = attention_similarity_matrix([a, b, torch.rand(2, 2, 4, 4)])
+    assert sim.shape == (3, 3, 3)
+    torch.testing.assert_close(sim[:, 0, 0], torch.ones(3))
+    torch.testing.assert_close(sim[[0, 2], 0, 1], torch.ones(2))
+    assert sim[1, 0, 1] < 0.999 and torch.equal(sim[:, 0, 1], sim[:, 1, 0])
+    assert torch.isnan(sim[:, 0, 2]).all() and torch.isnan(sim[2, 2, 2])  # other shape; only 2 heads there

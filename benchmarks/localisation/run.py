@@ -1,13 +1,15 @@
 """Weakly supervised localisation on real digits (interpretability issue).
 
-1. `vitkit train --config configs/mnist_nest_canvas.yaml`: a NesT trained with class labels only on the first
-   8,000 digits of ../shared/data/mnist, each pasted unscaled at a random place on a 64x64 canvas.
-2. Each of the 2,000 held-out digits is pasted at a random (seeded) place on a 64x64 canvas; its true box is
-   the tight box of its non-zero pixels. For the true class, each method's peak is scored as a hit when it
-   falls inside that box: CAM (exact, global-pool + linear head), Grad-CAM (final map) and GradCAT.
-3. Writes results.json and examples.png beside this file.
+1. Per family, `vitkit train --config configs/mnist_<family>_canvas.yaml`: a model trained with class labels
+   only on the first 8,000 digits of ../shared/data/mnist, each pasted unscaled at a random place on a canvas
+   (64x64; 96x96 for MobileViT, whose final map has stride 32).
+2. Each of the 2,000 held-out digits is pasted at a random (seeded) place on a canvas; its true box is the
+   tight box of its non-zero pixels. For the true class, each method's peak is scored as a hit when it falls
+   inside that box: CAM (exact, global-pool + linear head), Grad-CAM (final map / patch tokens), GradCAT (NesT).
+3. Writes results.json (one entry per family) and examples.png (NesT) beside this file.
 
-    python benchmarks/localisation/run.py              # trains (about 7 min on 2 cores) unless the run exists
+    python benchmarks/localisation/run.py                      # every family; trains the runs that do not exist
+    python benchmarks/localisation/run.py --families vit       # one family
 """
 
 from __future__ import annotations
@@ -28,29 +30,45 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 
+FAMILIES = {  # recipe, the methods that apply
+    "nest": ("configs/mnist_nest_canvas.yaml", ("cam", "grad_cam", "gradcat")),
+    "vit": ("configs/mnist_vit_canvas.yaml", ("grad_cam",)),  # mean-pooled with fc_norm: no exact CAM
+    "mobilevit": ("configs/mnist_mobilevit_canvas.yaml", ("cam", "grad_cam")),
+}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", default=str(REPO / "runs" / "bench-localisation" / "nest"))
+    ap.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES))
+    ap.add_argument("--runs", default=str(REPO / "runs" / "bench-localisation"))
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mnist"))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    run = Path(args.run)
+    torch.set_num_threads(min(2, os.cpu_count() or 2))
+    out = HERE / "results.json"
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    results = results if "families" in results else {"families": {}}
+    for fam in args.families:
+        res, examples = score(fam, Path(args.runs) / fam, args.data, args.seed)
+        results["families"][fam] = res
+        print(json.dumps({fam: res}, indent=2), flush=True)
+        if fam == "nest":
+            _figure(examples, HERE / "examples.png")
+    results["command"] = "python benchmarks/localisation/run.py " + " ".join(argv or sys.argv[1:])
+    results["machine"] = {
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    out.write_text(json.dumps(results, indent=2))
+
+
+def score(fam: str, run: Path, data: str, seed: int):
+    recipe, methods = FAMILIES[fam]
     train_seconds = None
     if not (run / "checkpoints" / "last").is_dir():
-        cmd = [
-            sys.executable,
-            "-m",
-            "vitkit",
-            "train",
-            "--config",
-            "configs/mnist_nest_canvas.yaml",
-            "--output",
-            str(run),
-            "--set",
-            f"data.root={args.data}",
-            "--set",
-            "train.progress=false",
-        ]
+        cmd = [sys.executable, "-m", "vitkit", "train", "--config", recipe, "--output", str(run)]
+        cmd += ["--set", f"data.root={data}", "--set", "train.progress=false"]
         t0 = time.perf_counter()
         subprocess.run(cmd, cwd=REPO, check=True)
         train_seconds = time.perf_counter() - t0
@@ -60,12 +78,11 @@ def main(argv=None) -> None:
     from vitkit.interpret import class_activation_map, grad_cam, gradcat
     from vitkit.train.inference import load_run
 
-    torch.set_num_threads(min(2, os.cpu_count() or 2))
     model, info = load_run(run, "last")
     dc = info["data_config"]
     size = tuple(dc["input_size"][1:])
-    held = MNIST(args.data, "test", indices=range(8000, 10000))
-    rng = np.random.default_rng(args.seed)
+    held = MNIST(data, "test", indices=range(8000, 10000))
+    rng = np.random.default_rng(seed)
     xs, boxes, labels = [], [], []
     for i in range(len(held)):
         img, label = held[i]
@@ -76,25 +93,24 @@ def main(argv=None) -> None:
         xs.append(to_tensor(canvas, dc["mean"], dc["std"]))
         labels.append(label)
     x, y = torch.stack(xs), torch.tensor(labels)
-    hits = {"cam": [], "grad_cam": [], "gradcat": []}
+    fns = {"cam": class_activation_map, "grad_cam": grad_cam, "gradcat": gradcat}
+    hits = {m: [] for m in methods}
     correct, examples = 0, []
     for s in range(0, len(x), 100):
         xb, yb, bb = x[s : s + 100], y[s : s + 100], boxes[s : s + 100]
         with torch.no_grad():
             correct += (model(xb).argmax(1) == yb).sum().item()
-        peaks = {
-            "cam": class_activation_map(model, xb, yb).peaks,
-            "grad_cam": grad_cam(model, xb, yb).peaks,
-            "gradcat": (cat := gradcat(model, xb, yb)).peaks,
-        }
-        for k, p in peaks.items():
-            hits[k] += [b[0] <= int(r) < b[2] and b[1] <= int(c) < b[3] for (r, c), b in zip(p.tolist(), bb)]
-        if s == 0:
-            examples = [(xb[i], bb[i], {k: v[i].tolist() for k, v in peaks.items()}, cat.boxes[i]) for i in range(8)]
+        res = {m: fns[m](model, xb, yb) for m in methods}
+        for m, r in res.items():
+            hits[m] += [b[0] <= int(r_) < b[2] and b[1] <= int(c) < b[3] for (r_, c), b in zip(r.peaks.tolist(), bb)]
+        if s == 0 and "gradcat" in res:
+            peaks = {m: r.peaks for m, r in res.items()}
+            examples = [
+                (xb[i], bb[i], {k: v[i].tolist() for k, v in peaks.items()}, res["gradcat"].boxes[i]) for i in range(8)
+            ]
     box_area = np.mean([(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]) / (size[0] * size[1])
     result = {
-        "command": "python benchmarks/localisation/run.py " + " ".join(argv or sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "recipe": recipe,
         "model": info["model"],
         "model_kwargs": info["model_kwargs"],
         "train_command_seconds": train_seconds,  # None when the run already existed
@@ -105,9 +121,7 @@ def main(argv=None) -> None:
         "mean_box_fraction_of_canvas": round(float(box_area), 4),
         "hit_rate": {k: round(float(np.mean(v)), 4) for k, v in hits.items()},
     }
-    (HERE / "results.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
-    _figure(examples, HERE / "examples.png")
+    return result, examples
 
 
 def _epochs(run: Path) -> list[dict]:

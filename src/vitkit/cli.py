@@ -333,7 +333,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if args.method != "posembed":
             raise ValueError(f"--method {args.method} needs --image")
         x = torch.zeros(1, *info["data_config"]["input_size"])
-    written = explain(model, x, args.method, args.out, target=args.target)
+    query = tuple(args.query) if args.query else None
+    written = explain(model, x, args.method, args.out, target=args.target, query=query)
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0
@@ -446,6 +447,9 @@ def _add_explain(sub) -> None:
     p.add_argument("--image", default=None, help="the image to explain")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--target", type=int, default=None, help="class to explain (default: the prediction)")
+    p.add_argument(
+        "--query", type=int, nargs=2, metavar=("Y", "X"), default=None, help="attention: query pixel (default centre)"
+    )
     p.add_argument("--out", default="explain", help="output folder")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--num-classes", type=int, default=None)

@@ -10,8 +10,8 @@ from vitkit.interpret.attention import (
 )
 from vitkit.interpret.cam import CamResult, GradCatResult, class_activation_map, grad_cam, gradcat, patch_embed_pca
 from vitkit.interpret.explain import METHODS, explain
-from vitkit.interpret.geometry import attention_to_image
-from vitkit.interpret.similarity import attention_similarity
+from vitkit.interpret.geometry import attention_to_image, mean_attention_distance_image
+from vitkit.interpret.similarity import attention_similarity, attention_similarity_matrix
 
 __all__ = [
     "METHODS",
@@ -26,7 +26,9 @@ __all__ = [
     "attention_rollout",
     "attention_to_image",
     "attention_similarity",
+    "attention_similarity_matrix",
     "capture_attention",
     "mean_attention_distance",
+    "mean_attention_distance_image",
     "pos_embed_similarity",
 ]

@@ -1,8 +1,10 @@
 """``vitkit explain``: one image (or a model's weights) in, PNG figures and the raw ``.npy`` arrays out.
 
-Methods: ``attention`` (last layer's maps), ``rollout`` (ViT), ``cam`` (exact CAM where the head is GAP +
-linear, Grad-CAM otherwise), ``gradcat`` (NesT), ``distance`` (mean attention distance per layer and head),
-``posembed`` (ViT position-embedding similarity and patch-filter principal components).
+Methods: ``attention`` (the last layer's attention of one query pixel, painted on the image), ``rollout``
+(ViT), ``cam`` (exact CAM where the head is GAP + linear, Grad-CAM otherwise), ``gradcat`` (NesT),
+``distance`` (mean attention distance per layer and head; ViT tokens exactly, other families through the
+image-coordinate maps), ``posembed`` (ViT position-embedding similarity
+and patch-filter principal components), ``similarity`` (attention cosine similarity between layers, per head).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitkit.interpret.attention import (
@@ -20,8 +23,10 @@ from vitkit.interpret.attention import (
     pos_embed_similarity,
 )
 from vitkit.interpret.cam import class_activation_map, grad_cam, gradcat, patch_embed_pca
+from vitkit.interpret.geometry import attention_to_image, mean_attention_distance_image
+from vitkit.interpret.similarity import attention_similarity_matrix
 
-METHODS = ("attention", "rollout", "cam", "gradcat", "distance", "posembed")
+METHODS = ("attention", "rollout", "cam", "gradcat", "distance", "posembed", "similarity")
 
 
 def _plt():
@@ -49,8 +54,20 @@ def _vit_grid(model: nn.Module, x: torch.Tensor) -> tuple[tuple[int, int], int]:
     return (x.shape[-2] // p, x.shape[-1] // p), p
 
 
-def explain(model: nn.Module, x: torch.Tensor, method: str, out_dir: str | Path, target=None) -> dict[str, Path]:
-    """Run ``method`` on ``x`` (``(1, C, H, W)``, preprocessed) and write figures and arrays to ``out_dir``."""
+def explain(
+    model: nn.Module,
+    x: torch.Tensor,
+    method: str,
+    out_dir: str | Path,
+    target=None,
+    query: tuple[int, int] | None = None,
+) -> dict[str, Path]:
+    """Run ``method`` on ``x`` (``(1, C, H, W)``, preprocessed) and write figures and arrays to ``out_dir``.
+
+    ``attention`` paints the last attention layer's attention of the token holding pixel ``query`` (default:
+    the image centre) onto the image, per head (:func:`vitkit.interpret.attention_to_image`), and saves every
+    layer's raw probabilities.
+    """
     if method not in METHODS:
         raise ValueError(f"explain: method must be one of {METHODS}, got {method!r}")
     out = Path(out_dir)
@@ -65,20 +82,43 @@ def explain(model: nn.Module, x: torch.Tensor, method: str, out_dir: str | Path,
         written[name] = path
 
     fig = None
-    if method in ("attention", "rollout", "distance"):
+    if method in ("attention", "rollout", "distance", "similarity"):
         with torch.no_grad(), capture_attention(model) as records:
             model(x)
         for i, r in enumerate(records):
             save(f"layer{i:02d}_{r.layer.replace('.', '_')}", r.probs)
         if method == "attention":
-            last = records[-1].probs[0].float()  # (heads, ..., N, N) or layer-specific
-            last = last.reshape(-1, *last.shape[-2:])[:8]
-            fig, axes = plt.subplots(1, len(last) + 1, figsize=(2.4 * (len(last) + 1), 2.6))
+            size = tuple(x.shape[-2:])
+            q = query or (size[0] // 2, size[1] // 2)
+            heat = attention_to_image(model, records[-1], size, q)[0]  # (heads, H, W)
+            save("image_map", heat)
+            heads = heat[:8]
+            fig, axes = plt.subplots(1, len(heads) + 1, figsize=(2.4 * (len(heads) + 1), 2.6))
             _show_image(axes[0], x[0])
-            for ax, m in zip(axes[1:], last):
-                ax.imshow(m.cpu().numpy(), cmap="viridis")
-                ax.set_title(records[-1].layer, fontsize=6)
-                ax.axis("off")
+            axes[0].plot(q[1], q[0], "r+", ms=12)
+            axes[0].set_title(f"query {q}", fontsize=7)
+            for i, (ax, m) in enumerate(zip(axes[1:], heads)):
+                _show_image(ax, x[0])
+                ax.imshow(m.cpu().numpy(), cmap="jet", alpha=0.55)
+                ax.plot(q[1], q[0], "w+", ms=10)
+                ax.set_title(f"{records[-1].layer} h{i}", fontsize=6)
+        elif method == "similarity":
+            sim = attention_similarity_matrix([r.probs for r in records])  # (heads, L, L)
+            save("matrix", sim)
+            fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+            im = axes[0].imshow(sim.nanmean(0).numpy(), vmin=0, vmax=1, cmap="viridis")
+            axes[0].set_xlabel("layer")
+            axes[0].set_ylabel("layer")
+            axes[0].set_title("attention cosine similarity (mean over heads)", fontsize=8)
+            fig.colorbar(im, ax=axes[0], fraction=0.046)
+            steps = torch.arange(1, sim.shape[1])
+            for h in range(sim.shape[0]):
+                axes[1].plot(steps.numpy(), sim[h, steps - 1, steps].numpy(), marker=".", lw=1, label=f"head {h}")
+            axes[1].set_xlabel("layer l")
+            axes[1].set_ylabel("similarity to layer l-1")
+            axes[1].set_ylim(0, 1.02)
+            if sim.shape[0] <= 12:
+                axes[1].legend(fontsize=6)
         elif method == "rollout":
             grid, _ = _vit_grid(model, x)
             roll = attention_rollout([r.probs for r in records])[0, 0, model.num_prefix_tokens :]
@@ -89,8 +129,14 @@ def explain(model: nn.Module, x: torch.Tensor, method: str, out_dir: str | Path,
             _show_image(axes[1], x[0])
             axes[1].imshow(_upsample(heat, x.shape[-2:]), cmap="jet", alpha=0.5)
         else:
-            grid, p = _vit_grid(model, x)
-            dist = torch.stack([mean_attention_distance(r.probs, grid, p, model.num_prefix_tokens) for r in records])
+            try:  # ViT tokens: exact, token centres
+                grid, p = _vit_grid(model, x)
+                dist = [mean_attention_distance(r.probs, grid, p, model.num_prefix_tokens) for r in records]
+            except ValueError:  # every other family: through the image-coordinate maps
+                size = tuple(x.shape[-2:])
+                dist = [mean_attention_distance_image(model, r, size) for r in records]
+            heads = max(len(d) for d in dist)
+            dist = torch.stack([F.pad(d.float(), (0, heads - len(d)), value=float("nan")) for d in dist])
             save("pixels", dist)  # (layers, heads)
             fig, ax = plt.subplots(figsize=(5, 4))
             for layer, d in enumerate(dist):

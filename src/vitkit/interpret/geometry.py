@@ -147,3 +147,27 @@ def _halo(layer: HaloAttention, p, input_shape, size, query):
     ys, xs = slice(max(0, -y0), min(win, Hf - y0)), slice(max(0, -x0), min(win, Wf - x0))
     cells[:, :, y0 + ys.start : y0 + ys.stop, x0 + xs.start : x0 + xs.stop] = row[:, :, ys, xs]
     return _paint(cells, size)
+
+
+def mean_attention_distance_image(
+    model: nn.Module, record: AttentionRecord, img_size: tuple[int, int], queries: int = 8
+) -> torch.Tensor:
+    """Mean attention distance in pixels per head for any family: ``(heads,)``.
+
+    For a ``queries x queries`` grid of query pixels, the attention painted on the image
+    (:func:`attention_to_image`) weights the distance from the query pixel to every image pixel; the weighted
+    mean (normalised by the painted mass) is averaged over queries and images. Each key token counts with the
+    mean distance over the pixels it covers, so a query attending only to its own token scores about 0.4 of
+    the token's side, not 0 (the ViT-token version, :func:`mean_attention_distance`, uses token centres).
+    """
+    H, W = img_size
+    yy = torch.arange(H, dtype=torch.float32)[:, None] + 0.5
+    xx = torch.arange(W, dtype=torch.float32)[None, :] + 0.5
+    total = None
+    for qy in ((torch.arange(queries) + 0.5) * H / queries).long().tolist():
+        for qx in ((torch.arange(queries) + 0.5) * W / queries).long().tolist():
+            heat = attention_to_image(model, record, img_size, (qy, qx)).cpu()
+            dist = torch.sqrt((yy - qy - 0.5) ** 2 + (xx - qx - 0.5) ** 2)
+            d = ((heat * dist).sum((-2, -1)) / heat.sum((-2, -1)).clamp_min(1e-12)).mean(0)
+            total = d if total is None else total + d
+    return total / queries**2

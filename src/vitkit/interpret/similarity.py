@@ -23,3 +23,20 @@ def attention_similarity(maps: list[torch.Tensor]) -> list[float]:
             continue
         out.append(F.cosine_similarity(a.float(), b.float(), dim=-1).mean().item())
     return out
+
+
+def attention_similarity_matrix(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Per head, the cosine similarity between the attention maps of every pair of layers: ``(heads, L, L)``.
+
+    ``maps[l]`` is ``[B, heads, N, M]`` (dimension 1 is the head). Entry ``[h, i, j]`` is the cosine similarity
+    of head ``h``'s query rows in layers ``i`` and ``j``, averaged over queries and images; NaN where the two
+    layers' maps differ in shape (a stage boundary) or layer ``i`` has fewer heads.
+    """
+    heads = max(m.shape[1] for m in maps)
+    out = torch.full((heads, len(maps), len(maps)), float("nan"))
+    for i, a in enumerate(maps):
+        for j, b in enumerate(maps):
+            if a.shape == b.shape:
+                sim = F.cosine_similarity(a.float(), b.float(), dim=-1)  # (B, heads, N)
+                out[: a.shape[1], i, j] = sim.transpose(0, 1).reshape(a.shape[1], -1).mean(1).cpu()
+    return out
