@@ -195,3 +195,21 @@ def test_in_chans_one():
     model = small_model("vit_tiny_patch16_224", in_chans=1)
     assert model(torch.randn(2, 1, 64, 64)).shape == (2, 1000)
     assert vitkit.resolve_data_config(model)["input_size"] == (1, 64, 64)
+
+
+def test_fused_linear_gelu_matches_the_plain_path():
+    from vitkit.layers import Mlp
+    from vitkit.layers.mlp import _linear_gelu_fusable
+
+    torch.manual_seed(0)
+    for approximate in ("none", "tanh"):
+        mlp = Mlp(24, 96, act_layer=lambda a=approximate: torch.nn.GELU(approximate=a)).eval()
+        x = torch.randn(3, 7, 24)
+        plain = mlp.fc2(mlp.act(mlp.fc1(x)))  # grad mode on: the plain path
+        with torch.no_grad():
+            if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+                assert _linear_gelu_fusable(mlp.fc1, mlp.act, x)  # the fused path is the one under test here
+            fused = mlp(x)
+            torch.testing.assert_close(fused, plain.detach(), rtol=1e-5, atol=1e-6)
+            mlp_bf16 = mlp.to(torch.bfloat16)
+            torch.testing.assert_close(mlp_bf16(x.bfloat16()).float(), plain.detach(), rtol=0.05, atol=0.05)
