@@ -189,3 +189,54 @@ def test_planted_object_cam_points_to_it(name, size, side):
             (k % raw.shape[1] + 1) * cw,
         )
         assert _overlaps(cell, box), (name, corner, cell, raw)
+
+
+def _local_nest(corner: tuple[int, int], side: int = 12):
+    """A NesT built so that its class-1 evidence is one object: NesT's hierarchy with local mixing only.
+
+    Patch embedding, the three block levels, the aggregations (3x3 conv set to an identity tap, LayerNorm,
+    3x3 max-pool) and the GAP + linear head are kept; the Transformer blocks are identities (zero output
+    projections) and the position embeddings zero, because with random weights their mixing spreads the
+    object's effect over every block. The class-1 row is the object's change to the pooled features.
+    """
+    from vitkit.models.nest import BlockAggregation
+
+    torch.manual_seed(0)
+    model = vitkit.create_model("nest_tiny", img_size=64, num_classes=2).eval()
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if name.endswith((".attn.proj", ".mlp.fc2")):
+                m.weight.zero_()
+                m.bias.zero_()
+            if isinstance(m, BlockAggregation):
+                m.conv.weight.zero_()
+                m.conv.bias.zero_()
+                for i in range(min(m.conv.weight.shape[:2])):
+                    m.conv.weight[i, i, 1, 1] = 1.0
+        for level in model.levels:
+            level.pos_embed.zero_()
+    y0, x0 = corner
+    blank = torch.zeros(1, 3, 64, 64)
+    img = blank.clone()
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img[..., y0 : y0 + side, x0 : x0 + side] = 2.0 * ((yy // 2 + xx // 2) % 2) - 1.0
+    with torch.no_grad():
+        f0, f1 = (model.forward_head(model.forward_features(t), pre_logits=True) for t in (blank, img))
+        fc = model.get_classifier()
+        fc.weight.zero_()
+        fc.bias.zero_()
+        fc.weight[1] = f1[0] - f0[0]
+    return model, img
+
+
+def test_planted_object_gradcat_descends_to_its_leaf_block():
+    """GradCAT's top-down traversal ends in the 16x16 leaf block that holds the object, wherever it is."""
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        by, bx = int(rng.integers(4)), int(rng.integers(4))
+        corner = (16 * by + int(rng.integers(5)), 16 * bx + int(rng.integers(5)))  # a 12x12 object in block (by, bx)
+        model, img = _local_nest(corner)
+        res = gradcat(model, img, target=1)
+        assert res.boxes[0][-1] == (16 * by, 16 * bx, 16 * by + 16, 16 * bx + 16), (corner, res.boxes[0])
+        quadrant = res.boxes[0][1]  # the level above: the 32x32 quadrant holding the leaf
+        assert quadrant == (32 * (by // 2), 32 * (bx // 2), 32 * (by // 2) + 32, 32 * (bx // 2) + 32)

@@ -114,3 +114,22 @@ def test_attention_similarity_matrix_per_head():
     torch.testing.assert_close(sim[[0, 2], 0, 1], torch.ones(2))
     assert sim[1, 0, 1] < 0.999 and torch.equal(sim[:, 0, 1], sim[:, 1, 0])
     assert torch.isnan(sim[:, 0, 2]).all() and torch.isnan(sim[2, 2, 2])  # other shape; only 2 heads there
+
+
+def test_captured_probabilities_equal_an_independent_eager_computation():
+    model = small_model("vit_tiny_patch16_224").eval()
+    x = torch.randn(2, *input_size_for("vit_tiny_patch16_224"))
+    attn = model.blocks[1].attn
+    seen = []
+    hook = attn.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad(), capture_attention(model) as records:
+        model(x)
+    hook.remove()
+    tokens = seen[0]
+    B, N, C = tokens.shape
+    with torch.no_grad():
+        q, k, _ = attn.qkv(tokens).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+        expected = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1)
+    rec = next(r for r in records if r.layer == "blocks.1.attn")
+    assert rec.module is attn and rec.input_shape == (B, N, C)
+    torch.testing.assert_close(rec.probs, expected, rtol=1e-5, atol=1e-6)
