@@ -6,7 +6,8 @@
 2. Each of the 2,000 held-out digits is pasted at a random (seeded) place on a canvas; its true box is the
    tight box of its non-zero pixels. For the true class, each method's peak is scored as a hit when it falls
    inside that box: CAM (exact, global-pool + linear head), Grad-CAM (final map / patch tokens), GradCAT (NesT).
-3. Writes results.json (one entry per family) and examples.png (NesT) beside this file.
+3. Writes results.json (one entry per family) and examples figures (examples.png for NesT,
+   examples_<family>.png for the others) beside this file.
 
     python benchmarks/localisation/run.py                      # every family; trains the runs that do not exist
     python benchmarks/localisation/run.py --families vit       # one family
@@ -52,8 +53,7 @@ def main(argv=None) -> None:
         res, examples = score(fam, Path(args.runs) / fam, args.data, args.seed)
         results["families"][fam] = res
         print(json.dumps({fam: res}, indent=2), flush=True)
-        if fam == "nest":
-            _figure(examples, HERE / "examples.png")
+        _figure(examples, HERE / ("examples.png" if fam == "nest" else f"examples_{fam}.png"), fam)
     results["command"] = "python benchmarks/localisation/run.py " + " ".join(argv or sys.argv[1:])
     results["machine"] = {
         "platform": platform.platform(),
@@ -103,11 +103,10 @@ def score(fam: str, run: Path, data: str, seed: int):
         res = {m: fns[m](model, xb, yb) for m in methods}
         for m, r in res.items():
             hits[m] += [b[0] <= int(r_) < b[2] and b[1] <= int(c) < b[3] for (r_, c), b in zip(r.peaks.tolist(), bb)]
-        if s == 0 and "gradcat" in res:
+        if s == 0:
             peaks = {m: r.peaks for m, r in res.items()}
-            examples = [
-                (xb[i], bb[i], {k: v[i].tolist() for k, v in peaks.items()}, res["gradcat"].boxes[i]) for i in range(8)
-            ]
+            trees = res["gradcat"].boxes if "gradcat" in res else [None] * len(xb)
+            examples = [(xb[i], bb[i], {k: v[i].tolist() for k, v in peaks.items()}, trees[i]) for i in range(8)]
     box_area = np.mean([(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]) / (size[0] * size[1])
     result = {
         "recipe": recipe,
@@ -129,7 +128,7 @@ def _epochs(run: Path) -> list[dict]:
     return [r for r in rows if r["kind"] == "epoch"]
 
 
-def _figure(examples, path: Path) -> None:
+def _figure(examples, path: Path, family: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,15 +140,20 @@ def _figure(examples, path: Path) -> None:
         ax.imshow(x[0].numpy(), cmap="gray")
         y0, x0, y1, x1 = box
         ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime", lw=1.5))
-        b = tree[-1]
-        ax.add_patch(
-            plt.Rectangle((b[1] - 0.5, b[0] - 0.5), b[3] - b[1], b[2] - b[0], fill=False, edgecolor="c", lw=1, ls="--")
-        )
+        if tree is not None:
+            b = tree[-1]
+            ax.add_patch(
+                plt.Rectangle(
+                    (b[1] - 0.5, b[0] - 0.5), b[3] - b[1], b[2] - b[0], fill=False, edgecolor="c", lw=1, ls="--"
+                )
+            )
         for k, (r, c) in peaks.items():
             ax.plot(c, r, marks[k][1], color=marks[k][0], ms=8, mfc="none", label=k)
         ax.axis("off")
     axes[0].legend(fontsize=6, loc="lower left")
-    fig.suptitle("green: digit box; cyan dashed: GradCAT leaf block; markers: peaks (CAM x, Grad-CAM +, GradCAT o)")
+    names = ", ".join(f"{k} {marks[k][1]}" for k in examples[0][2])
+    extra = "; cyan dashed: GradCAT leaf block" if examples[0][3] is not None else ""
+    fig.suptitle(f"{family}: green: digit box{extra}; peaks: {names}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
