@@ -2,7 +2,7 @@
 
 1. Per family, `vitkit train --config configs/mnist_<family>_canvas.yaml`: a model trained with class labels
    only on the first 8,000 digits of ../shared/data/mnist, each pasted unscaled at a random place on a canvas
-   (64x64; 96x96 for MobileViT, whose final map has stride 32).
+   (64x64; 96x96 for MobileViT and HaloNet, whose final maps have stride 32).
 2. Each of the 2,000 held-out digits is pasted at a random (seeded) place on a canvas; its true box is the
    tight box of its non-zero pixels. For the true class, each method's peak is scored as a hit when it falls
    inside that box: CAM (exact, global-pool + linear head), Grad-CAM (final map / patch tokens), GradCAT (NesT).
@@ -35,6 +35,7 @@ FAMILIES = {  # recipe, the methods that apply
     "nest": ("configs/mnist_nest_canvas.yaml", ("cam", "grad_cam", "gradcat")),
     "vit": ("configs/mnist_vit_canvas.yaml", ("grad_cam",)),  # mean-pooled with fc_norm: no exact CAM
     "mobilevit": ("configs/mnist_mobilevit_canvas.yaml", ("cam", "grad_cam")),
+    "halonet": ("configs/mnist_halonet_canvas.yaml", ("cam", "grad_cam")),
 }
 
 
