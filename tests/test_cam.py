@@ -141,14 +141,10 @@ def test_explain_attention_paints_the_query_pixel_for_conv_families(name, tmp_pa
     assert heat.ndim == 3 and heat.shape[1:] == (64, 64) and (heat >= 0).all() and heat.max() > 0
 
 
-def _planted(name: str, corner: tuple[int, int], size: int = 64, side: int = 16):
-    """A model whose class-1 evidence is one object in a known ``side x side`` region (built, not trained).
-
-    The classifier's class-1 row is the change the object makes to the pooled features of a blank image, so the
-    object is the only evidence for class 1. Returns the model, the image with the object, and the region.
-    """
-    torch.manual_seed(0)
-    model = vitkit.create_model(name, img_size=size, num_classes=2).eval()
+def _plant(model, corner: tuple[int, int], size: int, side: int):
+    """Paste a ``side x side`` checkerboard object at ``corner`` of a blank image and make it the only class-1
+    evidence: the classifier's class-1 row is the change the object makes to the pooled features of the blank
+    image. Returns the image and the object's box."""
     y0, x0 = corner
     blank = torch.zeros(1, 3, size, size)
     img = blank.clone()
@@ -160,7 +156,14 @@ def _planted(name: str, corner: tuple[int, int], size: int = 64, side: int = 16)
         fc.weight.zero_()
         fc.bias.zero_()
         fc.weight[1] = f1[0] - f0[0]
-    return model, img, (y0, x0, y0 + side, x0 + side)
+    return img, (y0, x0, y0 + side, x0 + side)
+
+
+def _planted(name: str, corner: tuple[int, int], size: int = 64, side: int = 16):
+    """A model whose class-1 evidence is one object in a known ``side x side`` region (built, not trained)."""
+    torch.manual_seed(0)
+    model = vitkit.create_model(name, img_size=size, num_classes=2).eval()
+    return (model, *_plant(model, corner, size, side))
 
 
 def _overlaps(a, b) -> bool:
@@ -215,17 +218,7 @@ def _local_nest(corner: tuple[int, int], side: int = 12):
                     m.conv.weight[i, i, 1, 1] = 1.0
         for level in model.levels:
             level.pos_embed.zero_()
-    y0, x0 = corner
-    blank = torch.zeros(1, 3, 64, 64)
-    img = blank.clone()
-    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    img[..., y0 : y0 + side, x0 : x0 + side] = 2.0 * ((yy // 2 + xx // 2) % 2) - 1.0
-    with torch.no_grad():
-        f0, f1 = (model.forward_head(model.forward_features(t), pre_logits=True) for t in (blank, img))
-        fc = model.get_classifier()
-        fc.weight.zero_()
-        fc.bias.zero_()
-        fc.weight[1] = f1[0] - f0[0]
+    img, _ = _plant(model, corner, 64, side)
     return model, img
 
 

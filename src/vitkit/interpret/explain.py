@@ -3,8 +3,8 @@
 Methods: ``attention`` (the last layer's attention of one query pixel, painted on the image), ``rollout``
 (ViT), ``cam`` (exact CAM where the head is GAP + linear, Grad-CAM otherwise), ``gradcat`` (NesT),
 ``distance`` (mean attention distance per layer and head; ViT tokens exactly, other families through the
-image-coordinate maps), ``posembed`` (ViT position-embedding similarity
-and patch-filter principal components), ``similarity`` (attention cosine similarity between layers, per head).
+image-coordinate maps), ``posembed`` (ViT position-embedding similarity and patch-filter principal
+components), ``similarity`` (attention cosine similarity between layers, per head).
 """
 
 from __future__ import annotations
@@ -129,12 +129,12 @@ def explain(
             _show_image(axes[1], x[0])
             axes[1].imshow(_upsample(heat, x.shape[-2:]), cmap="jet", alpha=0.5)
         else:
-            try:  # ViT tokens: exact, token centres
+            try:
                 grid, p = _vit_grid(model, x)
+            except ValueError:  # not ViT tokens: every other family, through the image-coordinate maps
+                dist = [mean_attention_distance_image(model, r, tuple(x.shape[-2:])) for r in records]
+            else:  # ViT tokens: exact, token centres
                 dist = [mean_attention_distance(r.probs, grid, p, model.num_prefix_tokens) for r in records]
-            except ValueError:  # every other family: through the image-coordinate maps
-                size = tuple(x.shape[-2:])
-                dist = [mean_attention_distance_image(model, r, size) for r in records]
             heads = max(len(d) for d in dist)
             dist = torch.stack([F.pad(d.float(), (0, heads - len(d)), value=float("nan")) for d in dist])
             save("pixels", dist)  # (layers, heads)

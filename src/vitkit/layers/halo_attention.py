@@ -37,6 +37,7 @@ from torch import nn
 
 from vitkit.layers.attention import fused_attn
 from vitkit.layers.conv_bn import make_divisible
+from vitkit.layers.helpers import hooked, tracing
 
 _MASKS = ("size", "all")
 _CHUNK_LOGITS = 1 << 21  # logits per chunk of blocks in the eager path (8 MiB in fp32): stays in cache
@@ -50,10 +51,6 @@ class PosEmbedRel(nn.Module):
         self.block_size, self.win_size = block_size, win_size
         self.height_rel = nn.Parameter(torch.randn(win_size * 2 - 1, dim_head) * scale)
         self.width_rel = nn.Parameter(torch.randn(win_size * 2 - 1, dim_head) * scale)
-        # idx[i, j] = j - i + win - 1: the table row for query position i and window position j
-        i = torch.arange(block_size)[:, None]
-        j = torch.arange(win_size)[None, :]
-        self.register_buffer("rel_index", j - i + win_size - 1, persistent=False)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         """``q``: (B, blocks, bs*bs, d) -> relative logits (B, blocks, bs*bs, win*win).
@@ -225,14 +222,12 @@ class HaloAttention(nn.Module):
         (:func:`vitkit.interpret.capture_attention`), so the probabilities arrive whole, and under tracing,
         export and torch.compile.
         """
-        observed = bool(self.attn_probs._forward_hooks or self.attn_probs._forward_pre_hooks)
-        # traced/compiled graphs get one pass: a Python loop over the batch would fix the batch size in them
-        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
         nb, bs2 = q.shape[1:3]
         per_block = bs2 * kT.shape[-1]
         step_b = max(1, min(nb, _CHUNK_LOGITS // per_block))  # blocks per chunk, then rows of B*heads per chunk
         step_r = max(1, _CHUNK_LOGITS // (per_block * step_b))
-        if observed or tracing or (step_b == nb and q.shape[0] <= step_r):
+        # traced/compiled graphs get one pass: a Python loop over the batch would fix the batch size in them
+        if hooked(self.attn_probs) or tracing() or (step_b == nb and q.shape[0] <= step_r):
             return self._attend(q, kT, vT, key_bias)
         rows = []
         for i in range(0, q.shape[0], step_r):
@@ -244,11 +239,13 @@ class HaloAttention(nn.Module):
             rows.append(cols[0] if len(cols) == 1 else torch.cat(cols, dim=1))
         return torch.cat(rows)
 
+    def _logit_bias(self, q, key_bias) -> torch.Tensor:
+        """Relative logits (from the unscaled query, as in the reference) plus the padding mask, if any."""
+        bias = self.pos_embed(q)
+        return bias if key_bias is None else bias + key_bias[:, None, :]
+
     def _attend(self, q, kT, vT, key_bias) -> torch.Tensor:
-        bias = self.pos_embed(q)  # relative logits use the unscaled query, as in the reference
-        if key_bias is not None:
-            bias = bias + key_bias[:, None, :]
-        attn = (q @ kT).mul_(self.scale).add_(bias)
+        attn = (q @ kT).mul_(self.scale).add_(self._logit_bias(q, key_bias))
         attn = self.attn_probs(attn.softmax(dim=-1))
         return attn @ vT.transpose(-2, -1)  # (rows, blocks, bs*bs, dv)
 
@@ -273,11 +270,8 @@ class HaloAttention(nn.Module):
 
         key_bias = self._key_bias(H, W, Hp, Wp, q)
         if self.use_fused():
-            bias = self.pos_embed(q)  # relative logits use the unscaled query, as in the reference
-            if key_bias is not None:
-                bias = bias + key_bias[:, None, :]
             k, v = kT.transpose(-2, -1), vT.transpose(-2, -1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._logit_bias(q, key_bias), scale=self.scale)
         else:
             out = self._eager(q, kT, vT, key_bias)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vitkit.layers.helpers import apply_act
+from vitkit.layers.helpers import apply_act, hooked, tracing
 
 
 def _linear_gelu_fusable(fc: nn.Linear, act: nn.Module, x: torch.Tensor) -> bool:
@@ -16,8 +16,8 @@ def _linear_gelu_fusable(fc: nn.Linear, act: nn.Module, x: torch.Tensor) -> bool
         and fc.weight.dtype == x.dtype
         and not (torch.is_grad_enabled() and (x.requires_grad or fc.weight.requires_grad))
         and not torch.is_autocast_enabled("cpu")
-        and not (fc._forward_hooks or fc._forward_pre_hooks or act._forward_hooks or act._forward_pre_hooks)
-        and not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
+        and not hooked(fc, act)
+        and not tracing()
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
