@@ -8,7 +8,7 @@ import torch
 import vitkit
 from conftest import small_model
 from vitkit.bench import count_macs, count_params
-from vitkit.models.nest import blockify, unblockify
+from vitkit.models.nest import NestAttention, blockify, unblockify
 
 
 def _meta(name, **kw):
@@ -74,6 +74,28 @@ def test_attention_is_local_to_blocks():
     assert changed[:2, :2].all()
     changed[:2, :2] = False
     assert not changed.any()
+
+
+def test_attention_projection_without_reordering_equals_the_checkpoint_order():
+    """NestAttention permutes proj's weight columns instead of copying the heads to (d, heads) order: same
+    output and gradients as running proj as a module (which a hook on proj forces), and a hook sees the
+    checkpoint's (B, N, d, heads) input order."""
+    torch.manual_seed(0)
+    attn = NestAttention(24, num_heads=3)
+    x = torch.randn(2, 10, 24, dtype=torch.float64, requires_grad=True)
+    attn = attn.double()
+    fast = attn(x)
+    (g_fast,) = torch.autograd.grad(fast.square().sum(), attn.proj.weight)
+    seen = []
+    handle = attn.proj.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    slow = attn(x)
+    (g_slow,) = torch.autograd.grad(slow.square().sum(), attn.proj.weight)
+    handle.remove()
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_fast, g_slow, rtol=1e-12, atol=1e-12)
+    q, k, v = attn.qkv(x).reshape(2, 10, 3, 3, 8).permute(2, 0, 3, 1, 4)
+    heads_out = torch.softmax(q @ k.transpose(-2, -1) * 8**-0.5, -1) @ v  # (B, heads, N, d)
+    torch.testing.assert_close(seen[0], heads_out.permute(0, 2, 3, 1).reshape(2, 10, 24))
 
 
 def test_non_square_input_size():
