@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vitkit.layers import HaloAttention, use_fused_attn
 
@@ -118,18 +119,25 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("b,h", [(4, 1), (3, 3), (2, 3), (4, 0)])  # 2, 3 and 4 pieces per window axis, and none
-def test_window_gather_equals_unfold_forward_and_backward(b, h):
+@pytest.mark.parametrize(
+    "b,h,nh,nw",
+    [(4, 1, 3, 2), (4, 2, 2, 3), (3, 3, 3, 2), (4, 0, 3, 2), (4, 2, 1, 1), (4, 1, 1, 3), (2, 3, 3, 2), (2, 5, 2, 2)],
+)  # halo pieces on 1-3 block rows/cols, halo = block, no halo, one block; halos wider than the block (fallback)
+@pytest.mark.parametrize("parts", ["kv", "k", "v"])
+def test_window_gather_equals_unfold_forward_and_backward(b, h, nh, nw, parts):
     from vitkit.layers.halo_attention import _GatherWindows
 
     torch.manual_seed(0)
-    win, nh, nw, dk = b + 2 * h, 3, 2, 3
-    m = torch.randn(2, 2, 5, nh * b + 2 * h, nw * b + 2 * h, dtype=torch.float64, requires_grad=True)
-    k, v = _GatherWindows.apply(m, (nh, nw), win, b, dk)
-    ref = m.unfold(3, win, b).unfold(4, win, b).permute(0, 1, 3, 4, 2, 5, 6)  # (B, G, nh, nw, D, win, win)
+    win, dk, groups = b + 2 * h, 3, 2
+    m = torch.randn(2, groups * 5, nh * b, nw * b, dtype=torch.float64, requires_grad=True)
+    k, v = _GatherWindows.apply(m, groups, (nh, nw), win, b, dk)
+    padded = F.pad(m, (h, h, h, h)).view(2, groups, 5, nh * b + 2 * h, nw * b + 2 * h)
+    ref = padded.unfold(3, win, b).unfold(4, win, b).permute(0, 1, 3, 4, 2, 5, 6)  # (B, G, nh, nw, D, win, win)
     assert torch.equal(k, ref[:, :, :, :, :dk]) and torch.equal(v, ref[:, :, :, :, dk:])
-    gk, gv = torch.randn_like(k), torch.randn_like(v)
-    (ours,) = torch.autograd.grad((k * gk).sum() + (v * gv).sum(), m)
+    gk = torch.randn_like(k) if "k" in parts else torch.zeros_like(k)
+    gv = torch.randn_like(v) if "v" in parts else torch.zeros_like(v)
+    loss = sum((t * g).sum() for t, g, name in ((k, gk, "k"), (v, gv, "v")) if name in parts)  # the other: None
+    (ours,) = torch.autograd.grad(loss, m)
     (expected,) = torch.autograd.grad((ref * torch.cat([gk, gv], 4)).sum(), m)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
 

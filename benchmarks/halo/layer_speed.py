@@ -5,8 +5,9 @@
 For each layer shape, dtype (fp32, bf16 autocast) and pass (forward, forward+backward), the median of 20
 alternating repeats of: the unfold-based reference (`unfold_reference.py`), vitkit's eager path (the default),
 and vitkit's fused SDPA path, all under vitkit's malloc policy (vitkit.allocator); then the peak memory of one
-call of each (vitkit.bench.speed.peak_memory_mb). Outputs are compared first (max abs difference to the
-reference).
+call of each (vitkit.bench.speed.peak_memory_mb), each in a fresh process (measured in one process after the
+timings, the readings depended on the order of the implementations by up to 15 MB). Outputs are compared first
+(max abs difference to the reference).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,22 +35,43 @@ from unfold_reference import unfold_halo_attention  # noqa: E402
 SHAPES = [(256, 16, 1), (512, 16, 2), (512, 8, 1)]
 
 
+def _setup(dim, size, stride):
+    torch.manual_seed(0)
+    layer = HaloAttention(dim, stride=stride, block_size=8, halo_size=2)
+    x = torch.randn(8, dim, size, size, requires_grad=True)
+
+    def run(mode, backward, dtype):
+        layer.fused_attn = mode == "fused"
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            y = unfold_halo_attention(layer, x) if mode == "unfold" else layer(x)
+        if backward:
+            y.float().sum().backward()
+        return y
+
+    return run
+
+
+def _memory_one(dim, size, stride, mode, backward, dtype) -> None:
+    """Peak memory of one call after one warm-up call, in this (fresh) process; printed for the parent."""
+    torch.set_num_threads(2)
+    run = _setup(dim, size, stride)
+    run(mode, backward, dtype)
+    print(peak_memory_mb(lambda: run(mode, backward, dtype)))
+
+
+def _memory(dim, size, stride, mode, backward, dtype) -> float | None:
+    args = [str(a) for a in (dim, size, stride, mode, int(backward), dtype)]
+    out = subprocess.run([sys.executable, __file__, "--memory", *args], capture_output=True, text=True, check=True)
+    value = out.stdout.strip().splitlines()[-1]
+    return None if value == "None" else float(value)
+
+
 def main():
     torch.set_num_threads(2)
     allocator.tune_allocator()  # the same malloc policy for every implementation
     rows = []
     for dim, size, stride in SHAPES:
-        torch.manual_seed(0)
-        layer = HaloAttention(dim, stride=stride, block_size=8, halo_size=2)
-        x = torch.randn(8, dim, size, size, requires_grad=True)
-
-        def run(mode, backward, dtype, layer=layer, x=x):
-            layer.fused_attn = mode == "fused"
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                y = unfold_halo_attention(layer, x) if mode == "unfold" else layer(x)
-            if backward:
-                y.float().sum().backward()
-            return y
+        run = _setup(dim, size, stride)
 
         for dtype in ("fp32", "bf16"):
             with torch.no_grad():
@@ -65,8 +88,7 @@ def main():
                         run(m, backward, dtype)
                         times[m].append((time.perf_counter() - t0) * 1e3)
                 med = {m: round(statistics.median(t), 2) for m, t in times.items()}
-                x.grad = None
-                mem = {m: peak_memory_mb(lambda m=m, b=backward, d=dtype: run(m, b, d)) for m in times}
+                mem = {m: _memory(dim, size, stride, m, backward, dtype) for m in times}
                 row = dict(
                     dim=dim,
                     size=size,
@@ -91,4 +113,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--memory"]:
+        d, sz, st, mode, bwd, dt = sys.argv[2:8]
+        _memory_one(int(d), int(sz), int(st), mode, bool(int(bwd)), dt)
+    else:
+        main()

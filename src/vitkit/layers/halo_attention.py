@@ -57,20 +57,51 @@ class PosEmbedRel(nn.Module):
 
         One product with both tables, ``p = q @ [height_rel; width_rel]^T`` (B, blocks, y, x, 2R), then the
         logit of query row ``y`` for key row ``ky`` is column ``ky - y + win - 1``: a skewed view of ``p`` (row
-        stride one less than ``p``'s), so no index gather is materialised. Same products, same sums as the
-        reference (bitwise equal).
+        stride one less than ``p``'s), so no index gather is materialised (:class:`_SkewedRel`). Same products,
+        same sums as the reference (bitwise equal).
         """
         B, NB, _, d = q.shape
-        bs, win = self.block_size, self.win_size
-        R = 2 * win - 1
         table = torch.cat([self.height_rel, self.width_rel]).to(q.dtype)
-        p = q.reshape(B, NB, bs, bs, d) @ table.t()  # (B, NB, y, x, 2R)
-        s0, s1, sy, sx, _ = p.stride()
-        size, off = (B, NB, bs, bs, win), p.storage_offset() + win - 1
-        rh = p.as_strided(size, (s0, s1, sy - 1, sx, 1), off)  # (B, NB, y, x, ky)
-        rw = p.as_strided(size, (s0, s1, sy, sx - 1, 1), off + R)  # (B, NB, y, x, kx)
-        rel = rh.unsqueeze(-1) + rw.unsqueeze(-2)  # (B, NB, y, x, ky, kx)
-        return rel.reshape(B, NB, bs * bs, win * win)
+        p = q.reshape(B, NB, self.block_size, self.block_size, d) @ table.t()  # (B, NB, y, x, 2R)
+        return _SkewedRel.apply(p, self.win_size)
+
+
+def _skewed(p: torch.Tensor, win: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views (B, NB, y, x, win) of ``p`` (B, NB, y, x, 2R): column ``k - y + win - 1`` of row (y, x) of the
+    height half, and ``k - x + win - 1`` of the width half. Each view addresses distinct elements."""
+    B, NB, bs, _, _ = p.shape
+    s0, s1, sy, sx, _ = p.stride()
+    size, off = (B, NB, bs, bs, win), p.storage_offset() + win - 1
+    rh = p.as_strided(size, (s0, s1, sy - 1, sx, 1), off)  # (B, NB, y, x, ky)
+    rw = p.as_strided(size, (s0, s1, sy, sx - 1, 1), off + 2 * win - 1)  # (B, NB, y, x, kx)
+    return rh, rw
+
+
+class _SkewedRel(torch.autograd.Function):
+    """(B, NB, y, x, 2R) per-table logits -> (B, NB, y*x, win*win) logits ``rh[ky] + rw[kx]`` from skewed views.
+
+    Backward: the two broadcast sums (over kx, over ky) written back through the same views with two strided
+    copies (the views are injective), instead of the generic ``as_strided`` backward, which scatters through a
+    storage-sized buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, p, win):
+        ctx.meta = (p.shape, p.stride(), win)
+        B, NB, bs, _, _ = p.shape
+        rh, rw = _skewed(p, win)
+        return (rh.unsqueeze(-1) + rw.unsqueeze(-2)).reshape(B, NB, bs * bs, win * win)  # (B, NB, y, x, ky, kx)
+
+    @staticmethod
+    def backward(ctx, g):
+        shape, stride, win = ctx.meta
+        B, NB, bs, _, _ = shape
+        g = g.reshape(B, NB, bs, bs, win, win)
+        gp = g.new_zeros(shape).as_strided(shape, stride)  # the layout the forward's views were taken on
+        gh, gw = _skewed(gp, win)
+        gh.copy_(g.sum(-1))
+        gw.copy_(g.sum(-2))
+        return gp, None
 
 
 def _chunks(win: int, step: int) -> list[tuple[int, int]]:
@@ -89,36 +120,75 @@ def _windows(m: torch.Tensor, n: tuple[int, int], rows: tuple[int, int], cols: t
     )
 
 
-class _GatherWindows(torch.autograd.Function):
-    """The overlapping ``win x win`` windows at step ``b`` of a (B, G, D, Hp, Wp) map, group- and block-major,
-    split along D at ``split``: two contiguous tensors (B, G, nh, nw, D_i, win, win) (keys and values).
+def _segments(n: int, b: int, h: int) -> list[tuple[slice, slice, int, slice]]:
+    """One axis of a window (``b + 2h`` long, at step ``b``) in map coordinates, for ``h <= b``: the top halo
+    (window rows ``[0, h)``) is the bottom of the previous block, the core is the block itself, the bottom halo
+    the top of the next block. Entries: (window rows, source blocks, target block offset, target rows)."""
+    core = (slice(h, h + b), slice(0, n), 0, slice(0, b))
+    if h == 0 or n == 1:
+        return [core]
+    return [
+        core,
+        (slice(0, h), slice(1, n), -1, slice(b - h, b)),
+        (slice(h + b, b + 2 * h), slice(0, n - 1), 1, slice(0, h)),
+    ]
 
-    Forward is one strided copy per part (runs of ``win`` contiguous pixels). Backward adds the window
-    gradients back with ``ceil(win / b)^2`` strided adds per part: within a piece of the window axis no longer
-    than ``b``, the blocks land on disjoint rows, so each piece is one add over all blocks (``Tensor.unfold``'s
-    backward copies per window offset, and slicing one gathered tensor in two would zero-fill a full-size
-    gradient per slice).
+
+class _GatherWindows(torch.autograd.Function):
+    """The overlapping ``win x win`` windows at step ``b`` of a (B, G*D, H, W) map zero-padded by the halo ``h``
+    on every side, group- and block-major, split along D at ``split``: two contiguous tensors
+    (B, G, nh, nw, D_i, win, win) (keys and values).
+
+    Forward: pad, then one strided copy per part (runs of ``win`` contiguous pixels). Backward, for ``h <= b``,
+    straight into the unpadded map's gradient: the windows' cores tile the map (one strided copy, no zero fill),
+    and each of the eight halo pieces is one strided add over the blocks that have that neighbour. Larger halos
+    add ``ceil(win / b)^2`` pieces into a zeroed padded buffer and crop it. (``Tensor.unfold``'s backward copies
+    per window offset, and slicing one gathered tensor in two would zero-fill a full-size gradient per slice.)
     """
 
     @staticmethod
-    def forward(ctx, m, n, win, step, split):
-        ctx.meta = (m.shape, n, win, step, split)
-        view = _windows(m, n, (0, win), (0, win), step)
+    def forward(ctx, m, groups, n, win, step, split):
+        h = (win - step) // 2
+        B, C, H, W = m.shape
+        shape = (B, groups, C // groups, H, W)
+        ctx.meta = (shape, n, win, step, split)
+        padded = F.pad(m, (h, h, h, h)).reshape(B, groups, C // groups, H + 2 * h, W + 2 * h)
+        view = _windows(padded, n, (0, win), (0, win), step)
         return view[:, :, :, :, :split].contiguous(), view[:, :, :, :, split:].contiguous()
 
     @staticmethod
     def backward(ctx, gk, gv):
         shape, n, win, step, split = ctx.meta
-        gm = gk.new_zeros(shape)
-        for rows in _chunks(win, step):
-            for cols in _chunks(win, step):
-                view = _windows(gm, n, rows, cols, step)
-                r, c = slice(*rows), slice(*cols)
-                if gk is not None:
-                    view[:, :, :, :, :split].add_(gk[..., r, c])
-                if gv is not None:
-                    view[:, :, :, :, split:].add_(gv[..., r, c])
-        return gm, None, None, None, None
+        h = (win - step) // 2
+        parts = [(g, slice(0, split) if i == 0 else slice(split, None)) for i, g in enumerate((gk, gv))]
+        parts = [(g, d) for g, d in parts if g is not None]
+        if h > step:
+            gm = parts[0][0].new_zeros(shape[:3] + (shape[3] + 2 * h, shape[4] + 2 * h))
+            for rows in _chunks(win, step):
+                for cols in _chunks(win, step):
+                    view = _windows(gm, n, rows, cols, step)
+                    for g, d in parts:
+                        view[:, :, :, :, d].add_(g[..., slice(*rows), slice(*cols)])
+            gm = gm[..., h : h + shape[3], h : h + shape[4]]
+            return gm.reshape(shape[0], -1, shape[3], shape[4]), None, None, None, None, None
+        gm = parts[0][0].new_empty(shape)
+        if len(parts) == 1:  # one part has no gradient: its channels are zero
+            gm[:, :, slice(split, None) if parts[0][1].start == 0 else slice(0, split)].zero_()
+        for i, (wr, br, bo, tr) in enumerate(_segments(n[0], step, h)):
+            for j, (wc, bc, co, tc) in enumerate(_segments(n[1], step, h)):
+                rows = (br.start + bo, br.stop + bo)
+                cols = (bc.start + co, bc.stop + co)
+                view = _windows(
+                    gm,
+                    (rows[1] - rows[0], cols[1] - cols[0]),
+                    (rows[0] * step + tr.start, rows[0] * step + tr.stop),
+                    (cols[0] * step + tc.start, cols[0] * step + tc.stop),
+                    step,
+                )
+                for g, d in parts:
+                    src = g[:, :, br, bc, :, wr, wc]
+                    view[:, :, :, :, d].copy_(src) if i == j == 0 else view[:, :, :, :, d].add_(src)
+        return gm.view(shape[0], -1, shape[3], shape[4]), None, None, None, None, None
 
 
 class HaloAttention(nn.Module):
@@ -251,7 +321,7 @@ class HaloAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
-        b, h, s, bs, win = self.block_size, self.halo_size, self.block_stride, self.block_size_ds, self.win_size
+        b, s, bs, win = self.block_size, self.block_stride, self.block_size_ds, self.win_size
         Hp, Wp = math.ceil(H / b) * b, math.ceil(W / b) * b
         if (Hp, Wp) != (H, W):
             x = F.pad(x, (0, Wp - W, 0, Hp - H))
@@ -263,9 +333,8 @@ class HaloAttention(nn.Module):
 
         # key/value windows, channel-major: (B*heads, blocks, dqk + dv, win*win); each channel's window rows are
         # contiguous runs in the NCHW map, and k^T / v^T are the two halves along the channel axis
-        kv = F.pad(self.kv(x), (h, h, h, h))  # each head's channels: dqk of k, then dv of v
-        kv = kv.view(B, heads, dqk + dv, Hp + 2 * h, Wp + 2 * h)
-        kT, vT = _GatherWindows.apply(kv, (nh, nw), win, b, dqk)
+        # each head's channels of the kv map: dqk of k, then dv of v
+        kT, vT = _GatherWindows.apply(self.kv(x), heads, (nh, nw), win, b, dqk)
         kT, vT = kT.view(B * heads, nb, dqk, win * win), vT.view(B * heads, nb, dv, win * win)
 
         key_bias = self._key_bias(H, W, Hp, Wp, q)
