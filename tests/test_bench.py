@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vitkit
-from vitkit.bench.speed import bench_model, matmul_peak, peak_memory_mb, timeit
+from vitkit.bench.speed import bench_model, matmul_peak, peak_memory_mb, tensor_peak_mb, timeit
 from vitkit.cli import main as cli
 from vitkit.export import ExportError, export_model
 
@@ -40,6 +40,24 @@ def test_peak_memory_sees_a_known_allocation():
     mb = peak_memory_mb(alloc)
     assert 190 < mb < 260, mb
     assert peak_memory_mb(lambda: torch.ones(10)) < 20
+
+
+def test_tensor_peak_counts_live_tensors_exactly():
+    before = torch.ones(2**20)  # existed before the call: not counted
+
+    def chain():
+        a = torch.ones(2**18)  # 1 MiB
+        b = a * 2  # 2 MiB live
+        del a
+        c = b + before[: 2**18]  # 2 MiB live again (b, c)
+        d = c.view(-1, 2)  # a view: no new storage
+        return float(d.sum())
+
+    assert tensor_peak_mb(chain) == pytest.approx(2.0, abs=1e-3)  # b and c (plus a 4-byte sum)
+    x = torch.randn(64, 64, requires_grad=True)
+    # autograd: y = x**3 saves x; backward makes 3 x^2 and the product with the incoming gradient
+    peak = tensor_peak_mb(lambda: (x**3).sum().backward())
+    assert 0.0 < peak < 0.2, peak  # a few 16 KiB tensors, not the allocator's caches
 
 
 def test_bench_json_rows_have_the_contract_keys(capsys):

@@ -5,9 +5,10 @@
 For each layer shape, dtype (fp32, bf16 autocast) and pass (forward, forward+backward), the median of 20
 alternating repeats of: the unfold-based reference (`unfold_reference.py`), vitkit's eager path (the default),
 and vitkit's fused SDPA path, all under vitkit's malloc policy (vitkit.allocator); then the peak memory of one
-call of each (vitkit.bench.speed.peak_memory_mb), each in a fresh process (measured in one process after the
-timings, the readings depended on the order of the implementations by up to 15 MB). Outputs are compared first
-(max abs difference to the reference).
+call of each (vitkit.bench.speed.peak_memory_mb), the median of three fresh processes (measured in one process after the
+timings, the readings depended on the order of the implementations by up to 15 MB), and the deterministic peak
+of live tensors (vitkit.bench.speed.tensor_peak_mb: what the operators allocate, blind to the allocator).
+Outputs are compared first (max abs difference to the reference).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from vitkit import allocator
-from vitkit.bench.speed import peak_memory_mb
+from vitkit.bench.speed import peak_memory_mb, tensor_peak_mb
 from vitkit.layers import HaloAttention
 
 HERE = Path(__file__).resolve().parent
@@ -59,11 +60,17 @@ def _memory_one(dim, size, stride, mode, backward, dtype) -> None:
     print(peak_memory_mb(lambda: run(mode, backward, dtype)))
 
 
-def _memory(dim, size, stride, mode, backward, dtype) -> float | None:
+def _memory(dim, size, stride, mode, backward, dtype, repeats: int = 3) -> float | None:
+    """Median over ``repeats`` fresh processes (single readings of the smallest rows vary by about 1 MB)."""
     args = [str(a) for a in (dim, size, stride, mode, int(backward), dtype)]
-    out = subprocess.run([sys.executable, __file__, "--memory", *args], capture_output=True, text=True, check=True)
-    value = out.stdout.strip().splitlines()[-1]
-    return None if value == "None" else float(value)
+    values = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, __file__, "--memory", *args], capture_output=True, text=True, check=True)
+        value = out.stdout.strip().splitlines()[-1]
+        if value == "None":
+            return None
+        values.append(float(value))
+    return statistics.median(values)
 
 
 def main():
@@ -89,6 +96,9 @@ def main():
                         times[m].append((time.perf_counter() - t0) * 1e3)
                 med = {m: round(statistics.median(t), 2) for m, t in times.items()}
                 mem = {m: _memory(dim, size, stride, m, backward, dtype) for m in times}
+                tensors = {}
+                for m in times:
+                    tensors[m] = round(tensor_peak_mb(lambda m=m, b=backward, d=dtype, f=run: f(m, b, d)), 1)
                 row = dict(
                     dim=dim,
                     size=size,
@@ -100,6 +110,7 @@ def main():
                     speedup_fused=round(med["unfold"] / med["fused"], 2),
                     max_abs_diff=diffs,
                     peak_mem_mb={m: None if v is None else round(v, 1) for m, v in mem.items()},
+                    tensor_peak_mb=tensors,
                 )
                 print(row, flush=True)
                 rows.append(row)

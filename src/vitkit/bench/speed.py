@@ -10,6 +10,7 @@
   high-water mark over the call (``/proc/self/clear_refs`` resets it), measured under
   :func:`vitkit.allocator.exact_accounting` so that freed tensors leave the resident set; the allocator's
   previous policy is restored afterwards, so memory measurement never slows later timings. Elsewhere None.
+  ``tensor_peak_mb`` counts the bytes of live tensors instead: deterministic, blind to the allocator.
 * ``bench_model`` switches the process to :func:`vitkit.allocator.tune_allocator`'s policy first
   (``tune_malloc=False`` keeps glibc's defaults) and records the policy in the row's ``allocator``.
 """
@@ -29,6 +30,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import vitkit
 from vitkit import allocator
@@ -95,6 +99,45 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cpu")
         fn()
         peak = _proc_kb("VmHWM:")
     return None if base is None or peak is None else max(0.0, (peak - base) / 1024)
+
+
+class _LiveTensors(TorchDispatchMode):
+    """Counts the bytes of every tensor storage created by an operator while active, until it is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:  # freed since the last operator
+            self.current -= self.live.pop(key)[1]
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                # views and in-place results share an input's storage; tensors from before the call are not ours
+                if nbytes and key not in self.live and key not in inputs:
+                    self.live[key] = (StorageWeakRef(storage), nbytes)
+                    self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def tensor_peak_mb(fn: Callable[[], object]) -> float:
+    """Peak MiB of tensors created by operators during ``fn`` and alive at the same time (autograd included).
+
+    Deterministic, any device: it counts what the operators allocate, not what the allocator or the OS hold
+    (:func:`peak_memory_mb`), so it does not see allocator caching, fragmentation or memory outside operators
+    (e.g. oneDNN scratch buffers). Tensors that existed before the call are not counted.
+    """
+    with _LiveTensors() as mode:
+        fn()
+    return mode.peak / 2**20
 
 
 @dataclass
