@@ -5,7 +5,7 @@
 For each layer shape, dtype (fp32, bf16 autocast) and pass (forward, forward+backward), the median of 20
 alternating repeats of: the unfold-based reference (`unfold_reference.py`), vitkit's eager path (the default),
 and vitkit's fused SDPA path, all under vitkit's malloc policy (vitkit.allocator); then the peak memory of one
-call of each (vitkit.bench.speed.peak_memory_mb), the median of three fresh processes (measured in one process after the
+call of each (vitkit.bench.speed.peak_memory_mb), the median of five fresh processes (measured in one process after the
 timings, the readings depended on the order of the implementations by up to 15 MB), and the deterministic peak
 of live tensors (vitkit.bench.speed.tensor_peak_mb: what the operators allocate, blind to the allocator).
 Outputs are compared first (max abs difference to the reference).
@@ -60,8 +60,8 @@ def _memory_one(dim, size, stride, mode, backward, dtype) -> None:
     print(peak_memory_mb(lambda: run(mode, backward, dtype)))
 
 
-def _memory(dim, size, stride, mode, backward, dtype, repeats: int = 3) -> float | None:
-    """Median over ``repeats`` fresh processes (single readings of the smallest rows vary by about 1 MB)."""
+def _memory(dim, size, stride, mode, backward, dtype, repeats: int = 5) -> float | None:
+    """Median over ``repeats`` fresh processes (single readings of the smallest rows vary by up to 2.5 MB)."""
     args = [str(a) for a in (dim, size, stride, mode, int(backward), dtype)]
     values = []
     for _ in range(repeats):

@@ -135,7 +135,7 @@ def main(argv=None) -> None:
         print(json.dumps(rows[-1]), flush=True)
     agree = [a for a in (agreement(p) for p in sorted(Path(args.runs).glob("mnist_*-none"))) if a]
     result = {
-        "command": "python benchmarks/speed/run.py " + " ".join(argv or []),
+        "command": " ".join(["python benchmarks/speed/run.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
