@@ -163,7 +163,7 @@ def test_bad_arguments():
 
 def test_chunked_eager_path_equals_one_pass(monkeypatch):
     """Inference runs the logits in chunks of blocks, bitwise equal to one pass; while the probabilities are
-    observed, and while autograd records (training), it runs one pass."""
+    observed it runs one pass; while autograd records, chunks are 8x larger (same values and gradients)."""
     import vitkit.layers.halo_attention as ha
 
     torch.manual_seed(5)
@@ -185,8 +185,16 @@ def test_chunked_eager_path_equals_one_pass(monkeypatch):
     assert [tuple(c[:2]) for c in calls] == [(1, 4), (1, 2)] * 4  # (rows of B*heads, blocks) per chunk
     assert torch.equal(one, chunked)
     calls.clear()
-    trained = layer(x)  # autograd records: one pass
+    trained = layer(x)  # autograd records: chunks 8x larger, here one pass
     assert len(calls) == 1 and torch.equal(trained.detach(), one)
+    (g_one,) = torch.autograd.grad(trained.sum(), x)
+    monkeypatch.setattr(ha, "_CHUNK_LOGITS", 16 * 36)  # one block per chunk at inference, 8 while training
+    calls.clear()
+    trained = layer(x)
+    assert [tuple(c[:2]) for c in calls] == [(1, 6)] * 4
+    (g_chunked,) = torch.autograd.grad(trained.sum(), x)
+    assert torch.equal(trained.detach(), one)
+    torch.testing.assert_close(g_chunked, g_one, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("block,win", [(4, 6), (2, 6), (3, 3)])  # stride-1 and strided (smaller query block)

@@ -295,23 +295,21 @@ class HaloAttention(nn.Module):
         map do not fit in cache (halonet_h1 at 1024 px: 400 MB for its first stage), so they are computed in
         chunks of about ``_CHUNK_LOGITS`` (blocks first, then rows of B*heads); every block is computed exactly
         as in one pass (same products, same sums). One pass while anything observes ``attn_probs``
-        (:func:`vitkit.interpret.capture_attention`), so the probabilities arrive whole, under tracing,
-        export and torch.compile, and while autograd records (the chunks would not save memory there).
+        (:func:`vitkit.interpret.capture_attention`), so the probabilities arrive whole, and under tracing,
+        export and torch.compile. While autograd records, chunks are 8x larger (see below).
         """
         nb, bs2 = q.shape[1:3]
         per_block = bs2 * kT.shape[-1]
-        step_b = max(1, min(nb, _CHUNK_LOGITS // per_block))  # blocks per chunk, then rows of B*heads per chunk
-        step_r = max(1, _CHUNK_LOGITS // (per_block * step_b))
-        # traced/compiled graphs get one pass: a Python loop over the batch would fix the batch size in them.
-        # So does training: every chunk's probabilities are kept for the backward anyway, and the backward
-        # through chunks (smaller products, the split of the concatenated output) measured slower, e.g.
-        # halonet26t's 256-channel 16x16 layer at batch 8, fwd+bwd 37.4 ms chunked, 33.9 ms in one pass.
-        if (
-            hooked(self.attn_probs)
-            or tracing()
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, kT, vT)))
-            or (step_b == nb and q.shape[0] <= step_r)
-        ):
+        # While autograd records, chunks are 8x larger: every chunk's probabilities are kept for the backward
+        # anyway, so small chunks save little memory, and the backward through them (smaller products, the split
+        # of the concatenated output) measured slower: halonet26t's 256-channel 16x16 layer at batch 8, fwd+bwd
+        # 37.4 ms in 8 MiB chunks, 33.9 ms in one pass. The chunks still bound the temporaries of large maps.
+        recording = torch.is_grad_enabled() and any(t.requires_grad for t in (q, kT, vT))
+        limit = _CHUNK_LOGITS * (8 if recording else 1)
+        step_b = max(1, min(nb, limit // per_block))  # blocks per chunk, then rows of B*heads per chunk
+        step_r = max(1, limit // (per_block * step_b))
+        # traced/compiled graphs get one pass: a Python loop over the batch would fix the batch size in them
+        if hooked(self.attn_probs) or tracing() or (step_b == nb and q.shape[0] <= step_r):
             return self._attend(q, kT, vT, key_bias)
         rows = []
         for i in range(0, q.shape[0], step_r):
