@@ -99,8 +99,9 @@ class _SkewedRel(torch.autograd.Function):
         g = g.reshape(B, NB, bs, bs, win, win)
         gp = g.new_zeros(shape).as_strided(shape, stride)  # the layout the forward's views were taken on
         gh, gw = _skewed(gp, win)
-        gh.copy_((g.reshape(-1, win) @ g.new_ones(win)).view(B, NB, bs, bs, win))  # sum over kx: 2.5x faster
-        gw.copy_(g.sum(-2))  # than .sum(-1) over 12-element rows (256-ch 16x16 layer: 0.67 -> 0.26 ms)
+        # the sum over kx as a matrix-vector product: .sum(-1) over 12-element rows was 2.5x slower (256 ch 16x16)
+        gh.copy_((g.reshape(-1, win) @ g.new_ones(win)).view(B, NB, bs, bs, win))
+        gw.copy_(g.sum(-2))
         return gp, None
 
 
