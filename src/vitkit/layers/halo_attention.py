@@ -143,10 +143,10 @@ class _GatherWindows(torch.autograd.Function):
     Forward: pad, then one strided copy per part (runs of ``win`` contiguous pixels). Backward, for ``h <= b``,
     straight into the unpadded map's gradient, one axis at a time: along each axis the windows' cores tile the
     map (one strided copy, no zero fill) and the two halos are one strided add each over the blocks that have
-    that neighbour; columns first, then rows (runs of whole map rows). Nine 2-D pieces at once measured 1.9x
-    slower at 16x16 (the column halos are 2-pixel runs in every piece), rows first 10-27% slower. Larger halos
-    add ``ceil(win / b)^2`` pieces into a zeroed padded buffer and crop it. (``Tensor.unfold``'s backward copies
-    per window offset, and slicing one gathered tensor in two would zero-fill a full-size gradient per slice.)
+    that neighbour; rows first (runs of ``win`` pixels), then columns. (Nine 2-D pieces at once measured 1.9x
+    slower at 16x16: the column halos are 2-pixel runs in every piece.) Larger halos add ``ceil(win / b)^2``
+    pieces into a zeroed padded buffer and crop it. (``Tensor.unfold``'s backward copies per window offset, and
+    slicing one gathered tensor in two would zero-fill a full-size gradient per slice.)
     """
 
     @staticmethod
@@ -174,27 +174,27 @@ class _GatherWindows(torch.autograd.Function):
                         view[:, :, :, :, d].add_(g[..., slice(*rows), slice(*cols)])
             gm = gm[..., h : h + shape[3], h : h + shape[4]]
             return gm.reshape(shape[0], -1, shape[3], shape[4]), None, None, None, None, None
-        # columns first: T (B, G, nh, D, win, W) holds, for every block row and window row, the map's columns
+        # rows first: T (B, G, D, H, nw, win) holds, for every map row, the window columns of each block column
         B, G, D, H, W = shape
-        t = parts[0][0].new_empty(B, G, n[0], D, win, W)
+        t = parts[0][0].new_empty(B, G, D, H, n[1], win)
         if len(parts) == 1:  # one part has no gradient: its channels are zero
-            t[:, :, :, slice(split, None) if parts[0][1].start == 0 else slice(0, split)].zero_()
-        sB, sG, sI, sD, sR, sW = t.stride()
-        for j, (wc, bc, co, tc) in enumerate(_segments(n[1], step, h)):
-            first, count = bc.start + co, bc.stop - bc.start
-            size, stride = (B, G, n[0], count, D, win, tc.stop - tc.start), (sB, sG, sI, step * sW, sD, sR, sW)
-            view = t.as_strided(size, stride, t.storage_offset() + (first * step + tc.start) * sW)
-            for g, d in parts:
-                src = g[:, :, :, bc, :, :, wc]  # (B, G, nh, blocks, D, win, cols)
-                view[:, :, :, :, d].copy_(src) if j == 0 else view[:, :, :, :, d].add_(src)
-        # then rows (runs of whole map rows), into the map's gradient
-        gm = t.new_empty(shape)
-        mB, mG, mD, mH, mW = gm.stride()
+            t[:, :, slice(split, None) if parts[0][1].start == 0 else slice(0, split)].zero_()
+        sB, sG, sD, sH, sJ, sC = t.stride()
         for i, (wr, br, bo, tr) in enumerate(_segments(n[0], step, h)):
             first, count = br.start + bo, br.stop - br.start
-            size, stride = (B, G, count, D, tr.stop - tr.start, W), (mB, mG, step * mH, mD, mH, mW)
-            view = gm.as_strided(size, stride, gm.storage_offset() + (first * step + tr.start) * mH)
-            view.copy_(t[:, :, br, :, wr]) if i == 0 else view.add_(t[:, :, br, :, wr])
+            size, stride = (B, G, count, tr.stop - tr.start, D, n[1], win), (sB, sG, step * sH, sH, sD, sJ, sC)
+            view = t.as_strided(size, stride, t.storage_offset() + (first * step + tr.start) * sH)
+            for g, d in parts:
+                src = g[:, :, br, :, :, wr].permute(0, 1, 2, 5, 4, 3, 6)  # (B, G, blocks, rows, D, nw, win)
+                view[:, :, :, :, d].copy_(src) if i == 0 else view[:, :, :, :, d].add_(src)
+        # then columns, into the map's gradient
+        gm = t.new_empty(shape)
+        mB, mG, mD, mH, mW = gm.stride()
+        for j, (wc, bc, co, tc) in enumerate(_segments(n[1], step, h)):
+            first, count = bc.start + co, bc.stop - bc.start
+            size, stride = (B, G, D, H, count, tc.stop - tc.start), (mB, mG, mD, mH, step * mW, mW)
+            view = gm.as_strided(size, stride, gm.storage_offset() + (first * step + tc.start) * mW)
+            view.copy_(t[..., bc, wc]) if j == 0 else view.add_(t[..., bc, wc])
         return gm.view(B, -1, H, W), None, None, None, None, None
 
 
