@@ -10,26 +10,18 @@ do not add up exactly to the whole layer: alone, their inputs are hot in cache.
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 import torch
 
 from vitkit import allocator
+from vitkit.bench.speed import timeit
 from vitkit.layers import HaloAttention
 from vitkit.layers.halo_attention import _GatherWindows
 
 
-def _ms(fn, n: int = 30) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return round(statistics.median(times) * 1e3, 3)
+def _ms(fn) -> float:
+    return round(timeit(fn, warmup=5, repeats=30) * 1e3, 3)
 
 
 def _both(fn, grads) -> tuple[float, float]:

@@ -13,7 +13,6 @@ Part 2: the operators that cap the ratio, alone at NesT-T's first-level shapes (
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 import vitkit
 from vitkit import allocator
+from vitkit.bench.speed import timeit
 
 HERE = Path(__file__).resolve().parent
 
@@ -62,15 +62,8 @@ def _sublayers(name: str, dtype: torch.dtype) -> dict[str, float]:
     return out
 
 
-def _ms(fn, n: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+def _ms(fn) -> float:
+    return timeit(fn, warmup=3, repeats=20) * 1e3
 
 
 def _ops_alone(dtype: torch.dtype) -> dict[str, float]:

@@ -33,15 +33,15 @@ def _linear_pointwise(x, weight, bias, attr: str, algorithm: str) -> torch.Tenso
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, observed=()) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; at CPU inference one oneDNN matmul with the bias added in its epilogue.
 
     PyTorch's CPU ``addmm`` first copies the bias into every output row and then accumulates the product onto
     it: two extra passes over the output. NesT-T at batch 16 on the 2-core Xeon (qkv, proj, fc2 of every layer,
-    A/B in one process): fp32 17.8 -> 19.2 img/s, bf16 52.2 -> 54.8. ``observed``: modules whose hooks must
-    see the plain call (their presence keeps the plain path). Same conditions as :func:`linear_gelu`.
+    A/B in one process): fp32 17.8 -> 19.2 img/s, bf16 52.2 -> 54.8. Same conditions as :func:`linear_gelu`;
+    callers with a module call it through :func:`apply_linear`, which keeps hooked modules on the plain call.
     """
-    if bias is not None and _onednn_linear_ok(x, weight, observed):
+    if bias is not None and _onednn_linear_ok(x, weight, ()):
         y = _linear_pointwise(x, weight, bias, "none", "")
         if y is not None:
             return y
