@@ -169,3 +169,14 @@ def test_fuse_conv_bn_keeps_outputs_and_removes_batchnorm(name):
     assert n == pairs > 0
     assert not any(isinstance(m.bn, torch.nn.BatchNorm2d) for m in model.modules() if isinstance(m, ConvNormAct))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_bench_torchscript_runtime(dtype):
+    row = bench_model("nest_tiny", img_size=32, batch=2, dtype=dtype, repeats=1, runtime="torchscript", memory=False)
+    assert row.runtime == "torchscript" and row.img_per_s > 0 and row.latency_ms > 0
+    assert row.bf16_mode == ("weights" if dtype == "bf16" else None)
+    with pytest.raises(ValueError, match="inference only"):
+        bench_model("nest_tiny", img_size=32, batch=2, runtime="torchscript", train=True)
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        bench_model("nest_tiny", img_size=32, runtime="tvm")

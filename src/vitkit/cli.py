@@ -417,7 +417,12 @@ def _add_bench(sub) -> None:
     p.add_argument("--fuse-bn", action="store_true", help="fold BatchNorm into convolutions (inference)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--train", action="store_true", help="also measure training-step throughput")
-    p.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"])
+    p.add_argument(
+        "--runtime",
+        default="torch",
+        choices=["torch", "torchscript", "onnxruntime"],
+        help="torch: eager; torchscript: traced, frozen, oneDNN Graph fuser; onnxruntime: fp32 ONNX",
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu")

@@ -5,7 +5,8 @@
 * ``bench_model(...)``: inference throughput at a batch size and latency at batch 1 (warm-up, then the
   median of repeats), optional training-step throughput, peak memory of one forward pass, GMACs and MFU
   = ``2 * MACs * images/s / peak FLOP/s``. ``dtype='bf16'`` tries autocast and bf16 weights and keeps the
-  faster (reported in ``bf16_mode``).
+  faster (reported in ``bf16_mode``). ``runtime='torchscript'`` measures the same model traced and frozen, with
+  TorchScript's oneDNN Graph fuser (:func:`vitkit.export.onednn_graph_fusion`), after checking its output.
 * Peak memory: on CUDA ``max_memory_allocated``; on Linux CPUs the growth of the process's resident-set
   high-water mark over the call (``/proc/self/clear_refs`` resets it), measured under
   :func:`vitkit.allocator.exact_accounting` so that freed tensors leave the resident set; the allocator's
@@ -180,6 +181,9 @@ def _runner(model: nn.Module, mode: str, device: torch.device):
 
 
 LAYOUTS = ("auto", "nchw", "channels_last")
+RUNTIMES = ("torch", "torchscript", "onnxruntime")
+# relative output difference the TorchScript runtime may show against eager before its timing is refused
+TRACE_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
 
 
 def _in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -208,8 +212,12 @@ def bench_model(
     choice is reported, here in ``channels_last``). ``tune_malloc``: switch the process to
     :func:`vitkit.allocator.tune_allocator`'s policy first (reported in ``allocator``). ``fuse_bn``: fold
     BatchNorm into the preceding convolutions for inference (:func:`vitkit.layers.fuse_conv_bn`; reported in
-    ``fused_bn``, the number of folded pairs).
+    ``fused_bn``, the number of folded pairs). ``runtime``: 'torch' (eager PyTorch), 'torchscript' (the model
+    traced and frozen, run with TorchScript's oneDNN Graph fuser; its output is checked against eager first) or
+    'onnxruntime' (fp32).
     """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if layout not in LAYOUTS:
@@ -255,8 +263,12 @@ def bench_model(
         bf16_mode = bf16_mode if dtype == "bf16" else None
         t_one = timeit(lambda: run(xo), repeats=max(repeats, 5))
         mem = peak_memory_mb(lambda: run(xb), dev) if memory else None
+    elif runtime == "torchscript":
+        if compile or train:
+            raise ValueError("--runtime torchscript measures inference only (no --compile or --train)")
+        t_batch, bf16_mode, layout, t_one, mem = _bench_torchscript(model, x, x1, dtype, layouts, repeats, memory)
     else:
-        raise ValueError(f"runtime must be 'torch' or 'onnxruntime', got {runtime!r}")
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if layout == "channels_last":
         model, x = model.to(memory_format=torch.channels_last), _in_layout(x, layout)
     train_ips = _bench_train(model, x, dtype, dev, repeats) if train else None
@@ -303,6 +315,48 @@ def _bench_train(model: nn.Module, x: torch.Tensor, dtype: str, dev: torch.devic
     t = timeit(step, warmup=1, repeats=max(2, repeats // 2))
     model.eval()
     return x.shape[0] / t
+
+
+def _checked_trace(model: nn.Module, x: torch.Tensor, dtype: str) -> torch.jit.ScriptModule:
+    """:func:`vitkit.export.trace_frozen` of ``model`` at ``x``, warmed up (the oneDNN Graph fuser compiles during
+    the profiling calls) and compared with eager: a runtime that computes something else is not timed."""
+    from vitkit.export import trace_frozen
+
+    traced = trace_frozen(model, x)
+    with torch.no_grad():
+        for _ in range(2):
+            out = traced(x)
+        ref = model(x)
+    err = float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+    if not err <= TRACE_TOLERANCE[dtype]:
+        raise RuntimeError(
+            f"{getattr(model, 'name', type(model).__name__)}: the TorchScript runtime's output differs from eager by "
+            f"{err:.2e} (relative; tolerance {TRACE_TOLERANCE[dtype]:.0e} in {dtype}); refusing to time it"
+        )
+    return traced
+
+
+def _bench_torchscript(model, x, x1, dtype: str, layouts: list[str], repeats: int, memory: bool):
+    """Traced, frozen TorchScript with the oneDNN Graph fuser; bf16 as bf16 weights (a trace under autocast would
+    bake its casts in). Times each layout and keeps the faster; batch-1 latency gets its own trace."""
+    from vitkit.export import onednn_graph_fusion
+
+    mode = "weights" if dtype == "bf16" else "fp32"
+    best = None
+    with onednn_graph_fusion(), torch.no_grad():
+        for lay in layouts:
+            m_lay = copy.deepcopy(model).to(memory_format=torch.channels_last) if lay == "channels_last" else model
+            m, _, in_dtype = _runner(m_lay, mode, x.device)
+            xb = _in_layout(x.to(in_dtype), lay)
+            traced = _checked_trace(m, xb, dtype)
+            t = timeit(lambda traced=traced, xb=xb: traced(xb), repeats=repeats)
+            if best is None or t < best[0]:
+                best = (t, lay, m, traced, xb, _in_layout(x1.to(in_dtype), lay))
+        t_batch, layout, m, traced, xb, xo = best
+        one = _checked_trace(m, xo, dtype)
+        t_one = timeit(lambda: one(xo), repeats=max(repeats, 5))
+        mem = peak_memory_mb(lambda: traced(xb), x.device) if memory else None
+    return t_batch, (mode if dtype == "bf16" else None), layout, t_one, mem
 
 
 def _bench_onnx(model: nn.Module, x: torch.Tensor, x1: torch.Tensor, repeats: int):

@@ -328,7 +328,10 @@ class HaloAttention(nn.Module):
         return bias if key_bias is None else bias + key_bias[:, None, :]
 
     def _attend(self, q, kT, vT, key_bias) -> torch.Tensor:
-        attn = (q @ kT).mul_(self.scale).add_(self._logit_bias(q, key_bias))
+        if tracing():  # same values out of place: TorchScript's oneDNN Graph fuser mis-types the in-place pair
+            attn = (q @ kT) * self.scale + self._logit_bias(q, key_bias)
+        else:
+            attn = (q @ kT).mul_(self.scale).add_(self._logit_bias(q, key_bias))
         attn = self.attn_probs(attn.softmax(dim=-1))
         return attn @ vT.transpose(-2, -1)  # (rows, blocks, bs*bs, dv)
 
