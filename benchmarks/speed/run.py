@@ -15,6 +15,7 @@ Each model runs in a fresh process.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -46,13 +47,18 @@ def target_mfu(name: str) -> float:
     return min(2 * REFERENCE_MFU[name], 0.35)
 
 
-def agreement(run_dir: Path) -> dict | None:
-    """Top-1 agreement of bf16 autocast with fp32 on the held-out MNIST digits for a trained run."""
+def agreement(run_dir: Path, runtime: str = "torch") -> dict | None:
+    """Top-1 agreement of bf16 with fp32 (eager) on the held-out MNIST digits for a trained run.
+
+    bf16 is autocast in eager (``runtime='torch'``), or the model in bf16 weights traced and frozen with the oneDNN
+    Graph fuser (``'torchscript'``, as ``vitkit bench --runtime torchscript`` runs it).
+    """
     if not (run_dir / "run.json").is_file():
         return None
     from vitkit.data.datasets import build_dataset
     from vitkit.data.loader import TransformView, eval_plan
     from vitkit.data.transforms import EvalTransform
+    from vitkit.export import onednn_graph_fusion, trace_frozen
     from vitkit.train.inference import load_run
 
     model, info = load_run(run_dir, "best")
@@ -60,18 +66,23 @@ def agreement(run_dir: Path) -> dict | None:
     view = TransformView(ds, EvalTransform.from_data_config(info["data_config"]), 0)
     size = tuple(info["data_config"]["input_size"][1:])
     preds = {"fp32": [], "bf16": []}
-    labels = []
-    with torch.inference_mode():
+    labels, traced = [], None
+    with torch.no_grad(), onednn_graph_fusion(runtime == "torchscript"):
         for batch in eval_plan(len(ds), 250, size):
             x = torch.stack([view[k][0] for k in batch])
             labels += [ds[k[0]][1] for k in batch]
             preds["fp32"].append(model(x).argmax(1))
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                preds["bf16"].append(model(x).argmax(1))
+            if runtime == "torchscript":
+                traced = traced or trace_frozen(copy.deepcopy(model).to(torch.bfloat16), x.to(torch.bfloat16))
+                preds["bf16"].append(traced(x.to(torch.bfloat16)).argmax(1))
+            else:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    preds["bf16"].append(model(x).argmax(1))
     p32, p16, y = torch.cat(preds["fp32"]), torch.cat(preds["bf16"]), torch.tensor(labels)
     return {
         "run": str(run_dir.relative_to(REPO)),
         "model": info["model"],
+        "runtime": runtime,
         "images": len(y),
         "agreement": (p32 == p16).float().mean().item(),
         "fp32_top1": (p32 == y).float().mean().item(),

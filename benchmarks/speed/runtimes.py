@@ -6,7 +6,8 @@
 Each model runs in a fresh process through ``vitkit.bench.speed.bench_model`` at batch 16 with the same settings
 as ``run.py`` (speed malloc, the faster layout, BatchNorm folded; bf16 = the faster of autocast and bf16 weights
 in eager, bf16 weights in TorchScript). The TorchScript runtime's output is checked against eager before it is
-timed. "best bf16 / best fp32" divides the faster runtime of each precision.
+timed. "best bf16 / best fp32" divides the faster runtime of each precision. Then the TorchScript bf16 runtime's
+top-1 agreement with fp32 on the 2,000 held-out MNIST digits through the models trained by benchmarks/mnist.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+from run import agreement  # this directory's run.py (the script directory is on sys.path)
 
 from vitkit.bench.speed import bench_model
 from vitkit.export import ExportError
@@ -101,10 +103,22 @@ def main(argv=None) -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
+    runs = sorted((HERE.parents[1] / "runs" / "bench-mnist").glob("mnist_*-none"))
+    agree = [a for a in (agreement(p, "torchscript") for p in runs) if a]
     command = " ".join(["python benchmarks/speed/runtimes.py", *(sys.argv[1:] if argv is None else argv)])
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": 2, "torch": torch.__version__}
-    Path(args.out).write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=2))
+    result = {"command": command, "machine": machine, "rows": rows, "bf16_agreement": agree}
+    Path(args.out).write_text(json.dumps(result, indent=2))
     text = f"{command}  (torch {torch.__version__}, {machine['threads']} threads, batch {args.batch})\n\n" + table(rows)
+    text += "\nTorchScript bf16 (weights) top-1 agreement with fp32 eager, 2,000 held-out MNIST digits:\n\n"
+    text += (
+        "\n".join(
+            f"- {a['model']} ({a['run']}): {100 * a['agreement']:.2f}% (top-1 fp32 {100 * a['fp32_top1']:.2f}%, "
+            f"bf16 {100 * a['bf16_top1']:.2f}%)"
+            for a in agree
+        )
+        + "\n"
+    )
     Path(args.out).with_suffix(".md").write_text(text)
     print(text)
 

@@ -4,6 +4,9 @@ Every export is checked before it is reported as done: the exported artefact is 
 the eager model and the largest absolute difference is returned (ONNX through onnxruntime when the
 optional ``export`` extra is installed). A model that cannot be exported in a format raises
 :class:`ExportError` naming the model, the format and the exporter's reason.
+
+:func:`trace_frozen` and :func:`onednn_graph_fusion` are the TorchScript inference runtime that
+``vitkit bench --runtime torchscript`` measures.
 """
 
 from __future__ import annotations
