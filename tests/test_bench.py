@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vitkit
 from vitkit.bench.speed import bench_model, matmul_peak, peak_memory_mb, tensor_peak_mb, timeit
@@ -169,6 +171,48 @@ def test_fuse_conv_bn_keeps_outputs_and_removes_batchnorm(name):
     assert n == pairs > 0
     assert not any(isinstance(m.bn, torch.nn.BatchNorm2d) for m in model.modules() if isinstance(m, ConvNormAct))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("act", [torch.nn.ReLU, torch.nn.SiLU, torch.nn.Hardswish, None])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_folded_conv_act_is_one_onednn_conv_with_the_plain_values(act, layout):
+    from vitkit.layers import fuse_conv_bn
+    from vitkit.layers.conv_bn import ConvNormAct, conv_act
+
+    torch.manual_seed(0)
+    fused_available = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    for k, stride, groups in ((3, 1, 1), (3, 2, 1), (1, 1, 1), (3, 1, 16)):
+        m = ConvNormAct(16, 32 if groups == 1 else 16, k, stride, groups, act_layer=act).eval()
+        torch.nn.init.normal_(m.bn.running_mean), torch.nn.init.normal_(m.bn.bias)  # a bias that shows
+        fuse_conv_bn(m)
+        x = torch.randn(2, 16, 13, 11).contiguous(memory_format=layout)
+        plain = m.act(m.conv(x)).detach()  # the modules one by one
+        with torch.no_grad():
+            if fused_available:
+                assert conv_act(m.conv, m.act, x) is not None  # the fused convolution is what runs below
+            out = m(x)
+            exact = act in (None, torch.nn.ReLU)  # max(0, .) and identity commute with the epilogue
+            torch.testing.assert_close(out, plain, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-5)
+            assert out.is_contiguous(memory_format=layout)
+            m16, x16 = copy.deepcopy(m).bfloat16(), x.bfloat16()
+            c16 = m16.conv
+            ref16 = m16.act(  # fp32 math on the bf16 weights and input, one final rounding
+                F.conv2d(x16.float(), c16.weight.float(), c16.bias.float(), c16.stride, c16.padding, 1, c16.groups)
+            )
+            ref16 = ref16.bfloat16().float()
+            torch.testing.assert_close(m16(x16).float(), ref16, rtol=2**-7, atol=2**-7 * ref16.abs().max().item())
+    # autograd records: the plain path, with gradients
+    xg = x.clone().requires_grad_(True)
+    assert conv_act(m.conv, m.act, xg) is None
+    m(xg).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    # an observed module runs as a module
+    seen = []
+    m.conv.register_forward_hook(lambda mod, a, o: seen.append(o))
+    with torch.no_grad():
+        assert conv_act(m.conv, m.act, x) is None
+        m(x)
+    assert len(seen) == 1
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.layers.helpers import apply_act
+from vitkit.layers.helpers import apply_act, hooked, onednn_inference_ok
 
 
 def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:
@@ -35,7 +35,43 @@ class ConvNormAct(nn.Module):
         self.act = act_layer() if act_layer is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.bn, nn.Identity) and not hooked(self.bn):  # BatchNorm folded: maybe one fused conv
+            y = conv_act(self.conv, self.act, x)
+            if y is not None:
+                return y
         return apply_act(self.act, self.bn(self.conv(x)))
+
+
+# activations oneDNN can apply in a convolution's epilogue (attr names of torch.ops.mkldnn._convolution_pointwise)
+_CONV_EPILOGUE = {nn.Identity: "none", nn.ReLU: "relu", nn.SiLU: "swish", nn.Hardswish: "hardswish"}
+
+
+def conv_act(conv: nn.Conv2d, act: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``act(conv(x))`` as one oneDNN convolution with bias and activation in its epilogue, or None when that
+    path does not apply (training, autocast, tracing, hooks, other activations or padding modes): the caller
+    then runs the plain modules.
+
+    Used at inference once BatchNorm is folded. Batch 16, channels_last, on the 2-core Xeon, A/B in one process,
+    ms per forward: HaloNet-26T bf16 183-213 -> 159-166 (fp32 within noise), MobileViT-XXS fp32 117-120 -> 114,
+    MobileViT-XS bf16 142-148 -> 133-142. ReLU gives the plain path's values exactly; SiLU/Hardswish are applied
+    before the output is rounded (bf16 differs by up to one step).
+    """
+    attr = _CONV_EPILOGUE.get(type(act))
+    if (
+        attr is None
+        or x.dim() != 4
+        or conv.padding_mode != "zeros"
+        or isinstance(conv.padding, str)
+        or not onednn_inference_ok(x, conv.weight, (conv, act), "_convolution_pointwise")
+    ):
+        return None
+    try:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+            attr, [], "",
+        )  # fmt: skip
+    except RuntimeError:  # a oneDNN build without this op or fusion: the plain path
+        return None
 
 
 @torch.no_grad()

@@ -21,6 +21,22 @@ def hooked(*modules: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
+def onednn_inference_ok(x: torch.Tensor, weight: torch.Tensor, observed: tuple[nn.Module, ...], op: str) -> bool:
+    """Whether a layer may run as one oneDNN primitive ``torch.ops.mkldnn.<op>`` with a fused epilogue: CPU
+    inference in fp32/bf16 with matching weights, outside autocast and tracing, nothing observing the modules."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and weight.dtype == x.dtype
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.is_autocast_enabled("cpu")
+        and not hooked(*observed)
+        and not tracing()
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, op)
+    )
+
+
 def tracing() -> bool:
     """True under TorchScript tracing, torch.compile or torch.export: graphs take the plain, shape-generic path."""
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()

@@ -6,23 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.layers.helpers import apply_act, hooked, tracing
+from vitkit.layers.helpers import apply_act, hooked, onednn_inference_ok
 
 
 def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor, observed: tuple[nn.Module, ...]) -> bool:
-    """Whether a linear layer may run as one oneDNN matmul with a fused epilogue: CPU inference in fp32/bf16
-    with matching weights, outside autocast and tracing, and with nothing observing the modules involved."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and weight.dtype == x.dtype
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not torch.is_autocast_enabled("cpu")
-        and not hooked(*observed)
-        and not tracing()
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    return onednn_inference_ok(x, weight, observed, "_linear_pointwise")
 
 
 def _linear_pointwise(x, weight, bias, attr: str, algorithm: str) -> torch.Tensor | None:
