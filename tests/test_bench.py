@@ -215,6 +215,42 @@ def test_folded_conv_act_is_one_onednn_conv_with_the_plain_values(act, layout):
     assert len(seen) == 1
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_residual_conv_add_act_fused_equals_the_plain_block_end(layout, monkeypatch):
+    from vitkit.layers import fuse_conv_bn
+    from vitkit.layers.conv_bn import ConvNormAct, conv_residual_act
+
+    torch.manual_seed(0)
+    cna = ConvNormAct(24, 32, 1, act_layer=None).eval()
+    torch.nn.init.normal_(cna.bn.running_mean), torch.nn.init.normal_(cna.bn.bias)
+    fuse_conv_bn(cna)
+    act, drop = torch.nn.ReLU(), torch.nn.Identity()
+    y = torch.randn(2, 24, 9, 7).contiguous(memory_format=layout)
+    shortcut = torch.randn(2, 32, 9, 7).contiguous(memory_format=layout)
+    plain = torch.relu(cna.conv(y) + shortcut).detach()
+    fused_available = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    shortcut_before = shortcut.clone()
+    with torch.no_grad():
+        with monkeypatch.context() as mp:
+            if fused_available:  # the fused op must not fall back to calling the module
+                mp.setattr(ConvNormAct, "forward", lambda self, x: pytest.fail("plain path taken at inference"))
+            out = conv_residual_act(cna, y, shortcut, drop, act)
+        torch.testing.assert_close(out, plain, rtol=0, atol=0)  # fp32: the same sums, the same rounding
+        c16 = copy.deepcopy(cna).bfloat16()
+        out16 = conv_residual_act(c16, y.bfloat16(), shortcut.bfloat16(), drop, act).float()
+        torch.testing.assert_close(out16, plain, rtol=0.02, atol=0.05)
+        assert torch.equal(shortcut, shortcut_before)  # the fused op leaves its residual input alone
+    # training / autograd and an observed module: the plain path, gradients flow to both inputs
+    yg, sg = y.clone().requires_grad_(True), shortcut.clone().requires_grad_(True)
+    conv_residual_act(cna, yg, sg, drop, act).sum().backward()
+    assert yg.grad.abs().sum() > 0 and sg.grad.abs().sum() > 0
+    seen = []
+    cna.register_forward_hook(lambda m, a, o: seen.append(o))
+    with torch.no_grad():
+        torch.testing.assert_close(conv_residual_act(cna, y, shortcut, drop, act), plain, rtol=0, atol=0)
+    assert len(seen) == 1
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_bench_torchscript_runtime(dtype):
     row = bench_model("nest_tiny", img_size=32, batch=2, dtype=dtype, repeats=1, runtime="torchscript", memory=False)

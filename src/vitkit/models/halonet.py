@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from vitkit.layers import ConvNormAct, DropPath, HaloAttention, drop_path_schedule, make_divisible
+from vitkit.layers.conv_bn import conv_residual_act
 from vitkit.layers.helpers import apply_act
 from vitkit.models._base import ConvStagesModel, FeatureInfo
 from vitkit.models._registry import PretrainedCfg, default_cfg, register_variant
@@ -99,8 +100,8 @@ class BottleneckBlock(nn.Module):
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv3_1x1(self.attn(self.conv2_kxk(self.conv1_1x1(x))))
-        return apply_act(self.act, self.drop_path(y) + self.shortcut(x))
+        y = self.attn(self.conv2_kxk(self.conv1_1x1(x)))
+        return conv_residual_act(self.conv3_1x1, y, self.shortcut(x), self.drop_path, self.act)
 
 
 class SelfAttnBlock(nn.Module):
@@ -125,8 +126,8 @@ class SelfAttnBlock(nn.Module):
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv3_1x1(self.attn(self.post_attn(self.self_attn(self.conv1_1x1(x)))))
-        return apply_act(self.act, self.drop_path(y) + self.shortcut(x))
+        y = self.attn(self.post_attn(self.self_attn(self.conv1_1x1(x))))
+        return conv_residual_act(self.conv3_1x1, y, self.shortcut(x), self.drop_path, self.act)
 
 
 _BLOCKS = {"b": BottleneckBlock, "sa": SelfAttnBlock}
