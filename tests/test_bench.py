@@ -215,8 +215,9 @@ def test_folded_conv_act_is_one_onednn_conv_with_the_plain_values(act, layout):
     assert len(seen) == 1
 
 
+@pytest.mark.parametrize("with_act", [True, False])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_residual_conv_add_act_fused_equals_the_plain_block_end(layout, monkeypatch):
+def test_residual_conv_add_act_fused_equals_the_plain_block_end(layout, with_act, monkeypatch):
     from vitkit.layers import fuse_conv_bn
     from vitkit.layers.conv_bn import ConvNormAct, conv_residual_act
 
@@ -224,10 +225,11 @@ def test_residual_conv_add_act_fused_equals_the_plain_block_end(layout, monkeypa
     cna = ConvNormAct(24, 32, 1, act_layer=None).eval()
     torch.nn.init.normal_(cna.bn.running_mean), torch.nn.init.normal_(cna.bn.bias)
     fuse_conv_bn(cna)
-    act, drop = torch.nn.ReLU(), torch.nn.Identity()
+    act, drop = (torch.nn.ReLU() if with_act else None), torch.nn.Identity()
     y = torch.randn(2, 24, 9, 7).contiguous(memory_format=layout)
     shortcut = torch.randn(2, 32, 9, 7).contiguous(memory_format=layout)
-    plain = torch.relu(cna.conv(y) + shortcut).detach()
+    plain = (cna.conv(y) + shortcut).detach()
+    plain = torch.relu(plain) if with_act else plain
     fused_available = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
     shortcut_before = shortcut.clone()
     with torch.no_grad():

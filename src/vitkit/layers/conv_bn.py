@@ -75,9 +75,10 @@ def conv_act(conv: nn.Conv2d, act: nn.Module, x: torch.Tensor) -> torch.Tensor |
 
 
 def conv_residual_act(
-    cna: ConvNormAct, y: torch.Tensor, shortcut: torch.Tensor, drop_path: nn.Module, act: nn.Module
+    cna: ConvNormAct, y: torch.Tensor, shortcut: torch.Tensor, drop_path: nn.Module, act: nn.Module | None
 ) -> torch.Tensor:
-    """``act(drop_path(cna(y)) + shortcut)``, the end of a residual block whose last ``cna`` has no activation.
+    """``act(drop_path(cna(y)) + shortcut)``, the end of a residual block whose last ``cna`` has no activation
+    (``act=None``: no activation after the sum, as in MobileNetV2's inverted residual).
 
     At inference with ``cna``'s BatchNorm folded this is one oneDNN convolution with the bias, the residual add
     and the activation in its epilogue (``_convolution_pointwise.binary``): no separate pass over the block's
@@ -85,8 +86,9 @@ def conv_residual_act(
     Xeon): bf16 2.5 -> 1.3 ms (256 -> 1024 ch, 16x16), fp32 24.9 -> 17.3 ms (128 -> 512 ch, 32x32); fp32 values
     equal the plain path's exactly, bf16 adds before rounding. Otherwise the modules run one by one.
     """
-    attr = _CONV_EPILOGUE.get(type(act))
+    attr = "none" if act is None else _CONV_EPILOGUE.get(type(act))
     conv = cna.conv
+    observed = (cna, conv, cna.bn, cna.act, drop_path) + (() if act is None else (act,))
     if (
         attr is not None
         and isinstance(cna.bn, nn.Identity)
@@ -96,17 +98,18 @@ def conv_residual_act(
         and shortcut.dtype == y.dtype
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
-        and onednn_inference_ok(y, conv.weight, (cna, conv, cna.bn, cna.act, drop_path, act), "_convolution_pointwise")
+        and onednn_inference_ok(y, conv.weight, observed, "_convolution_pointwise")
         and not (torch.is_grad_enabled() and shortcut.requires_grad)
     ):
         try:
             return torch.ops.mkldnn._convolution_pointwise.binary(
                 y, shortcut, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
-                conv.groups, "add", None, attr, [], "",
+                conv.groups, "add", None, None if attr == "none" else attr, [], None,
             )  # fmt: skip
         except RuntimeError:  # shapes or a oneDNN build the fused op does not take: the plain path
             pass
-    return apply_act(act, drop_path(cna(y)) + shortcut)
+    out = drop_path(cna(y)) + shortcut
+    return out if act is None else apply_act(act, out)
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitkit.layers import Block, ConvNormAct, DropPath, drop_path_schedule, make_divisible
+from vitkit.layers.conv_bn import conv_residual_act
 from vitkit.layers.helpers import apply_act
 from vitkit.models._base import ConvStagesModel, FeatureInfo
 from vitkit.models._registry import PretrainedCfg, default_cfg, register_variant
@@ -76,8 +77,10 @@ class InvertedResidual(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv3_1x1(self.conv2_kxk(self.conv1_1x1(x)))
-        return x + self.drop_path(y) if self.has_residual else y
+        y = self.conv2_kxk(self.conv1_1x1(x))
+        if self.has_residual:  # x + drop_path(conv3(y)), one fused convolution at inference once BN is folded
+            return conv_residual_act(self.conv3_1x1, y, x, self.drop_path, None)
+        return self.conv3_1x1(y)
 
 
 class MobileViTBlock(nn.Module):
