@@ -263,12 +263,10 @@ def bench_model(
         bf16_mode = bf16_mode if dtype == "bf16" else None
         t_one = timeit(lambda: run(xo), repeats=max(repeats, 5))
         mem = peak_memory_mb(lambda: run(xb), dev) if memory else None
-    elif runtime == "torchscript":
+    else:  # "torchscript" (the runtime was validated above)
         if compile or train:
             raise ValueError("--runtime torchscript measures inference only (no --compile or --train)")
         t_batch, bf16_mode, layout, t_one, mem = _bench_torchscript(model, x, x1, dtype, layouts, repeats, memory)
-    else:
-        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if layout == "channels_last":
         model, x = model.to(memory_format=torch.channels_last), _in_layout(x, layout)
     train_ips = _bench_train(model, x, dtype, dev, repeats) if train else None

@@ -57,21 +57,27 @@ def conv_act(conv: nn.Conv2d, act: nn.Module, x: torch.Tensor) -> torch.Tensor |
     before the output is rounded (bf16 differs by up to one step).
     """
     attr = _CONV_EPILOGUE.get(type(act))
-    if (
-        attr is None
-        or x.dim() != 4
-        or conv.padding_mode != "zeros"
-        or isinstance(conv.padding, str)
-        or not onednn_inference_ok(x, conv.weight, (conv, act), "_convolution_pointwise")
-    ):
+    if attr is None or not _onednn_conv_ok(conv, x, (conv, act)):
         return None
     try:
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-            attr, [], "",
-        )  # fmt: skip
+        return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, *_geometry(conv), attr, [], "")
     except RuntimeError:  # a oneDNN build without this op or fusion: the plain path
         return None
+
+
+def _onednn_conv_ok(conv: nn.Conv2d, x: torch.Tensor, observed: tuple[nn.Module, ...]) -> bool:
+    """:func:`onednn_inference_ok` for a 2-D convolution with explicit zero padding (what the fused op takes)."""
+    return (
+        x.dim() == 4
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and onednn_inference_ok(x, conv.weight, observed, "_convolution_pointwise")
+    )
+
+
+def _geometry(conv: nn.Conv2d) -> tuple[list[int], list[int], list[int], int]:
+    """``padding, stride, dilation, groups`` as ``torch.ops.mkldnn._convolution_pointwise`` takes them."""
+    return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
 
 
 def conv_residual_act(
@@ -94,17 +100,14 @@ def conv_residual_act(
         and isinstance(cna.bn, nn.Identity)
         and isinstance(cna.act, nn.Identity)
         and (isinstance(drop_path, nn.Identity) or not drop_path.training)
-        and y.dim() == 4
         and shortcut.dtype == y.dtype
-        and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str)
-        and onednn_inference_ok(y, conv.weight, observed, "_convolution_pointwise")
+        and _onednn_conv_ok(conv, y, observed)
         and not (torch.is_grad_enabled() and shortcut.requires_grad)
     ):
         try:
             return torch.ops.mkldnn._convolution_pointwise.binary(
-                y, shortcut, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
-                conv.groups, "add", None, None if attr == "none" else attr, [], None,
+                y, shortcut, conv.weight, conv.bias, *_geometry(conv), "add", None,
+                None if attr == "none" else attr, [], None,
             )  # fmt: skip
         except RuntimeError:  # shapes or a oneDNN build the fused op does not take: the plain path
             pass
