@@ -178,11 +178,17 @@ def test_chunked_eager_path_equals_one_pass(monkeypatch):
         one = layer(x)  # observed: one pass
     hook.remove()
     assert len(probs) == 1 and probs[0].shape == (4, 6, 16, 36) and len(calls) == 1
-    monkeypatch.setattr(ha, "_CHUNK_LOGITS", 4 * 16 * 36)  # four of the six blocks per chunk: uneven chunks
+    monkeypatch.setattr(ha, "_CHUNK_LOGITS", 4 * 16 * 36)  # at most four of the six blocks: two equal chunks
     calls.clear()
     with torch.no_grad():
         chunked = layer(x)
-    assert [tuple(c[:2]) for c in calls] == [(1, 4), (1, 2)] * 4  # (rows of B*heads, blocks) per chunk
+    assert [tuple(c[:2]) for c in calls] == [(1, 3), (1, 3)] * 4  # (rows of B*heads, blocks) per chunk
+    assert torch.equal(one, chunked)
+    monkeypatch.setattr(ha, "_CHUNK_LOGITS", 3 * 6 * 16 * 36)  # all blocks of at most three rows: 2 + 2 rows
+    calls.clear()
+    with torch.no_grad():
+        chunked = layer(x)
+    assert [tuple(c[:2]) for c in calls] == [(2, 6), (2, 6)]
     assert torch.equal(one, chunked)
     calls.clear()
     trained = layer(x)  # autograd records: chunks 8x larger, here one pass
@@ -211,3 +217,28 @@ def test_relative_logits_gradcheck_for_queries_and_both_tables(block, win):
 
     tables = (pos.height_rel.detach().requires_grad_(), pos.width_rel.detach().requires_grad_())
     assert torch.autograd.gradcheck(logits, (q, *tables), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("block,win", [(4, 6), (2, 6)])
+def test_relative_logits_are_the_two_axis_logits_summed_once(block, win):
+    """``rows(q) @ spread`` (a GEMM with two non-zero terms per output) is ``rh[ky] + rw[kx]`` rounded once:
+    bitwise the broadcast sum of index-gathered per-axis logits in fp32, and that sum in fp32 rounded to bf16
+    once in bf16."""
+    from vitkit.layers.halo_attention import PosEmbedRel
+
+    torch.manual_seed(1)
+    pos = PosEmbedRel(block, win, 8, 0.5)
+    q = torch.randn(2, 3, block * block, 8)
+    ys = torch.arange(block)[:, None, None]
+    ks = torch.arange(win)[None, None, :]
+    for dtype in (torch.float32, torch.bfloat16):
+        qd = q.to(dtype)
+        p = qd.reshape(2, 3, block, block, 8) @ torch.cat([pos.height_rel, pos.width_rel]).to(dtype).t()
+        r = 2 * win - 1
+        idx_h = (ks - ys + win - 1).expand(block, block, win)  # [y, x, ky]
+        idx_w = (ks - ys.transpose(0, 1) + win - 1).expand(block, block, win)  # [y, x, kx]
+        rh = p[..., :r].gather(-1, idx_h.expand(2, 3, -1, -1, -1))
+        rw = p[..., r:].gather(-1, idx_w.expand(2, 3, -1, -1, -1))
+        expected = (rh.float()[..., :, None] + rw.float()[..., None, :]).to(dtype).reshape(2, 3, block * block, -1)
+        with torch.no_grad():
+            assert torch.equal(pos(qd), expected), dtype
