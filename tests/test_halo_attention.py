@@ -121,7 +121,17 @@ def test_gradcheck_float64():
 
 @pytest.mark.parametrize(
     "b,h,nh,nw",
-    [(4, 1, 3, 2), (4, 2, 2, 3), (3, 3, 3, 2), (4, 0, 3, 2), (4, 2, 1, 1), (4, 1, 1, 3), (2, 3, 3, 2), (2, 5, 2, 2)],
+    [
+        (4, 1, 3, 2),
+        (4, 2, 2, 3),
+        (3, 3, 3, 2),
+        (4, 0, 3, 2),
+        (4, 2, 1, 1),
+        (4, 1, 1, 3),
+        (2, 3, 3, 2),
+        (2, 5, 2, 2),
+        (2, 5, 1, 1),
+    ],
 )  # halo pieces on 1-3 block rows/cols, halo = block, no halo, one block; halos wider than the block (fallback)
 @pytest.mark.parametrize("parts", ["kv", "k", "v"])
 def test_window_gather_equals_unfold_forward_and_backward(b, h, nh, nw, parts):
