@@ -151,10 +151,10 @@ class _GatherWindows(torch.autograd.Function):
     (B, G, nh, nw, D_i, win, win) (keys and values).
 
     Forward: pad, then one strided copy per part (runs of ``win`` contiguous pixels); a one-block map is copied
-    into a zeroed frame per part instead (no padded copy: halonet26t's 8x8 kv map, 0.63 -> 0.37 ms). Backward, for ``h <= b``,
-    straight into the unpadded map's gradient, one axis at a time: along each axis the windows' cores tile the
-    map (one strided copy, no zero fill) and the two halos are one strided add each over the blocks that have
-    that neighbour; rows first (runs of ``win`` pixels), then columns. (Nine 2-D pieces at once measured 1.9x
+    into a zeroed frame per part instead (no padded copy: halonet26t's 8x8 kv map, 0.63 -> 0.37 ms). Backward,
+    for ``h <= b``, straight into the unpadded map's gradient, one axis at a time: along each axis the windows'
+    cores tile the map (one strided copy, no zero fill) and the two halos are one strided add each over the blocks
+    that have that neighbour; rows first (runs of ``win`` pixels), then columns. (Nine 2-D pieces at once measured 1.9x
     slower at 16x16: the column halos are 2-pixel runs in every piece.) Larger halos add ``ceil(win / b)^2``
     pieces into a zeroed padded buffer and crop it. (``Tensor.unfold``'s backward copies per window offset, and
     slicing one gathered tensor in two would zero-fill a full-size gradient per slice.)
@@ -214,6 +214,52 @@ class _GatherWindows(torch.autograd.Function):
             view = gm.as_strided(size, stride, gm.storage_offset() + (first * step + tc.start) * mW)
             view.copy_(t[..., bc, wc]) if j == 0 else view.add_(t[..., bc, wc])
         return gm.view(B, -1, H, W), None, None, None, None, None
+
+
+def _probabilities(q, kT, rows, spread, scale, key_bias, inplace: bool) -> torch.Tensor:
+    """``softmax((q k^T) * scale + rows @ spread + key_bias)`` over the last axis, rounded as the reference:
+    the scaled logits plus ``rh + rw`` (the GEMM onto the logits adds their sum, rounded once), then the mask
+    (0 or the dtype's minimum). ``inplace``: every step after the first product writes into its output."""
+    attn = (q @ kT).mul_(scale)
+    rows, spread = rows.reshape(-1, rows.shape[-1]), spread.to(attn.dtype)
+    if inplace:
+        attn.view(-1, attn.shape[-1]).addmm_(rows, spread)
+        if key_bias is not None:
+            attn.add_(key_bias[:, None, :])
+        return torch.ops.aten._softmax.out(attn, -1, False, out=attn)
+    # out of place: autograd's backward of an in-place op on a view copies the whole gradient
+    attn = torch.addmm(attn.view(-1, attn.shape[-1]), rows, spread).view(attn.shape)
+    return (attn if key_bias is None else attn + key_bias[:, None, :]).softmax(dim=-1)
+
+
+class _Attend(torch.autograd.Function):
+    """``_probabilities(...) @ vT^T`` computed in place, with a hand-written backward that keeps only the
+    probabilities: the scale is applied to the two small query/key gradients instead of the logits-sized one,
+    and the relative rows' gradient is one GEMM with ``spread^T`` (the per-axis sums)."""
+
+    @staticmethod
+    def forward(ctx, q, kT, vT, rows, spread, scale, key_bias):
+        p = _probabilities(q, kT, rows, spread, scale, key_bias, inplace=True)
+        ctx.save_for_backward(q, kT, vT, p, spread)
+        ctx.scale, ctx.rows_shape = scale, rows.shape
+        return p @ vT.transpose(-2, -1)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, kT, vT, p, spread = ctx.saved_tensors
+        need_q, need_k, need_v, need_rows = ctx.needs_input_grad[:4]
+        gq = gk = gv = grows = None
+        if need_v:
+            gv = g.transpose(-2, -1) @ p
+        if need_q or need_k or need_rows:
+            gl = torch._softmax_backward_data(g @ vT, p, -1, p.dtype)  # d loss / d logits
+            if need_q:
+                gq = (gl @ kT.transpose(-2, -1)).mul_(ctx.scale)
+            if need_k:
+                gk = (q.transpose(-2, -1) @ gl).mul_(ctx.scale)
+            if need_rows:
+                grows = (gl.view(-1, gl.shape[-1]) @ spread.to(gl.dtype).t()).view(ctx.rows_shape)
+        return gq, gk, gv, grows, None, None, None
 
 
 def _bf16_cpu(x: torch.Tensor) -> bool:
@@ -383,23 +429,20 @@ class HaloAttention(nn.Module):
         return bias if key_bias is None else bias + key_bias[:, None, :]
 
     def _attend(self, q, kT, vT, key_bias, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``softmax((q k^T) * scale + rel) v`` with the reference's roundings: the scaled logits plus
-        ``rh + rw`` rounded once (the GEMM ``[rh | rw] @ spread`` accumulated onto the logits), then the mask."""
+        """``softmax((q k^T) * scale + rel) v`` with the reference's roundings (see :func:`_probabilities`).
+
+        At inference everything after the first product runs in place; while autograd records, through
+        :class:`_Attend` (in place too, with a hand-written backward), or, while something observes the
+        probabilities, through autograd's own ops so that hooks see (and may replace) them.
+        """
         if tracing():  # same values out of place: TorchScript's oneDNN Graph fuser mis-types the in-place pair
-            attn = (q @ kT) * self.scale + self._logit_bias(q, key_bias)
-        else:
-            attn = (q @ kT).mul_(self.scale)
-            rows, spread = self.pos_embed.rows(q).view(-1, 2 * self.win_size), self.pos_embed.spread.to(attn.dtype)
-            if attn.requires_grad:  # out of place: autograd's backward of an in-place op on a view copies the grad
-                attn = torch.addmm(attn.view(-1, attn.shape[-1]), rows, spread).view(attn.shape)
-            else:
-                attn.view(-1, attn.shape[-1]).addmm_(rows, spread)
-            if key_bias is not None:
-                attn = attn + key_bias[:, None, :] if attn.requires_grad else attn.add_(key_bias[:, None, :])
-        if attn.requires_grad or tracing():
-            attn = attn.softmax(dim=-1)
-        else:  # in place: the logits are not needed again (saves a logits-sized buffer and its traffic)
-            attn = torch.ops.aten._softmax.out(attn, -1, False, out=attn)
+            attn = ((q @ kT) * self.scale + self._logit_bias(q, key_bias)).softmax(dim=-1)
+            return self.attn_probs(attn) @ vT.transpose(-2, -1)
+        rows = self.pos_embed.rows(q)
+        recording = torch.is_grad_enabled() and any(t.requires_grad for t in (q, kT, vT, rows))
+        if recording and not hooked(self.attn_probs):
+            return _Attend.apply(q, kT, vT, rows, self.pos_embed.spread, self.scale, key_bias)
+        attn = _probabilities(q, kT, rows, self.pos_embed.spread, self.scale, key_bias, inplace=not recording)
         attn = self.attn_probs(attn)
         if out is not None:  # a contiguous slab of the caller's output (inference only)
             return torch.matmul(attn, vT.transpose(-2, -1), out=out)
