@@ -252,3 +252,26 @@ def test_relative_logits_are_the_two_axis_logits_summed_once(block, win):
         expected = (rh.float()[..., :, None] + rw.float()[..., None, :]).to(dtype).reshape(2, 3, block * block, -1)
         with torch.no_grad():
             assert torch.equal(pos(qd), expected), dtype
+
+
+@pytest.mark.parametrize("stride,size", [(1, (12, 16)), (2, (16, 12)), (1, (8, 8))])
+def test_bf16_paths_match_fp32(stride, size):
+    """bf16 takes its own arithmetic (GEMM projections at inference, the scale inside the relative-logit GEMM):
+    inference, a training forward and its input gradient all stay within bf16 rounding of fp32."""
+    torch.manual_seed(2)
+    layer = HaloAttention(48, stride=stride, num_heads=4, block_size=8 if size == (8, 8) else 4, halo_size=2)
+    x = torch.randn(2, 48, *size, requires_grad=True)
+    ref = layer(x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+
+    def rel(a, b):
+        return ((a.float() - b).abs().max() / b.abs().max()).item()
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        inference = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = layer(x)
+    (g,) = torch.autograd.grad(trained.float().square().sum(), x)
+    assert inference.dtype == trained.dtype == torch.bfloat16
+    assert rel(inference, ref) < 2e-2 and rel(trained, ref) < 2e-2 and rel(g, g_ref) < 4e-2
+    assert rel(layer.to(torch.bfloat16)(x.detach().bfloat16()), ref) < 2e-2  # bf16 weights, no autocast

@@ -41,28 +41,30 @@ def _setup(dim, size, stride):
     layer = HaloAttention(dim, stride=stride, block_size=8, halo_size=2)
     x = torch.randn(8, dim, size, size, requires_grad=True)
 
-    def run(mode, backward, dtype):
+    def run(mode, backward, dtype, grad=True):
+        """One call; ``grad=False`` is inference (``torch.no_grad``), the forward the speed target is about."""
         layer.fused_attn = mode == "fused"
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            y = unfold_halo_attention(layer, x) if mode == "unfold" else layer(x)
-        if backward:
-            y.float().sum().backward()
+        with torch.set_grad_enabled(grad or backward):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                y = unfold_halo_attention(layer, x) if mode == "unfold" else layer(x)
+            if backward:
+                y.float().sum().backward()
         return y
 
     return run
 
 
-def _memory_one(dim, size, stride, mode, backward, dtype) -> None:
+def _memory_one(dim, size, stride, mode, backward, dtype, grad) -> None:
     """Peak memory of one call after one warm-up call, in this (fresh) process; printed for the parent."""
     torch.set_num_threads(2)
     run = _setup(dim, size, stride)
-    run(mode, backward, dtype)
-    print(peak_memory_mb(lambda: run(mode, backward, dtype)))
+    run(mode, backward, dtype, grad)
+    print(peak_memory_mb(lambda: run(mode, backward, dtype, grad)))
 
 
-def _memory(dim, size, stride, mode, backward, dtype, repeats: int = 5) -> float | None:
+def _memory(dim, size, stride, mode, backward, dtype, grad, repeats: int = 5) -> float | None:
     """Median over ``repeats`` fresh processes (single readings of the smallest rows vary by up to 2.5 MB)."""
-    args = [str(a) for a in (dim, size, stride, mode, int(backward), dtype)]
+    args = [str(a) for a in (dim, size, stride, mode, int(backward), dtype, int(grad))]
     values = []
     for _ in range(repeats):
         out = subprocess.run([sys.executable, __file__, "--memory", *args], capture_output=True, text=True, check=True)
@@ -84,27 +86,35 @@ def main():
             with torch.no_grad():
                 ref = run("unfold", False, dtype).float()
                 diffs = {m: (run(m, False, dtype).float() - ref).abs().max().item() for m in ("eager", "fused")}
-            for backward in (False, True):
+            # fwd: inference (no_grad), the target's forward; fwd-autograd: the forward of a training step (timed only)
+            for pass_, backward, grad in (
+                ("fwd", False, False),
+                ("fwd-autograd", False, True),
+                ("fwd+bwd", True, True),
+            ):
                 times = {m: [] for m in ("unfold", "eager", "fused")}
                 for _ in range(3):
                     for m in times:
-                        run(m, backward, dtype)
+                        run(m, backward, dtype, grad)
                 for _ in range(20):
                     for m in times:
                         t0 = time.perf_counter()
-                        run(m, backward, dtype)
+                        run(m, backward, dtype, grad)
                         times[m].append((time.perf_counter() - t0) * 1e3)
                 med = {m: round(statistics.median(t), 2) for m, t in times.items()}
-                mem = {m: _memory(dim, size, stride, m, backward, dtype) for m in times}
+                timed_only = pass_ == "fwd-autograd"
+                mem = {m: None if timed_only else _memory(dim, size, stride, m, backward, dtype, grad) for m in times}
                 tensors = {}
                 for m in times:
-                    tensors[m] = round(tensor_peak_mb(lambda m=m, b=backward, d=dtype, f=run: f(m, b, d)), 1)
+                    if not timed_only:
+                        f = lambda m=m, b=backward, d=dtype, g=grad, f=run: f(m, b, d, g)  # noqa: E731
+                        tensors[m] = round(tensor_peak_mb(f), 1)
                 row = dict(
                     dim=dim,
                     size=size,
                     stride=stride,
                     dtype=dtype,
-                    pass_="fwd+bwd" if backward else "fwd",
+                    pass_=pass_,
                     ms=med,
                     speedup_eager=round(med["unfold"] / med["eager"], 2),
                     speedup_fused=round(med["unfold"] / med["fused"], 2),
@@ -125,7 +135,7 @@ def main():
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--memory"]:
-        d, sz, st, mode, bwd, dt = sys.argv[2:8]
-        _memory_one(int(d), int(sz), int(st), mode, bool(int(bwd)), dt)
+        d, sz, st, mode, bwd, dt, grad = sys.argv[2:9]
+        _memory_one(int(d), int(sz), int(st), mode, bool(int(bwd)), dt, bool(int(grad)))
     else:
         main()

@@ -220,15 +220,18 @@ def _probabilities(q, kT, rows, spread, scale, key_bias, inplace: bool) -> torch
     """``softmax((q k^T) * scale + rows @ spread + key_bias)`` over the last axis, rounded as the reference:
     the scaled logits plus ``rh + rw`` (the GEMM onto the logits adds their sum, rounded once), then the mask
     (0 or the dtype's minimum). ``inplace``: every step after the first product writes into its output."""
-    attn = (q @ kT).mul_(scale)
-    rows, spread = rows.reshape(-1, rows.shape[-1]), spread.to(attn.dtype)
+    attn = q @ kT
+    n, rows, spread = attn.shape[-1], rows.reshape(-1, rows.shape[-1]), spread.to(attn.dtype)
     if inplace:
-        attn.view(-1, attn.shape[-1]).addmm_(rows, spread)
+        if attn.dtype == torch.bfloat16:  # no reference roundings to keep in bf16: the scale inside the GEMM's sum
+            attn.view(-1, n).addmm_(rows, spread, beta=scale)
+        else:
+            attn.mul_(scale).view(-1, n).addmm_(rows, spread)
         if key_bias is not None:
             attn.add_(key_bias[:, None, :])
         return torch.ops.aten._softmax.out(attn, -1, False, out=attn)
     # out of place: autograd's backward of an in-place op on a view copies the whole gradient
-    attn = torch.addmm(attn.view(-1, attn.shape[-1]), rows, spread).view(attn.shape)
+    attn = torch.addmm(attn.mul_(scale).view(-1, n), rows, spread).view(attn.shape)
     return (attn if key_bias is None else attn + key_bias[:, None, :]).softmax(dim=-1)
 
 
@@ -273,15 +276,16 @@ def _bf16_cpu(x: torch.Tensor) -> bool:
 
 
 def _project(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """The 1x1 (strided) projection ``conv(x)``; in bf16 on the CPU as one batched GEMM on the NCHW map.
+    """The 1x1 (strided) projection ``conv(x)``; bf16 inference on the CPU as one batched GEMM on the NCHW map.
 
     oneDNN's bf16 1x1 convolution on an NCHW map runs at a fraction of the GEMM rate (halonet26t's kv projection,
     256 -> 512 channels on 8x16x16: 1.37 ms against 0.38 ms as ``W @ x``), so bf16 takes the product; same
     products, accumulated in fp32 either way. fp32 keeps the convolution: the GEMM sums in another order at some
     shapes, and the reference parity of deep HaloNets needs the reference's roundings (see the module docstring).
     """
-    if not _bf16_cpu(x) or hooked(conv) or not x.is_contiguous():
-        return conv(x)
+    recording = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+    if recording or not _bf16_cpu(x) or hooked(conv) or not x.is_contiguous():
+        return conv(x)  # training too: the GEMM's weight gradient would be a per-image sum (a batch of weights)
     s = conv.stride[0]
     xs = x if s == 1 else x[:, :, ::s, ::s]
     B, C, H, W = xs.shape
