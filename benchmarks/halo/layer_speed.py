@@ -131,10 +131,37 @@ def main():
         rows=rows,
     )
     (HERE / "layer_speed.json").write_text(json.dumps(out, indent=2))
+    print(table(rows))
+
+
+def table(rows) -> str:
+    """The README's markdown table from the recorded rows (``--table`` prints it from layer_speed.json)."""
+
+    def mb(row, key, m):
+        v = row[key].get(m)
+        return "-" if v is None else f"{v}"
+
+    head = (
+        "| layer (C, map, stride) | dtype | pass | unfold ms | eager ms (x) | fused SDPA ms (x) "
+        "| unfold RSS MB | eager RSS | fused RSS | unfold tensors MB | eager tensors | fused tensors |"
+    )
+    lines = [head, "|" + " --- |" * 12]
+    for r in rows:
+        ms = r["ms"]
+        lines.append(
+            f"| {r['dim']}, {r['size']}x{r['size']}, {r['stride']} | {r['dtype']} | {r['pass_']} | {ms['unfold']} "
+            f"| **{ms['eager']} ({r['speedup_eager']:.2f}x)** | {ms['fused']} ({r['speedup_fused']:.2f}x) "
+            + " | ".join(
+                mb(r, k, m) for k in ("peak_mem_mb", "tensor_peak_mb") for m in ("unfold", "eager", "fused")
+            ).join(["| ", " |"])
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--memory"]:
+    if sys.argv[1:2] == ["--table"]:
+        print(table(json.loads((HERE / "layer_speed.json").read_text())["rows"]))
+    elif sys.argv[1:2] == ["--memory"]:
         d, sz, st, mode, bwd, dt, grad = sys.argv[2:9]
         _memory_one(int(d), int(sz), int(st), mode, bool(int(bwd)), dt, bool(int(grad)))
     else:

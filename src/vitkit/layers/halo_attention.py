@@ -252,16 +252,18 @@ class _Attend(torch.autograd.Function):
         q, kT, vT, p, spread = ctx.saved_tensors
         need_q, need_k, need_v, need_rows = ctx.needs_input_grad[:4]
         gq = gk = gv = grows = None
-        if need_v:
-            gv = g.transpose(-2, -1) @ p
         if need_q or need_k or need_rows:
-            gl = torch._softmax_backward_data(g @ vT, p, -1, p.dtype)  # d loss / d logits
+            gl = g @ vT  # d loss / d probabilities, then in place d loss / d logits (one logits-sized buffer)
+            gl = torch.ops.aten._softmax_backward_data.out(gl, p, -1, p.dtype, grad_input=gl)
             if need_q:
                 gq = (gl @ kT.transpose(-2, -1)).mul_(ctx.scale)
             if need_k:
                 gk = (q.transpose(-2, -1) @ gl).mul_(ctx.scale)
             if need_rows:
                 grows = (gl.view(-1, gl.shape[-1]) @ spread.to(gl.dtype).t()).view(ctx.rows_shape)
+            del gl  # before the value gradient: the two are never alive together
+        if need_v:
+            gv = g.transpose(-2, -1) @ p
         return gq, gk, gv, grows, None, None, None
 
 
@@ -279,7 +281,7 @@ def _project(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """The 1x1 (strided) projection ``conv(x)``; bf16 inference on the CPU as one batched GEMM on the NCHW map.
 
     oneDNN's bf16 1x1 convolution on an NCHW map runs at a fraction of the GEMM rate (halonet26t's kv projection,
-    256 -> 512 channels on 8x16x16: 1.37 ms against 0.38 ms as ``W @ x``), so bf16 takes the product; same
+    256 -> 512 channels on 8x16x16: 1.37 ms against 0.31 ms as ``W @ x``), so bf16 takes the product; same
     products, accumulated in fp32 either way. fp32 keeps the convolution: the GEMM sums in another order at some
     shapes, and the reference parity of deep HaloNets needs the reference's roundings (see the module docstring).
     """
@@ -289,7 +291,15 @@ def _project(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     s = conv.stride[0]
     xs = x if s == 1 else x[:, :, ::s, ::s]
     B, C, H, W = xs.shape
-    y = torch.matmul(conv.weight.flatten(1), xs.reshape(B, C, H * W))
+    weight, maps = conv.weight.flatten(1).to(torch.bfloat16), xs.reshape(B, C, H * W).to(torch.bfloat16)
+    if C > H * W:
+        # weight larger than an image's map: one product per image. The batched product packs the weight once per
+        # image in scratch memory (512 -> 1024 channels on 8x8x8: 8.9 MB resident against 1.1 MB) and was slower
+        y = maps.new_empty(B, weight.shape[0], H * W)
+        for i in range(B):
+            torch.mm(weight, maps[i], out=y[i])
+    else:
+        y = torch.matmul(weight, maps)
     if conv.bias is not None:
         y = y + conv.bias.to(y.dtype)[:, None]
     return y.view(B, -1, H, W)
