@@ -51,9 +51,10 @@ def main(dim: int = 256, size: int = 16, stride: int = 1) -> None:
 
     rows["pad + window gather"] = _both(gather, tuple(grad_like(t) for t in gather()))
     q = layer.q(x).detach().reshape(B * heads, dqk, n, bs, n, bs).permute(0, 2, 4, 3, 5, 1)
-    q = q.reshape(B * heads, n * n, bs * bs, dqk).requires_grad_(True)
+    q = q.reshape(B * heads, n * n, bs * bs, dqk).contiguous().requires_grad_(True)  # as the layer has it
     kT, vT = (t.detach().view(B * heads, n * n, -1, win * win).requires_grad_(True) for t in gather())
-    rows["relative logits"] = _both(lambda: layer.pos_embed(q), grad_like(layer.pos_embed(q)))
+    rel = layer.pos_embed.rows  # per-axis logits [rh | rw]; the attention adds their sum onto the logits (a GEMM)
+    rows["relative rows"] = _both(lambda: rel(q), grad_like(rel(q)))
     rows["attention (incl. relative logits)"] = _both(
         lambda: layer._attend(q, kT, vT, None), grad_like(layer._attend(q, kT, vT, None))
     )
