@@ -276,3 +276,13 @@ def test_bf16_paths_match_fp32(dim, stride, size):
     assert inference.dtype == trained.dtype == torch.bfloat16
     assert rel(inference, ref) < 2e-2 and rel(trained, ref) < 2e-2 and rel(g, g_ref) < 4e-2
     assert rel(layer.to(torch.bfloat16)(x.detach().bfloat16()), ref) < 2e-2  # bf16 weights, no autocast
+
+
+def test_bf16_trace_keeps_the_batch_size_free():
+    """A bf16 layer traced at one batch size runs at another (no per-image loop baked into the graph)."""
+    torch.manual_seed(3)
+    layer = HaloAttention(96, num_heads=4, block_size=8, halo_size=2).eval().to(torch.bfloat16)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, torch.randn(2, 96, 8, 8, dtype=torch.bfloat16), check_trace=False)
+        x = torch.randn(3, 96, 8, 8, dtype=torch.bfloat16)
+        torch.testing.assert_close(traced(x).float(), layer(x).float(), rtol=2e-2, atol=2e-2)

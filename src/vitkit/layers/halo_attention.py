@@ -292,7 +292,7 @@ def _project(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     xs = x if s == 1 else x[:, :, ::s, ::s]
     B, C, H, W = xs.shape
     weight, maps = conv.weight.flatten(1).to(torch.bfloat16), xs.reshape(B, C, H * W).to(torch.bfloat16)
-    if C > H * W:
+    if C > H * W and not tracing():  # (a traced loop would fix the batch size)
         # weight larger than an image's map: one product per image. The batched product packs the weight once per
         # image in scratch memory (512 -> 1024 channels on 8x8x8: 8.9 MB resident against 1.1 MB) and was slower
         y = maps.new_empty(B, weight.shape[0], H * W)
