@@ -24,7 +24,10 @@ probabilities exposed at ``attn_probs`` (eager path, the default), or through
 ``layer.fused_attn = True``). The two agree to rounding, but deep HaloNets with large activations amplify
 rounding differences (``halonet_h1`` with the golden fixture's weights: fp32 vs fp64 of the same network differ
 by 43%), so only the reference's operation order reproduces reference outputs; that is why the eager path is
-the default here, unlike the other attention layers.
+the default here, unlike the other attention layers. In fp32 the eager path keeps the reference's products and
+roundings exactly (in place at inference, through :class:`_Attend` while training); bf16 has no reference to
+match and takes faster arithmetic (GEMM projections at inference, the scale inside the relative-logit GEMM),
+within bf16 rounding of fp32.
 """
 
 from __future__ import annotations
