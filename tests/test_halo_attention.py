@@ -286,3 +286,22 @@ def test_bf16_trace_keeps_the_batch_size_free():
         traced = torch.jit.trace(layer, torch.randn(2, 96, 8, 8, dtype=torch.bfloat16), check_trace=False)
         x = torch.randn(3, 96, 8, 8, dtype=torch.bfloat16)
         torch.testing.assert_close(traced(x).float(), layer(x).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_chunked_path_with_only_the_relative_tables_trainable(monkeypatch):
+    """Frozen projections and input, trainable relative-position tables: autograd still records (the chunks do
+    not write a shared output in place), the values equal inference and the tables get gradients."""
+    import vitkit.layers.halo_attention as ha
+
+    torch.manual_seed(6)
+    layer = HaloAttention(8, 8, num_heads=2, block_size=4, halo_size=1)
+    x = torch.randn(2, 8, 10, 7)
+    with torch.no_grad():
+        ref = layer(x)
+    monkeypatch.setattr(ha, "_CHUNK_LOGITS", 16 * 36)  # one block per chunk at inference
+    layer.q.requires_grad_(False)
+    layer.kv.requires_grad_(False)
+    y = layer(x)
+    assert y.requires_grad and torch.equal(y.detach(), ref)
+    y.square().sum().backward()
+    assert layer.pos_embed.height_rel.grad.abs().sum() > 0 and layer.pos_embed.width_rel.grad.abs().sum() > 0

@@ -415,7 +415,7 @@ class HaloAttention(nn.Module):
         # anyway, so small chunks save little memory, and the backward through them (smaller products, the split
         # of the concatenated output) measured slower: halonet26t's 256-channel 16x16 layer at batch 8, fwd+bwd
         # 37.4 ms in 8 MiB chunks, 33.9 ms in one pass. The chunks still bound the temporaries of large maps.
-        recording = torch.is_grad_enabled() and any(t.requires_grad for t in (q, kT, vT))
+        recording = self._recording(q, kT, vT)
         limit = _CHUNK_LOGITS * (8 if recording else 1)
         step_b = max(1, min(nb, limit // per_block))  # blocks per chunk, then rows of B*heads per chunk
         step_r = max(1, limit // (per_block * step_b))
@@ -440,6 +440,12 @@ class HaloAttention(nn.Module):
                 rows.append(cols[0] if len(cols) == 1 else torch.cat(cols, dim=1))
         return out if out is not None else torch.cat(rows)
 
+    def _recording(self, q, kT, vT) -> bool:
+        """Whether autograd records the attention: its inputs or the relative-position tables need gradients (one
+        answer for the chunking and the path, so a chunk never writes in place what autograd must see)."""
+        tables = (self.pos_embed.height_rel, self.pos_embed.width_rel)
+        return torch.is_grad_enabled() and any(t.requires_grad for t in (q, kT, vT, *tables))
+
     def _logit_bias(self, q, key_bias) -> torch.Tensor:
         """Relative logits (from the unscaled query, as in the reference) plus the padding mask, if any."""
         bias = self.pos_embed(q)
@@ -456,7 +462,7 @@ class HaloAttention(nn.Module):
             attn = ((q @ kT) * self.scale + self._logit_bias(q, key_bias)).softmax(dim=-1)
             return self.attn_probs(attn) @ vT.transpose(-2, -1)
         rows = self.pos_embed.rows(q)
-        recording = torch.is_grad_enabled() and any(t.requires_grad for t in (q, kT, vT, rows))
+        recording = self._recording(q, kT, vT)
         if recording and not hooked(self.attn_probs):
             return _Attend.apply(q, kT, vT, rows, self.pos_embed.spread, self.scale, key_bias)
         attn = _probabilities(q, kT, rows, self.pos_embed.spread, self.scale, key_bias, inplace=not recording)
