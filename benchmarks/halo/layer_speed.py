@@ -148,12 +148,12 @@ def table(rows) -> str:
     lines = [head, "|" + " --- |" * 12]
     for r in rows:
         ms = r["ms"]
+        memory = " | ".join(
+            mb(r, k, m) for k in ("peak_mem_mb", "tensor_peak_mb") for m in ("unfold", "eager", "fused")
+        )
         lines.append(
             f"| {r['dim']}, {r['size']}x{r['size']}, {r['stride']} | {r['dtype']} | {r['pass_']} | {ms['unfold']} "
-            f"| **{ms['eager']} ({r['speedup_eager']:.2f}x)** | {ms['fused']} ({r['speedup_fused']:.2f}x) "
-            + " | ".join(
-                mb(r, k, m) for k in ("peak_mem_mb", "tensor_peak_mb") for m in ("unfold", "eager", "fused")
-            ).join(["| ", " |"])
+            f"| **{ms['eager']} ({r['speedup_eager']:.2f}x)** | {ms['fused']} ({r['speedup_fused']:.2f}x) | {memory} |"
         )
     return "\n".join(lines)
 
