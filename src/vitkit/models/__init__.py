@@ -2,9 +2,16 @@
 
 from vitkit.models import halonet, lavit, mobilevit, nest, vit, vit_hybrid  # noqa: F401  (registers the models)
 from vitkit.models._base import FeatureInfo, VitkitModel, feature_take_indices
-from vitkit.models._builder import create_model, resolve_data_config
+from vitkit.models._builder import create_model
 from vitkit.models._checkpoint import load_checkpoint, read_state_dict, save_state_dict
-from vitkit.models._registry import PretrainedCfg, get_model_entry, list_families, list_models, register_model
+from vitkit.models._registry import (
+    PretrainedCfg,
+    get_model_entry,
+    list_families,
+    list_models,
+    register_model,
+    resolve_data_config,
+)
 
 __all__ = [
     "FeatureInfo",

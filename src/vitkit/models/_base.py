@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitkit.layers import ClassifierHead
+from vitkit.models._registry import resolve_data_config
+
 
 class FeatureInfo(list):
     """A list of ``{"num_chs", "reduction", "module"}`` dicts, one per feature stage."""
@@ -103,8 +106,6 @@ class VitkitModel(nn.Module):
     @property
     def data_config(self) -> dict[str, Any]:
         """The preprocessing this model expects; same as :func:`vitkit.resolve_data_config`."""
-        from vitkit.models._builder import resolve_data_config  # the builder imports this module
-
         return resolve_data_config(self)
 
     def check_input(self, x: torch.Tensor, multiple: tuple[int, int], fixed: tuple[int, int] | None = None) -> None:
@@ -159,8 +160,6 @@ class ConvStagesModel(VitkitModel):
 
     def _build_tail(self, prev: int, num_features: int, num_classes: int, drop_rate: float, final_conv) -> None:
         """``final_conv`` (when ``num_features``) and the classifier head."""
-        from vitkit.layers import ClassifierHead
-
         if num_features:
             self.final_conv = final_conv(prev, num_features)
             self.num_features = num_features

@@ -126,13 +126,3 @@ def create_model(
     elif out_indices is not None:
         raise ValueError(f"{entry.name}: out_indices is only used with features_only=True")
     return model
-
-
-def resolve_data_config(model: nn.Module) -> dict[str, Any]:
-    """The preprocessing a model expects: input_size, mean, std, interpolation, crop_pct."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    keys = ("input_size", "mean", "std", "interpolation", "crop_pct")
-    missing = [k for k in keys if k not in cfg]
-    if missing:
-        raise ValueError(f"model has no data config for {missing}; build it with vitkit.create_model")
-    return {k: cfg[k] for k in keys}

@@ -72,6 +72,18 @@ def default_cfg(**kwargs: Any) -> dict[str, Any]:
     return cfg
 
 
+DATA_CONFIG_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
+
+
+def resolve_data_config(model: nn.Module) -> dict[str, Any]:
+    """The preprocessing a model expects: input_size, mean, std, interpolation, crop_pct."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    missing = [k for k in DATA_CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"model has no data config for {missing}; build it with vitkit.create_model")
+    return {k: cfg[k] for k in DATA_CONFIG_KEYS}
+
+
 def register_model(
     fn: Callable[..., nn.Module] | None = None,
     *,
