@@ -77,10 +77,10 @@ def score(fam: str, run: Path, data: str, seed: int):
     from vitkit.data.mnist import MNIST
     from vitkit.data.transforms import place_on_canvas, to_tensor
     from vitkit.interpret import class_activation_map, grad_cam, gradcat
-    from vitkit.train.inference import load_run
+    from vitkit.train import load_run
 
-    model, info = load_run(run, "last")
-    dc = info["data_config"]
+    loaded = load_run(run, "last")
+    model, dc = loaded.model, loaded.data_config
     size = tuple(dc["input_size"][1:])
     held = MNIST(data, "test", indices=range(8000, 10000))
     rng = np.random.default_rng(seed)
@@ -111,8 +111,8 @@ def score(fam: str, run: Path, data: str, seed: int):
     box_area = np.mean([(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]) / (size[0] * size[1])
     result = {
         "recipe": recipe,
-        "model": info["model"],
-        "model_kwargs": info["model_kwargs"],
+        "model": loaded.cfg.model.name,
+        "model_kwargs": loaded.cfg.model.kwargs,
         "train_command_seconds": train_seconds,  # None when the run already existed
         "train_loop_seconds": round(sum(r["seconds"] for r in _epochs(run)), 1),
         "canvas": list(size),

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
@@ -53,7 +55,7 @@ def run_one(recipe: Path, amp: str, out_root: Path, extra: list[str]) -> dict:
 
 
 def summarise(out: Path, recipe: str, amp: str, command: str, wall: float) -> dict:
-    """One results row from a finished run folder (metrics.jsonl, run.json, eval.json)."""
+    """One results row from a finished run folder (metrics.jsonl, config.yaml, eval.json)."""
     summary = json.loads((out / "eval.json").read_text())["summary"]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     epochs = [r for r in rows if r["kind"] == "epoch"]
@@ -64,12 +66,12 @@ def summarise(out: Path, recipe: str, amp: str, command: str, wall: float) -> di
         best = max(best, (acc, r["epoch"]))
         if first97 is None and acc >= 0.97:
             first97 = {"epoch": r["epoch"], "train_seconds": round(elapsed, 1)}
-    run_info = json.loads((out / "run.json").read_text())
+    run_cfg = yaml.safe_load((out / "config.yaml").read_text())
     return {
         "recipe": recipe,
         "amp": amp,
         "model": summary["model"],
-        "model_kwargs": run_info["model_kwargs"],
+        "model_kwargs": run_cfg["model"]["kwargs"],
         "command": command,
         "best_top1": best[0],
         "best_epoch": best[1],

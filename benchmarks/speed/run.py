@@ -59,12 +59,13 @@ def agreement(run_dir: Path, runtime: str = "torch") -> dict | None:
     from vitkit.data.loader import TransformView, eval_plan
     from vitkit.data.transforms import EvalTransform
     from vitkit.export import onednn_graph_fusion, trace_frozen
-    from vitkit.train.inference import load_run
+    from vitkit.train import load_run
 
-    model, info = load_run(run_dir, "best")
+    loaded = load_run(run_dir, "best")
+    model, dc = loaded.model, loaded.data_config
     ds = build_dataset("mnist", REPO.parent / "shared" / "data" / "mnist", "test[8000:]")
-    view = TransformView(ds, EvalTransform.from_data_config(info["data_config"]), 0)
-    size = tuple(info["data_config"]["input_size"][1:])
+    view = TransformView(ds, EvalTransform.from_data_config(dc), 0)
+    size = tuple(dc["input_size"][1:])
     preds = {"fp32": [], "bf16": []}
     labels, traced = [], None
     with torch.no_grad(), onednn_graph_fusion(runtime == "torchscript"):
@@ -81,7 +82,7 @@ def agreement(run_dir: Path, runtime: str = "torch") -> dict | None:
     p32, p16, y = torch.cat(preds["fp32"]), torch.cat(preds["bf16"]), torch.tensor(labels)
     return {
         "run": str(run_dir.relative_to(REPO)),
-        "model": info["model"],
+        "model": loaded.cfg.model.name,
         "runtime": runtime,
         "images": len(y),
         "agreement": (p32 == p16).float().mean().item(),

@@ -98,9 +98,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _train_config(args: argparse.Namespace):
-    from vitkit.train import load_config
+    from vitkit.config import load_config
 
     flags = [
+        ("task", "task.name"),
         ("model", "model.name"),
         ("dataset", "data.dataset"),
         ("data_root", "data.root"),
@@ -108,27 +109,25 @@ def _train_config(args: argparse.Namespace):
         ("output", "train.output"),
         ("amp", "train.amp"),
     ]
-    # flags first, so that --set can refine what a flag chose (e.g. --model X --set model.kwargs.depth=6)
     sets = [f"{key}={getattr(args, flag)}" for flag, key in flags if getattr(args, flag) is not None]
+    if args.smoke:  # two optimizer steps and an evaluation
+        sets += ["train.max_steps=2", "sched.epochs=1", "train.progress=false"]
     return load_config(args.config, sets + args.set)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vitkit.train import train
 
-    cfg = _train_config(args)
-    if args.smoke:
-        cfg.set("train.max_steps", 2)
-        cfg.set("sched.epochs", 1)
-        cfg.set("train.progress", False)
-    summary = train(cfg, resume=args.resume)
-    if summary["final_top1"] is not None:
-        ema = f" (EMA {summary['final_ema_top1']:.4f})" if summary["final_ema_top1"] is not None else ""
+    summary = train(_train_config(args), resume=args.resume)
+    score = summary["score"]
+    if summary[f"final_{score}"] is not None:
+        ema = summary[f"final_ema_{score}"]
+        ema = f" (EMA {ema:.4f})" if ema is not None else ""
         print(
-            f"held-out top-1 {summary['final_top1']:.4f}{ema}, best {summary['best_top1']:.4f} at epoch "
-            f"{summary['best_epoch']}; {summary['seconds']:.0f}s, {summary['img_per_s']:.0f} img/s; "
-            f"run in {summary['run_dir']}"
-        )
+            f"held-out {summary['score_label']} {summary[f'final_{score}']:.4f}{ema}"
+            f", best {summary[f'best_{score}']:.4f} at epoch {summary['best_epoch']}; {summary['seconds']:.0f}s, "
+            f"{summary['img_per_s']:.0f} img/s; run in {summary['run_dir']}"
+        )  # fmt: skip
     if args.json:
         print(json.dumps(summary, indent=2))
     return 0
@@ -137,74 +136,58 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from vitkit.data.datasets import build_dataset
-    from vitkit.data.loader import TransformView, eval_plan
-    from vitkit.data.transforms import EvalTransform
-    from vitkit.train.evaluate import evaluate, plot_confusion
-    from vitkit.train.inference import load_run
+    from vitkit.train import evaluate, load_run
 
-    model, info = load_run(args.run, args.which, ema=args.ema)
-    cfg = _saved_config(info)
-    ds = build_dataset(
-        args.dataset or cfg["data"]["dataset"],
-        args.data_root or cfg["data"]["root"],
-        args.split or cfg["data"]["val_split"],
-    )
-    size = tuple(info["data_config"]["input_size"][1:])
-    view = TransformView(ds, EvalTransform.from_data_config(info["data_config"]), 0)
-    res = evaluate(model, view, eval_plan(len(ds), args.batch_size, size), len(info["classes"]), torch.device("cpu"))
-    out = Path(args.out) if args.out else Path(info["run_dir"]) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(
-        json.dumps(dict(res, checkpoint=info["checkpoint"], classes=info["classes"]), indent=2)
-    )
-    plot_confusion(
-        res["confusion"], info["classes"], out / "confusion.png", f"{info['model']}: top-1 {res['top1']:.4f}"
-    )
-    print(
-        f"{info['checkpoint']}: top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}  loss {res['loss']:.4f}  "
-        f"({res['images']} images, {res['failed_images']} undecodable)"
-    )
-    for name, acc in zip(info["classes"], res["per_class"]):
-        print(f"  {name:<20} {acc:.4f}")
-    print(f"wrote {out / 'eval.json'} and {out / 'confusion.png'}")
+    run = load_run(args.run, args.which, ema=args.ema)
+    if args.dataset:
+        run.cfg.set("data.dataset", args.dataset)
+    if args.data_root:
+        run.cfg.set("data.root", args.data_root)
+    split = args.split or run.cfg.data.val_split
+    if not split:
+        raise ValueError(f"run {str(run.run_dir)!r} has no held-out split (data.val_split); pass --split")
+    res = evaluate(run.task, run.model, run.task.dataset(split), run.data_config, args.batch_size)
+    out = Path(args.out) if args.out else run.run_dir / "eval"
+    title = f"{run.cfg.model.name}: {run.task.score_label} {res[run.task.score]:.4f}"
+    files = run.task.write_eval(dict(res, checkpoint=str(run.checkpoint), split=split), out, title)
+    print(f"{run.checkpoint}: " + run.task.format_eval(res))
+    print("wrote " + ", ".join(str(f) for f in files))
     return 0
 
 
-def _saved_config(info: dict) -> dict:
-    from pathlib import Path
-
-    import yaml
-
-    path = Path(info["run_dir"]) / "config.yaml"
-    return (
-        yaml.safe_load(path.read_text())
-        if path.is_file()
-        else {"data": {"dataset": None, "root": None, "val_split": "test"}}
-    )
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
-    from vitkit.train.inference import load_run, predict
+    from vitkit.train import load_run, predict
 
-    model, info = load_run(args.run, args.which, ema=args.ema)
-    results = predict(model, info, args.images, topk=args.topk)
+    run = load_run(args.run, args.which, ema=args.ema)
+    results = predict(run, args.images, **({"topk": args.topk} if run.task.name == "classification" else {}))
+    failed = [r for r in results if "error" in r]
+    if args.out:
+        from pathlib import Path
+
+        files = run.task.save_predictions([r for r in results if "error" not in r], Path(args.out))
+        print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
-        return 0
-    for r in results:
-        if "error" in r:
-            print(f"{r['image']}: could not be read ({r['error']})")
-        else:
-            print(f"{r['image']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
+    else:
+        for r in results:
+            text = f"could not be read ({r['error']})" if "error" in r else run.task.format_prediction(r)
+            print(f"{r['image']}: {text}")
+    if len(failed) == len(results):
+        print(f"vitkit: error: none of the {len(results)} image(s) could be read", file=sys.stderr)
+        return 1
+    if failed:
+        print(f"vitkit: {len(failed)} of {len(results)} image(s) could not be read", file=sys.stderr)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from vitkit.bench.speed import bench_model, matmul_peak
+    from vitkit.machine import bf16_note
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.dtype == "bf16" and (note := bf16_note(args.device)):
+        print(f"vitkit bench --dtype bf16: {note}", file=sys.stderr)
     names = [n for pattern in args.names for n in (vitkit.list_models(pattern) if "*" in pattern else [pattern])]
     if not names:
         raise ValueError(f"no registered model matches {args.names}")
@@ -313,26 +296,27 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from vitkit.data.datasets import load_image
+    from vitkit.data.images import load_image
     from vitkit.data.transforms import EvalTransform
     from vitkit.interpret import explain
-    from vitkit.train.inference import load_run
+    from vitkit.train import load_run
 
     if Path(args.model).is_dir():
-        model, info = load_run(args.model, args.which, ema=args.ema)
+        run = load_run(args.model, args.which, ema=args.ema)
+        model, data_config = run.model, run.data_config
     else:
         kwargs = {"img_size": args.img_size} if args.img_size else {}
         if args.num_classes is not None:
             kwargs["num_classes"] = args.num_classes
         model = vitkit.create_model(args.model, checkpoint_path=args.checkpoint, **kwargs)
-        info = {"data_config": vitkit.resolve_data_config(model)}
+        data_config = vitkit.resolve_data_config(model)
     model.eval()
     if args.image:
-        x = EvalTransform.from_data_config(info["data_config"])(load_image(args.image))[None]
+        x = EvalTransform.from_data_config(data_config)(load_image(args.image))[None]
     else:
         if args.method != "posembed":
             raise ValueError(f"--method {args.method} needs --image")
-        x = torch.zeros(1, *info["data_config"]["input_size"])
+        x = torch.zeros(1, *data_config["input_size"])
     query = tuple(args.query) if args.query else None
     written = explain(model, x, args.method, args.out, target=args.target, query=query)
     for name, path in written.items():
@@ -363,6 +347,7 @@ def _add_train(sub) -> None:
         description="Train from a recipe (configs/*.yaml) with validated overrides.",
     )
     p.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml); defaults apply without one")
+    p.add_argument("--task", default=None, help="task.name (default: the model's own task, e.g. classification)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
     p.add_argument("--model", default=None, help="registered model name (model.name)")
     p.add_argument("--dataset", default=None, help="digits | mnist | fashion_mnist | cifar10 | cifar100 | imagefolder")
@@ -377,7 +362,7 @@ def _add_train(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a trained run: top-1/top-5, per-class accuracy, confusion matrix")
+    p = sub.add_parser("eval", help="evaluate a trained run with its task's metrics (classification: top-1/top-5)")
     p.add_argument("run", help="run folder (runs/...) or checkpoint folder")
     p.add_argument("--which", default="best", choices=["best", "last"])
     p.add_argument("--ema", action="store_true", help="use the EMA weights")
@@ -390,10 +375,11 @@ def _add_eval(sub) -> None:
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="top-k classes for images or folders of images")
+    p = sub.add_parser("predict", help="predict images or folders of images with a trained run (classification: top-k)")
     p.add_argument("run", help="run folder or checkpoint folder")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=int, default=5, help="classification: how many classes to list")
+    p.add_argument("--out", default=None, help="folder for predictions.json (and the task's drawings)")
     p.add_argument("--which", default="best", choices=["best", "last"])
     p.add_argument("--ema", action="store_true")
     p.add_argument("--json", action="store_true")

@@ -38,8 +38,12 @@ from torch.utils._pytree import tree_flatten
 import vitkit
 from vitkit import allocator
 from vitkit.bench.flops import count_macs, count_params
+from vitkit.config import TrainConfig
 from vitkit.layers import fuse_conv_bn
-from vitkit.train.evaluate import autocast
+from vitkit.runtime import autocast
+from vitkit.tasks import build_task
+from vitkit.train.optim import build_optimizer
+from vitkit.train.step import TrainStep
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -60,8 +64,20 @@ def timeit(fn: Callable[[], object], warmup: int = 2, repeats: int = 5, min_seco
 
 
 @cache
-def matmul_peak(dtype: str = "fp32", n: int = 2048, device: str = "cpu", threads: int | None = None) -> float:
-    """Measured dense matmul throughput in FLOP/s (``2 n^3`` per ``n x n`` product), median of repeats."""
+def matmul_peak(dtype: str = "fp32", n: int | None = None, device: str = "cpu", threads: int | None = None) -> float:
+    """Measured dense matmul throughput in FLOP/s (``2 n^3`` per ``n x n`` product), median of repeats.
+
+    ``n=None`` picks the size: it doubles from 256 up to 2048 while one product takes under 50 ms, so fp32 (and
+    native bf16) is measured at 2048 while a dtype the CPU emulates (bf16 on AVX2, ~1 GFLOP/s) stops at 512
+    and takes a second, not minutes.
+    """
+    if n is None:
+        n = 256
+        while n < 2048:
+            a = torch.randn(n, n, device=device).to(DTYPES[dtype])
+            if timeit(lambda a=a: torch.mm(a, a), warmup=1, repeats=1) > 0.05:
+                break
+            n *= 2
     a = torch.randn(n, n, device=device).to(DTYPES[dtype])
     b = torch.randn(n, n, device=device).to(DTYPES[dtype])
     t = timeit(lambda: torch.mm(a, b), warmup=3, repeats=10, min_seconds=1.0)
@@ -296,21 +312,16 @@ def bench_model(
 
 
 def _bench_train(model: nn.Module, x: torch.Tensor, dtype: str, dev: torch.device, repeats: int) -> float:
-    """Images/s of a full training step (forward, cross-entropy, backward, SGD step)."""
+    """Images/s of the real training step (:class:`vitkit.train.TrainStep`, the one ``vitkit train`` runs): the
+    model's task loss on synthetic targets, AdamW with the default optimizer config, bf16 autocast for bf16."""
+    cfg = TrainConfig.from_dict({"model": {"name": model.model_name}, "train": {"ema_decay": 0.0}})
+    cfg.set("model.num_classes", max(1, model.num_classes))
+    cfg.set("train.amp", "bf16" if dtype == "bf16" else "none")
+    task = build_task(cfg)
+    step = TrainStep(model, task, build_optimizer(model, cfg.optim), cfg.train, cfg.optim, dev)
+    batch = [(x, task.example_targets(x))]
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    target = torch.zeros(x.shape[0], dtype=torch.long, device=dev)
-    ctx = (lambda: autocast(dev, "bf16")) if dtype == "bf16" else contextlib.nullcontext
-
-    def step():
-        with ctx():
-            out = model(x)
-        loss = nn.functional.cross_entropy(out.float(), target) if out.ndim == 2 else out.float().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    t = timeit(step, warmup=1, repeats=max(2, repeats // 2))
+    t = timeit(lambda: step(batch, cfg.optim.lr), warmup=1, repeats=max(2, repeats // 2))
     model.eval()
     return x.shape[0] / t
 
@@ -325,13 +336,19 @@ def _checked_trace(model: nn.Module, x: torch.Tensor, dtype: str) -> torch.jit.S
         for _ in range(2):
             out = traced(x)
         ref = model(x)
-    err = float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+    _check_runtime(model, out, ref, dtype, "TorchScript")
+    return traced
+
+
+def _check_runtime(model: nn.Module, out: torch.Tensor, ref: torch.Tensor, dtype: str, runtime: str) -> None:
+    """Refuse to time a runtime whose output differs from eager by more than ``TRACE_TOLERANCE`` (relative)."""
+    out, ref = torch.as_tensor(out).float(), ref.float()
+    err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
     if not err <= TRACE_TOLERANCE[dtype]:
         raise RuntimeError(
-            f"{getattr(model, 'name', type(model).__name__)}: the TorchScript runtime's output differs from eager by "
+            f"{getattr(model, 'name', type(model).__name__)}: the {runtime} runtime's output differs from eager by "
             f"{err:.2e} (relative; tolerance {TRACE_TOLERANCE[dtype]:.0e} in {dtype}); refusing to time it"
         )
-    return traced
 
 
 def _bench_torchscript(model, x, x1, dtype: str, layouts: list[str], repeats: int, memory: bool):
@@ -374,6 +391,8 @@ def _bench_onnx(model: nn.Module, x: torch.Tensor, x1: torch.Tensor, repeats: in
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
         xb, xo = x.cpu().numpy(), x1.cpu().numpy()
+        with torch.no_grad():
+            _check_runtime(model, sess.run(None, {name: xb})[0], model(x).cpu(), "fp32", "ONNX Runtime")
         t_batch = timeit(lambda: sess.run(None, {name: xb}), repeats=repeats)
         t_one = timeit(lambda: sess.run(None, {name: xo}), repeats=max(repeats, 5))
         mem = peak_memory_mb(lambda: sess.run(None, {name: xb}))

@@ -1,11 +1,9 @@
 """Image classification datasets read from local files: ImageFolder, CIFAR-10/100, scikit-learn's digits.
 
-Every dataset yields ``(PIL image, label)`` and has ``classes``; transforms (``vitkit.data.transforms``)
-turn the image into a tensor. MNIST / Fashion-MNIST live in ``vitkit.data.mnist``. ``build_dataset``
-picks one by name and takes TFDS-style split slices (``"test[:8000]"``, ``"test[8000:]"``, ``"train[:90%]"``).
-
-Decoding happens inside a guarded block: a corrupt, truncated, zero-byte or decompression-bomb file raises
-:class:`ImageDecodeError` naming the file, which the training loader counts and skips.
+Every dataset yields ``(PIL image, label)`` and has ``classes`` and ``channels`` (see ``vitkit.data.images``);
+transforms (``vitkit.data.transforms``) turn the image into a tensor. MNIST / Fashion-MNIST live in
+``vitkit.data.mnist``. ``build_dataset`` picks one by name and takes TFDS-style split slices (``"test[:8000]"``,
+``"test[8000:]"``, ``"train[:90%]"``).
 """
 
 from __future__ import annotations
@@ -14,67 +12,15 @@ import os
 import pickle
 import re
 import tarfile
-import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from vitkit._io import download, file_digest
-
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-
-
-class ImageDecodeError(Exception):
-    """An image file that Pillow could not decode safely."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = str(path), reason
-
-
-def load_image(path: str | os.PathLike, max_pixels: int | None = Image.MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode ``path`` fully with Pillow, or raise ImageDecodeError (empty, corrupt, truncated, too many pixels)."""
-    try:
-        if os.path.getsize(path) == 0:
-            raise ImageDecodeError(path, "zero-byte file")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if max_pixels is not None and img.width * img.height > max_pixels:
-                    raise ImageDecodeError(path, f"{img.width}x{img.height} exceeds the {max_pixels}-pixel limit")
-                img.load()  # decode now, so truncation is caught here and not in a transform
-                return img.copy()
-    except ImageDecodeError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageDecodeError(path, f"{type(e).__name__}: {e}") from None
-
-
-class ArrayImageDataset(Dataset):
-    """Images held in memory as a uint8 array ``[N, H, W]`` or ``[N, H, W, C]`` with integer labels."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], indices=None):
-        if indices is not None:
-            indices = np.asarray(list(indices), dtype=np.int64)
-            images, labels = images[indices], labels[indices]
-        self.images = np.require(images, dtype=np.uint8, requirements=["C", "W"])  # copies read-only buffers
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.classes = list(classes)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        return Image.fromarray(self.images[i]), int(self.labels[i])
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All images as one float tensor ``[N, C, H, W]`` in [0, 1], and the labels."""
-        x = torch.from_numpy(self.images).float().div_(255.0)
-        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
-        return x, torch.from_numpy(self.labels)
+from vitkit.data.images import IMG_EXTENSIONS, ArrayImageDataset, ImageDecodeError, Split, load_image
+from vitkit.data.mnist import MNIST, FashionMNIST
 
 
 class ImageFolder(Dataset):
@@ -104,6 +50,7 @@ class ImageFolder(Dataset):
                 f"ImageFolder: class folder(s) {empty} in {str(root)!r} hold no images ({', '.join(IMG_EXTENSIONS)})"
             )
         self.root, self.max_pixels = root, max_pixels
+        self.channels = None  # each file is converted to the model's channels when decoded
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -271,8 +218,6 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, split: str =
     if key == "digits":
         ds = Digits(part)
     elif key in ("mnist", "fashion_mnist"):
-        from vitkit.data.mnist import MNIST, FashionMNIST
-
         ds = (MNIST if key == "mnist" else FashionMNIST)(root, part, download=download)
     elif key in ("cifar10", "cifar100"):
         ds = CIFAR(root, part, num_classes=int(key[5:]), download=download)
@@ -285,6 +230,20 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, split: str =
     idx = range(n)[slice(_bound(start, n), _bound(stop, n))]
     if len(idx) == 0:
         raise ValueError(f"split {split!r} of {name!r} selects no images (the split holds {n})")
-    sub = torch.utils.data.Subset(ds, list(idx))
-    sub.classes = ds.classes
-    return sub
+    return Split(ds, idx, split)
+
+
+__all__ = [
+    "CIFAR",
+    "DATASETS",
+    "IMG_EXTENSIONS",
+    "ArrayImageDataset",
+    "Digits",
+    "FashionMNIST",
+    "ImageDecodeError",
+    "ImageFolder",
+    "MNIST",
+    "Split",
+    "build_dataset",
+    "load_image",
+]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vitkit.data.datasets import ImageDecodeError
+from vitkit.data.images import ImageDecodeError
 from vitkit.data.sampler import VariableBatchSampler
 
 Key = tuple[int, int, int, int]  # (index, epoch, height, width)
@@ -28,10 +28,12 @@ class Failed:
 
 
 class TransformView(Dataset):
-    """``dataset[index]`` -> ``transform(img, rng, (h, w))`` with ``rng`` seeded from ``(seed, epoch, index)``."""
+    """``dataset[index]`` -> ``(transform(img, rng, (h, w)), target)`` with ``rng`` seeded from ``(seed, epoch,
+    index)``; ``joint=True``: ``transform(img, target, rng, (h, w))`` returns both (a task's sample transform, which
+    may move boxes or masks with the image)."""
 
-    def __init__(self, dataset: Dataset, transform, seed: int = 0):
-        self.dataset, self.transform, self.seed = dataset, transform, seed
+    def __init__(self, dataset: Dataset, transform, seed: int = 0, joint: bool = False):
+        self.dataset, self.transform, self.seed, self.joint = dataset, transform, seed, joint
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -43,6 +45,8 @@ class TransformView(Dataset):
         except ImageDecodeError as e:
             return Failed(e.path, e.reason)
         rng = np.random.default_rng([self.seed, epoch, idx, 7])
+        if self.joint:
+            return self.transform(img, label, rng, (h, w))
         return self.transform(img, rng, (h, w)), label
 
 

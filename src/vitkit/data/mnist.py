@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from vitkit._io import download as _download
-from vitkit.data.datasets import ArrayImageDataset
+from vitkit.data.images import ArrayImageDataset
 
 _DTYPES = {0x08: np.uint8}
 FILES = {

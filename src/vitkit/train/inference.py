@@ -1,48 +1,47 @@
-"""Load a trained run (or any checkpoint) for evaluation and prediction."""
+"""A trained run (or any checkpoint folder) loaded back for evaluation and prediction, for any task.
+
+The run's ``config.yaml`` is the truth: it names the task, the model and its arguments, and what the dataset
+decided (classes, channels), so the model is rebuilt without the training data. Prediction reuses the task's
+eval transform, the same one training's evaluation uses.
+"""
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-import vitkit
-from vitkit.data.datasets import IMG_EXTENSIONS, load_image
-from vitkit.data.transforms import EvalTransform
+from vitkit.config import TrainConfig
+from vitkit.data.images import IMG_EXTENSIONS, ImageDecodeError, load_image
 from vitkit.models._checkpoint import load_state_dict_into, read_state_dict
-from vitkit.train.state import EMA_FILE, MODEL_FILE, find_checkpoint
+from vitkit.tasks import Task, build_task
+from vitkit.train.rundir import locate, read_run_config
+from vitkit.train.state import EMA_FILE, MODEL_FILE
 
 
-def locate(path: str | Path, which: str = "best") -> tuple[Path, Path]:
-    """``(run folder, checkpoint folder)`` from a run folder or a checkpoint folder."""
-    path = Path(path)
-    if (path / MODEL_FILE).is_file():
-        return path.parent.parent, path
-    ckpt = find_checkpoint(path / "checkpoints", which) or find_checkpoint(path / "checkpoints", "last")
-    if ckpt is None:
-        raise FileNotFoundError(f"{str(path)!r} is neither a vitkit run folder nor a checkpoint folder")
-    return path, ckpt
+@dataclass
+class LoadedRun:
+    model: nn.Module
+    task: Task
+    cfg: TrainConfig
+    data_config: dict
+    checkpoint: Path
+    run_dir: Path
 
 
-def load_run(path: str | Path, which: str = "best", ema: bool = False) -> tuple[nn.Module, dict]:
-    """A model with a run's weights (``ema=True``: its EMA weights) and the run's info (classes, data config)."""
+def load_run(path: str | Path, which: str = "best", ema: bool = False) -> LoadedRun:
+    """A run's model with its ``which`` checkpoint's weights (``ema=True``: the EMA weights), in eval mode."""
     run_dir, ckpt = locate(path, which)
-    info_file = run_dir / "run.json"
-    if not info_file.is_file():
-        raise FileNotFoundError(f"{str(info_file)!r} is missing: cannot tell which model {ckpt} belongs to")
-    info = json.loads(info_file.read_text())
-    kwargs = dict(info.get("model_kwargs") or {})
-    kwargs["in_chans"] = info["data_config"]["input_size"][0]
-    size = tuple(info["data_config"]["input_size"][1:])
-    model = vitkit.create_model(info["model"], num_classes=info["num_classes"], img_size=size, **kwargs)
+    cfg = read_run_config(run_dir, ckpt)
+    task = build_task(cfg)
+    model = task.build_model(initial_weights=False)
     weights = ckpt / (EMA_FILE if ema else MODEL_FILE)
     if not weights.is_file():
         raise FileNotFoundError(f"{str(weights)!r} not found" + (" (the run kept no EMA weights)" if ema else ""))
     load_state_dict_into(model, read_state_dict(weights))
-    info["checkpoint"], info["run_dir"] = str(weights), str(run_dir)
-    return model.eval(), info
+    return LoadedRun(model.eval(), task, cfg, task.data_config(model), weights, run_dir)
 
 
 def image_files(paths: list[str]) -> list[Path]:
@@ -61,24 +60,19 @@ def image_files(paths: list[str]) -> list[Path]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, info: dict, paths: list[str], topk: int = 5, batch_size: int = 64) -> list[dict]:
-    """Top-k classes with probabilities for each image; undecodable files get an 'error' entry."""
-    tf, classes = EvalTransform.from_data_config(info["data_config"]), info["classes"]
+def predict(run: LoadedRun, paths: list[str], batch_size: int = 64, **options) -> list[dict]:
+    """The task's outputs for each image (``{"image": path, ...}``); undecodable files get an ``error`` entry."""
+    tf = run.task.eval_transform(run.data_config)
     files, results = image_files(paths), []
-    k = min(topk, len(classes))
     for i in range(0, len(files), batch_size):
-        batch, xs = files[i : i + batch_size], []
-        for f in batch:
+        good, xs = [], []
+        for f in files[i : i + batch_size]:
             try:
-                xs.append((f, tf(load_image(f))))
-            except Exception as e:  # noqa: BLE001 - report and continue
+                xs.append(tf(load_image(f), None, None, None)[0])  # (image, target, rng, size)
+                good.append(f)
+            except (ImageDecodeError, OSError, ValueError) as e:
                 results.append({"image": str(f), "error": str(e)})
-        if not xs:
-            continue
-        probs = model(torch.stack([x for _, x in xs])).float().softmax(-1)
-        p, idx = probs.topk(k, dim=-1)
-        for (f, _), pi, ii in zip(xs, p.tolist(), idx.tolist()):
-            results.append(
-                {"image": str(f), "top": [{"class": classes[c], "index": c, "prob": q} for q, c in zip(pi, ii)]}
-            )
+        if xs:
+            outs = run.task.predict_batch(run.model, torch.stack(xs), **options)
+            results += [{"image": str(f), **o} for f, o in zip(good, outs)]
     return results

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from vitkit.train.config import OptimConfig, ScheduleConfig
+from vitkit.config import OptimConfig, ScheduleConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

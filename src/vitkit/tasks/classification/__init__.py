@@ -1,0 +1,5 @@
+"""Image classification: the task, its metrics and figures."""
+
+from vitkit.tasks.classification.task import ClassificationTask
+
+__all__ = ["ClassificationTask"]
