@@ -15,6 +15,7 @@ import torch
 import vitkit
 from conftest import input_size_for, small_model
 from vitkit.bench import count_params
+from vitkit.tasks import model_task
 
 MAX_RUN_PARAMS = 40e6
 
@@ -33,7 +34,7 @@ def _network_signature(name: str) -> str:
     return repr(model) + repr(shapes)
 
 
-ALL = vitkit.list_models()
+ALL = [n for n in vitkit.list_models() if model_task(n) == "classification"]  # task models: their own tests
 LARGE = [n for n in ALL if _param_count(n) > MAX_RUN_PARAMS]
 _seen: dict[str, str] = {}
 for _n in ALL:

@@ -1,5 +1,6 @@
 """vitkit: efficient vision-transformer backbones (ViT, HaloNet, LaViT, MobileViT, NesT) in PyTorch."""
 
+from vitkit import tasks  # the task packages also register their models (segmentation, ...)
 from vitkit.models import (
     create_model,
     get_model_entry,
@@ -23,4 +24,5 @@ __all__ = [
     "register_model",
     "resolve_data_config",
     "save_state_dict",
+    "tasks",
 ]

@@ -8,6 +8,7 @@
     vitkit bench NAME ... [--img-size S ...]  params, GMACs, images/s, latency, peak memory, MFU vs matmul peak
     vitkit export NAME --format F            ONNX / torch.export / TorchScript, verified against eager
     vitkit explain NAME|RUN --image I --method M   attention maps, rollout, CAM, GradCAT, distances (PNG + .npy)
+    vitkit data mnist-segmentation OUT       an offline dataset of real MNIST digits on canvases
 
 Each subcommand lives in its own function and registers its parser in ``_SUBCOMMANDS``; training,
 evaluation, benchmarking, export and explanation commands plug in the same way.
@@ -167,7 +168,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         files = run.task.save_predictions([r for r in results if "error" not in r], Path(args.out))
         print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps([{k: v for k, v in r.items() if not k.startswith("_")} for r in results], indent=2))
     else:
         for r in results:
             text = f"could not be read ({r['error']})" if "error" in r else run.task.format_prediction(r)
@@ -324,6 +325,36 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from vitkit.data.mnist import MNIST
+
+    ds = MNIST(args.mnist, args.split)
+    kw = dict(n_train=args.train, n_val=args.val, train_digits=args.train_digits, size=args.size, seed=args.seed)
+    if args.kind == "mnist-segmentation":
+        from vitkit.tasks.segmentation.data import write_mnist_segmentation
+
+        out = write_mnist_segmentation(ds.images, ds.labels, args.out, **kw)
+        layout = "VOC-style segmentation (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)"
+    else:
+        raise ValueError(f"unknown dataset kind {args.kind!r}")
+    print(f"wrote {args.train} train and {args.val} held-out canvases to {out}: {layout}")
+    return 0
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="write an offline dataset built from the real MNIST digits")
+    p.add_argument("kind", choices=["mnist-segmentation"], help="what to write")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--mnist", default="../shared/data/mnist", help="folder holding the MNIST IDX files")
+    p.add_argument("--split", default="test", help="MNIST split to draw digits from (the shared folder has 'test')")
+    p.add_argument("--train", type=int, default=2000, help="training canvases")
+    p.add_argument("--val", type=int, default=500, help="held-out canvases")
+    p.add_argument("--train-digits", type=int, default=8000, help="digits reserved for training canvases (rest: val)")
+    p.add_argument("--size", type=int, default=128, help="canvas side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data)
+
+
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list registered models")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'vit_*'")
@@ -458,6 +489,7 @@ _SUBCOMMANDS: list[Callable] = [
     _add_bench,
     _add_export,
     _add_explain,
+    _add_data,
 ]
 
 

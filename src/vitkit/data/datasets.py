@@ -190,14 +190,14 @@ DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefol
 _SPLIT = re.compile(r"^(?P<name>[A-Za-z0-9_\-]*)(\[(?P<start>-?\d*%?):(?P<stop>-?\d*%?)\])?$")
 
 
-def _parse_split(split: str) -> tuple[str, str | None, str | None]:
+def parse_split(split: str) -> tuple[str, str | None, str | None]:
     m = _SPLIT.match(split.strip())
     if m is None:
         raise ValueError(f"split {split!r} is not 'name' or 'name[start:stop]' (e.g. 'test[:8000]', 'train[90%:]')")
     return m["name"], m["start"] or None, m["stop"] or None
 
 
-def _bound(v: str | None, n: int) -> int | None:
+def split_bound(v: str | None, n: int) -> int | None:
     if v is None:
         return None
     return round(n * int(v[:-1]) / 100) if v.endswith("%") else int(v)
@@ -212,7 +212,7 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, split: str =
     key = name.lower().replace("-", "_")
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    part, start, stop = _parse_split(split)
+    part, start, stop = parse_split(split)
     if key != "digits" and root is None:
         raise ValueError(f"dataset {name!r} needs a root folder (data.root / --data-root)")
     if key == "digits":
@@ -227,7 +227,7 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, split: str =
     if start is None and stop is None:
         return ds
     n = len(ds)
-    idx = range(n)[slice(_bound(start, n), _bound(stop, n))]
+    idx = range(n)[slice(split_bound(start, n), split_bound(stop, n))]
     if len(idx) == 0:
         raise ValueError(f"split {split!r} of {name!r} selects no images (the split holds {n})")
     return Split(ds, idx, split)

@@ -28,6 +28,11 @@ class ImageDecodeError(Exception):
         self.path, self.reason = str(path), reason
 
 
+class BadAnnotation(ImageDecodeError):
+    """A sample whose annotation is invalid (a mask of another size, labels outside the classes, a box outside
+    the image): skipped, counted and reported like an undecodable image, never trained or evaluated on."""
+
+
 def load_image(path: str | os.PathLike, max_pixels: int | None = Image.MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode ``path`` fully with Pillow, or raise ImageDecodeError (empty, corrupt, truncated, too many pixels)."""
     try:

@@ -15,6 +15,7 @@ from vitkit.config import TrainConfig
 from vitkit.models import get_model_entry
 from vitkit.tasks.base import EvalContext, Task
 from vitkit.tasks.classification import ClassificationTask
+from vitkit.tasks.segmentation import SegmentationTask
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -28,6 +29,7 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 
 register_task(ClassificationTask)
+register_task(SegmentationTask)
 
 
 def task_class(name: str) -> type[Task]:
@@ -72,4 +74,13 @@ def build_task(cfg: TrainConfig) -> Task:
     return cls(cfg)
 
 
-__all__ = ["TASKS", "ClassificationTask", "EvalContext", "Task", "build_task", "model_task", "register_task"]
+__all__ = [
+    "TASKS",
+    "ClassificationTask",
+    "EvalContext",
+    "SegmentationTask",
+    "Task",
+    "build_task",
+    "model_task",
+    "register_task",
+]

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-import vitkit
 from vitkit.config import TrainConfig, check_range, coerce_value
 from vitkit.data.loader import collate_skip
+from vitkit.models import create_model, resolve_data_config
 from vitkit.runtime import DistInfo, autocast
 
 
@@ -101,7 +101,7 @@ class Task:
         (a run's own checkpoint is loaded instead)."""
         m = self.cfg.model
         extra = {"num_classes": m.num_classes} if m.num_classes is not None else {}
-        return vitkit.create_model(
+        return create_model(
             m.name,
             pretrained=m.pretrained and initial_weights,
             checkpoint_path=m.checkpoint if initial_weights else None,
@@ -114,7 +114,7 @@ class Task:
 
     def data_config(self, model: nn.Module) -> dict:
         """The model's data config with the run's overrides (``data.mean`` / ``data.std``, canvas evaluation)."""
-        dc = vitkit.resolve_data_config(model)
+        dc = resolve_data_config(model)
         d = self.cfg.data
         return dict(dc, mean=list(d.mean or dc["mean"]), std=list(d.std or dc["std"]), eval_canvas=False)
 
