@@ -134,18 +134,88 @@ class VitkitModel(nn.Module):
                 f"{self.name}: input height and width must be multiples of {multiple[0]}x{multiple[1]}, got {h}x{w}"
             )
 
-    def plan_intermediates(
-        self, n: int, indices, output_fmt: str, stop_early: bool, intermediates_only: bool, formats=("NCHW",)
-    ) -> tuple[list[int], int]:
-        """Validate ``forward_intermediates`` arguments: the stages to take and the last one to run."""
-        if output_fmt not in formats:
-            raise ValueError(f"{self.name}: output_fmt must be one of {formats}, got {output_fmt!r}")
-        take, last = feature_take_indices(n, indices)
-        return take, (last if (stop_early or intermediates_only) else n - 1)
-
     def run_blocks(self, blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Run a sequence of blocks, with activation checkpointing when enabled and training."""
         return run_blocks(blocks, x, self.grad_checkpointing and self.training)
+
+    # ---- feature stages: forward_intermediates / prune_intermediate_layers -------------------------------------
+    # The loop, the index handling and the pruning are shared; a family names its stage container and fills in
+    # the steps that differ (its stem, how a stage runs, how a stage output becomes a map, what follows the
+    # last stage, what pruning resets).
+
+    feature_stages: str = "stages"  # the attribute holding the stages that feature_info lists, in order
+    intermediate_formats: tuple[str, ...] = ("NCHW",)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Outputs of the stages listed in ``feature_info``, as NCHW maps (reductions as in ``feature_info``).
+
+        Args:
+            indices: an int n (the last n stages) or a list of stage indices (negatives allowed); None: all.
+            norm: apply the model's final norm to the outputs (families with one; see ``_stage_output``).
+            stop_early: run no stage after the last requested one.
+            output_fmt: 'NCHW', or another of the family's ``intermediate_formats`` (ViT: 'NLC' tokens).
+            intermediates_only: return only the list.
+
+        Returns:
+            ``(final_features, intermediates)``, or only the list with ``intermediates_only``.
+        """
+        if output_fmt not in self.intermediate_formats:
+            raise ValueError(f"{self.name}: output_fmt must be one of {self.intermediate_formats}, got {output_fmt!r}")
+        n = len(getattr(self, self.feature_stages))
+        take, last = feature_take_indices(n, indices)
+        last = last if (stop_early or intermediates_only) else n - 1
+        x, ctx = self._stages_input(x)
+        out = []
+        for i in range(last + 1):
+            x = self._stage_forward(i, x, ctx)
+            if i in take:
+                out.append(self._stage_output(i, x, ctx, norm, output_fmt))
+        if intermediates_only:
+            return out
+        return self._stages_final(x, ctx), out
+
+    def prune_intermediate_layers(self, indices: int | list[int] | None = None) -> list[int]:
+        """Drop the stages after the last requested one and what follows them (for ``features_only``).
+
+        Returns the requested stage indices, absolute and sorted.
+        """
+        stages = getattr(self, self.feature_stages)
+        take, last = feature_take_indices(len(stages), indices)
+        setattr(self, self.feature_stages, stages[: last + 1])
+        self._prune_tail()
+        return take
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        """Check the image and compute the first stage's input."""
+        raise NotImplementedError(f"{self.name}: forward_intermediates needs the family's _stem")
+
+    def _stages_input(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Image -> the first stage's input, and a per-call context the other steps receive (default: none)."""
+        return self._stem(x), None
+
+    def _stage_forward(self, i: int, x: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """Run stage ``i`` (default: its blocks in sequence, checkpointed when enabled)."""
+        return self.run_blocks(getattr(self, self.feature_stages)[i], x)
+
+    def _stage_output(self, i: int, x: torch.Tensor, ctx: Any, norm: bool, output_fmt: str) -> torch.Tensor:
+        """Stage ``i``'s output as ``forward_intermediates`` returns it (default: the NCHW map as it is)."""
+        return x
+
+    def _stages_final(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """What ``forward_features`` applies after the last stage."""
+        raise NotImplementedError(f"{self.name}: forward_intermediates needs the family's _stages_final")
+
+    def _prune_tail(self) -> None:
+        """Reset what follows the stages once they are pruned (default: the classifier)."""
+        self.reset_classifier(0)
 
 
 class ConvStagesModel(VitkitModel):
@@ -192,30 +262,9 @@ class ConvStagesModel(VitkitModel):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ):
-        """Stage outputs as NCHW maps (reductions as in ``feature_info``)."""
-        take, last = self.plan_intermediates(len(self.stages), indices, output_fmt, stop_early, intermediates_only)
-        x = self._stem(x)
-        out = []
-        for i, stage in enumerate(self.stages[: last + 1]):
-            x = self.run_blocks(stage, x)
-            if i in take:
-                out.append(x)
-        if intermediates_only:
-            return out
-        return self.final_conv(x), out
+    def _stages_final(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:
+        return self.final_conv(x)
 
-    def prune_intermediate_layers(self, indices: int | list[int] | None = None) -> list[int]:
-        take, last = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: last + 1]
+    def _prune_tail(self) -> None:
         self.final_conv = nn.Identity()
         self.reset_classifier(0)
-        return take

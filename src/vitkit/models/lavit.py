@@ -41,7 +41,7 @@ from torch import nn
 
 from vitkit.layers import DropPath, Mlp, drop_path_schedule, to_2tuple
 from vitkit.layers.less_attention import AttentionDownsample, LessAttention, VanillaAttention, dp_loss
-from vitkit.models._base import FeatureInfo, VitkitModel, feature_take_indices
+from vitkit.models._base import FeatureInfo, VitkitModel
 from vitkit.models._registry import default_cfg, register_variant
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -215,11 +215,19 @@ class LaViT(VitkitModel):
     def no_weight_decay(self) -> set[str]:
         return {f"stages.{i}.pos_embed" for i, s in enumerate(self.stages) if s.pos_embed is not None}
 
-    def _run_stage(self, i: int, x: torch.Tensor, carried, prev_grids):
+    def _stage_forward(self, i: int, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """Stage ``i`` on the previous stage's tokens; ``ctx`` carries the attention into the next stage.
+
+        Each stage ends with its norm (PVT-v2 style). Tokens become the previous stage's NCHW map where this
+        stage embeds patches again; an isotropic continuation takes the tokens as they are.
+        """
         stage = self.stages[i]
+        if i > 0 and stage.patch_embed is not None:
+            x = self._to_map(i - 1, x)
         x = stage.embed(x)  # (B, N, C)
+        carried = ctx["carried"]
         if carried is not None and stage.inherit is not None:
-            carried = stage.inherit(carried, *prev_grids, stage.grid, stage.key_grid)
+            carried = stage.inherit(carried, *ctx["grids"], stage.grid, stage.key_grid)
         else:
             carried = None
         for j, blk in enumerate(stage.blocks):
@@ -232,52 +240,31 @@ class LaViT(VitkitModel):
                 self.attention_record.append(
                     dict(stage=i, layer=j, less=blk.less, probs=probs, grid=stage.grid, key_grid=stage.key_grid)
                 )
-        return x, carried, (stage.grid, stage.key_grid)
+        ctx.update(carried=carried, grids=(stage.grid, stage.key_grid), stage=i)
+        return stage.norm(x)
 
     def _to_map(self, i: int, x: torch.Tensor) -> torch.Tensor:
         g = self.stages[i].grid
         return x.transpose(1, 2).reshape(x.shape[0], -1, *g)  # (B, C, h, w)
 
-    def _features(self, x: torch.Tensor, take=None, last=None):
-        """Run stages up to ``last``; each stage ends with its norm (PVT-v2 style). Returns tokens and maps."""
+    # forward_intermediates / prune_intermediate_layers (VitkitModel): each stage's normalised tokens as a map
+    def _stages_input(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         self.check_input(x, (1, 1), self.img_size)
         self.attention_record = []
-        carried, grids, maps = None, None, []
-        n = len(self.stages) if last is None else last + 1
-        for i in range(n):
-            x, carried, grids = self._run_stage(i, x, carried, grids)
-            x = self.stages[i].norm(x)
-            if take is not None and i in take:
-                maps.append(self._to_map(i, x))
-            if i + 1 < len(self.stages) and self.stages[i + 1].patch_embed is not None:
-                x = self._to_map(i, x)
-        return x, maps
+        # the last stage run, its last attention and its (query, key) grids
+        return x, dict(stage=None, carried=None, grids=None)
+
+    def _stage_output(self, i: int, x: torch.Tensor, ctx: dict, norm: bool, output_fmt: str) -> torch.Tensor:
+        return self._to_map(i, x)
+
+    def _stages_final(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+        return self._to_map(ctx["stage"], x)  # (B, C, h, w)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, _ = self._features(x)
-        return self._to_map(len(self.stages) - 1, x)  # (B, C, h, w)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ):
-        """Each selected stage's (normalised) tokens as an NCHW map."""
-        take, last = self.plan_intermediates(len(self.stages), indices, output_fmt, stop_early, intermediates_only)
-        x, maps = self._features(x, take, last)
-        if intermediates_only:
-            return maps
-        return self._to_map(len(self.stages) - 1, x), maps
-
-    def prune_intermediate_layers(self, indices: int | list[int] | None = None) -> list[int]:
-        take, last = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: last + 1]
-        self.reset_classifier(0)
-        return take
+        x, ctx = self._stages_input(x)
+        for i in range(len(self.stages)):
+            x = self._stage_forward(i, x, ctx)
+        return self._stages_final(x, ctx)
 
     def extra_losses(self) -> dict[str, torch.Tensor]:
         """Losses for the training loop to add with a recipe weight: {'dp': Diagonality Preserving loss}.

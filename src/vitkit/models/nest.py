@@ -40,7 +40,7 @@ from vitkit.layers.attention import attend
 from vitkit.layers.block import LayerNormEps6
 from vitkit.layers.helpers import hooked
 from vitkit.layers.mlp import apply_linear, linear
-from vitkit.models._base import FeatureInfo, VitkitModel, feature_take_indices, run_blocks
+from vitkit.models._base import FeatureInfo, VitkitModel, run_blocks
 from vitkit.models._registry import PretrainedCfg, default_cfg, register_variant
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -262,33 +262,22 @@ class Nest(VitkitModel):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.levels(self._stem(x)))  # (B, C, H/(p*2^(L-1)), W/(p*2^(L-1)))
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ):
-        """Each selected level's output map (NCHW). ``norm`` applies the final norm to the last level's map."""
-        take, last = self.plan_intermediates(len(self.levels), indices, output_fmt, stop_early, intermediates_only)
-        x = self._stem(x)
-        out = []
-        for i, level in enumerate(self.levels[: last + 1]):
-            x = level(x)
-            if i in take:
-                out.append(self.norm(x) if norm and i == len(self.levels) - 1 else x)
-        if intermediates_only:
-            return out
-        return self.norm(x), out
+    # forward_intermediates / prune_intermediate_layers (VitkitModel) over the levels
+    feature_stages = "levels"
 
-    def prune_intermediate_layers(self, indices: int | list[int] | None = None) -> list[int]:
-        take, last = feature_take_indices(len(self.levels), indices)
-        self.levels = self.levels[: last + 1]
+    def _stage_forward(self, i: int, x: torch.Tensor, ctx: None) -> torch.Tensor:
+        return self.levels[i](x)  # a level checkpoints its own Transformer layers
+
+    def _stage_output(self, i: int, x: torch.Tensor, ctx: None, norm: bool, output_fmt: str) -> torch.Tensor:
+        """A level's map; ``norm`` applies the final norm to the last level's map."""
+        return self.norm(x) if norm and i == len(self.levels) - 1 else x
+
+    def _stages_final(self, x: torch.Tensor, ctx: None) -> torch.Tensor:
+        return self.norm(x)
+
+    def _prune_tail(self) -> None:
         self.norm = nn.Identity()
         self.reset_classifier(0)
-        return take
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Nest) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from vitkit.layers import Block, PatchEmbed, drop_path_schedule, resample_abs_pos_embed
-from vitkit.models._base import FeatureInfo, VitkitModel, feature_take_indices
+from vitkit.models._base import FeatureInfo, VitkitModel
 from vitkit.models._registry import INCEPTION_MEAN, INCEPTION_STD, PretrainedCfg, default_cfg, register_variant
 
 
@@ -145,43 +145,32 @@ class VisionTransformer(VitkitModel):
         x = self.head_drop(self.fc_norm(self.pool(x)))
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ):
-        """Outputs of the selected blocks, as NCHW maps of patch tokens (or 'NLC' tokens with prefix).
+    # forward_intermediates / prune_intermediate_layers (VitkitModel) over the blocks; outputs of patch tokens
+    feature_stages = "blocks"
+    intermediate_formats = ("NCHW", "NLC")
 
-        Returns ``(final_features, intermediates)``, or only the list with ``intermediates_only``.
-        """
-        n = len(self.blocks)
-        take, last = self.plan_intermediates(n, indices, output_fmt, stop_early, intermediates_only, ("NCHW", "NLC"))
-        x, grid = self._embed(x)
-        out = []
-        for i, blk in enumerate(self.blocks[: last + 1]):
-            x = self.run_blocks([blk], x)
-            if i in take:
-                y = self.norm(x) if norm else x
-                if output_fmt == "NCHW":
-                    y = y[:, self.num_prefix_tokens :]  # (B, N, C) -> (B, C, H, W)
-                    y = y.reshape(y.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
-                out.append(y)
-        if intermediates_only:
-            return out
-        return self.norm(x), out
+    def _stages_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        return self._embed(x)  # tokens, and the patch grid the outputs are reshaped to
 
-    def prune_intermediate_layers(self, indices: int | list[int] | None = None) -> list[int]:
-        """Drop blocks after the last requested one, the final norm and the head (for ``features_only``)."""
-        take, last = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[: last + 1]
+    def _stage_forward(self, i: int, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return self.run_blocks([self.blocks[i]], x)
+
+    def _stage_output(self, i: int, x: torch.Tensor, grid: tuple[int, int], norm: bool, output_fmt: str):
+        """A block's tokens as an NCHW map of patch tokens, or as 'NLC' tokens with the prefix."""
+        y = self.norm(x) if norm else x
+        if output_fmt == "NCHW":
+            y = y[:, self.num_prefix_tokens :]  # (B, N, C) -> (B, C, H, W)
+            y = y.reshape(y.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+        return y
+
+    def _stages_final(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return self.norm(x)
+
+    def _prune_tail(self) -> None:
+        """The final norm, the pooled-vector norm and the head go; pooling is switched off."""
         self.norm = nn.Identity()
         self.fc_norm = nn.Identity()
         self.reset_classifier(0, "")
-        return take
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
