@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -87,7 +89,7 @@ def _shortcut(in_chs: int, out_chs: int, stride: int) -> nn.Module:
 class BottleneckBlock(nn.Module):
     """1x1 -> 3x3 (stride, groups) -> [SE/ECA] -> 1x1 (no act) + shortcut -> act (ResNet bottleneck)."""
 
-    def __init__(self, in_chs, out_chs, stride, br, act, drop_path=0.0, group_size=0, attn="", **_):
+    def __init__(self, in_chs, out_chs, stride, br, act, drop_path=0.0, group_size=0, attn=""):
         super().__init__()
         mid = make_divisible(out_chs * br)
         groups = mid // group_size if group_size else 1
@@ -104,6 +106,17 @@ class BottleneckBlock(nn.Module):
         return conv_residual_act(self.conv3_1x1, y, self.shortcut(x), self.drop_path, self.act)
 
 
+@dataclass(frozen=True)
+class HaloAttnCfg:
+    """The :class:`~vitkit.layers.HaloAttention` arguments a network's attention blocks share."""
+
+    block_size: int = 8  # query block side b
+    halo_size: int = 3  # halo h
+    num_heads: int = 8
+    dim_head: int | None = None  # query/key head width; None: from the block width and value_ratio
+    mask_padding: str = "size"  # 'size' (reference numerics) or 'all'; HaloNet sets it from its halo_mask
+
+
 class SelfAttnBlock(nn.Module):
     """1x1 -> halo attention (stride) -> BN + act -> [SE] -> 1x1 (no act) + shortcut -> act.
 
@@ -112,13 +125,23 @@ class SelfAttnBlock(nn.Module):
     is for its bottlenecks only, as in timm, whose attention blocks carry no SE/ECA.
     """
 
-    def __init__(self, in_chs, out_chs, stride, br, act, drop_path=0.0, halo=None, value_ratio=1.0, sa_attn="", **_):
+    def __init__(self, in_chs, out_chs, stride, br, act, drop_path, halo: HaloAttnCfg, value_ratio=1.0, sa_attn=""):
         super().__init__()
         mid = make_divisible(out_chs * br)
         v = int(mid * value_ratio)
         self.shortcut = _shortcut(in_chs, out_chs, stride)
         self.conv1_1x1 = ConvNormAct(in_chs, mid, 1, act_layer=act)
-        self.self_attn = HaloAttention(mid, v, stride=stride, qk_ratio=1 / value_ratio, **(halo or {}))
+        self.self_attn = HaloAttention(
+            mid,
+            v,
+            stride=stride,
+            num_heads=halo.num_heads,
+            dim_head=halo.dim_head,
+            block_size=halo.block_size,
+            halo_size=halo.halo_size,
+            qk_ratio=1 / value_ratio,
+            mask_padding=halo.mask_padding,
+        )
         self.post_attn = BatchNormAct2d(v, act)
         self.attn = _ATTN[sa_attn](v) if sa_attn else nn.Identity()
         self.conv3_1x1 = ConvNormAct(v, out_chs, 1, act_layer=None)
@@ -128,9 +151,6 @@ class SelfAttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.attn(self.post_attn(self.self_attn(self.conv1_1x1(x))))
         return conv_residual_act(self.conv3_1x1, y, self.shortcut(x), self.drop_path, self.act)
-
-
-_BLOCKS = {"b": BottleneckBlock, "sa": SelfAttnBlock}
 
 
 def make_stem(in_chans: int, stem: str, pool: bool, act: type[nn.Module]) -> nn.Sequential:
@@ -150,16 +170,52 @@ def make_stem(in_chans: int, stem: str, pool: bool, act: type[nn.Module]) -> nn.
     return nn.Sequential(layers)
 
 
+@dataclass(frozen=True)
+class HaloStage:
+    """One stage: its blocks in order ('b' bottleneck, 'sa' halo self-attention), width and stride (of its first
+    block), and the options of its blocks."""
+
+    blocks: tuple[str, ...]
+    chs: int
+    stride: int
+    bottle_ratio: float = 0.25  # block width / output width (the paper's 1 / rb for the H models)
+    attn: str = ""  # channel attention in the bottlenecks: '', 'se' or 'eca'
+    group_size: int = 0  # channels per group of the bottlenecks' 3x3 conv (0: one group)
+    value_ratio: float = 1.0  # the attention blocks' value width / query-key width (the paper's rv)
+    sa_attn: str = ""  # channel attention after the attention blocks' BN + act: '' or 'se'
+    num_heads: int | None = None  # the attention blocks' heads, when not the network's HaloAttnCfg
+
+    def build(
+        self, in_chs: int, act: type[nn.Module], drop_path: Iterator[float], halo: HaloAttnCfg
+    ) -> list[nn.Module]:
+        if self.num_heads is not None:
+            halo = replace(halo, num_heads=self.num_heads)
+        blocks, prev = [], in_chs
+        for j, kind in enumerate(self.blocks):
+            stride, br = self.stride if j == 0 else 1, self.bottle_ratio
+            if kind == "b":
+                blk = BottleneckBlock(prev, self.chs, stride, br, act, next(drop_path), self.group_size, self.attn)
+            elif kind == "sa":
+                blk = SelfAttnBlock(
+                    prev, self.chs, stride, br, act, next(drop_path), halo, self.value_ratio, self.sa_attn
+                )
+            else:
+                raise ValueError(f"HaloNet: block types are 'b' and 'sa', got {kind!r} in {self}")
+            blocks.append(blk)
+            prev = self.chs
+        return blocks
+
+
 class HaloNet(ConvStagesModel):
     """Stem + four stages of bottleneck / halo-attention blocks + optional final 1x1 conv + pooled head."""
 
     def __init__(
         self,
-        stages: tuple,
+        stages: tuple[HaloStage, ...],
         stem: str = "7x7",
         stem_pool: bool = True,
         act: str = "relu",
-        halo: dict | None = None,
+        halo: HaloAttnCfg | dict | None = None,
         num_features: int = 0,
         num_classes: int = 1000,
         in_chans: int = 3,
@@ -170,31 +226,30 @@ class HaloNet(ConvStagesModel):
     ):
         """
         Args:
-            stages: per stage ``(block types, out channels, stride, bottle ratio, extra block kwargs)`` where block
-                types is a sequence of 'b' (bottleneck) and 'sa' (halo self-attention).
-            halo: HaloAttention arguments for every attention block (block_size, halo_size, num_heads, dim_head).
+            stages: one :class:`HaloStage` per stage.
+            halo: the attention blocks' :class:`HaloAttnCfg` (or a dict of its fields).
             num_features: width of a final 1x1 conv (the paper's df); 0 for none.
             img_size: only sets the default data config; the network takes any size of at least 32 px.
             halo_mask: 'size' (reference numerics) or 'all' (mask every key outside the map).
         """
         super().__init__()
+        for st in stages:
+            if not isinstance(st, HaloStage):
+                raise ValueError(f"HaloNet: stages must be HaloStage entries, got {st!r}")
+        halo = HaloAttnCfg(**halo) if isinstance(halo, dict) else (halo or HaloAttnCfg())
+        halo = replace(halo, mask_padding=halo_mask)
         act_layer = {"relu": nn.ReLU, "silu": nn.SiLU}[act]
         self.num_classes, self.in_chans = num_classes, in_chans
         self.stem = make_stem(in_chans, stem, stem_pool, act_layer)
-        dpr = iter(drop_path_schedule(drop_path_rate, sum(len(s[0]) for s in stages)))
+        dpr = iter(drop_path_schedule(drop_path_rate, sum(len(s.blocks) for s in stages)))
         prev, reduction = 64, 4
         built = []
         self.feature_info = FeatureInfo()
-        for i, (types, chs, stride, br, extra) in enumerate(stages):
-            blocks = []
-            for j, t in enumerate(types):
-                kw = dict(extra)
-                kw["halo"] = dict(halo or {}, **kw.get("halo", {}), mask_padding=halo_mask)
-                blocks.append(_BLOCKS[t](prev, chs, stride if j == 0 else 1, br, act_layer, next(dpr), **kw))
-                prev = chs
-            reduction *= stride
-            built.append(nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=chs, reduction=reduction, module=f"stages.{i}"))
+        for i, st in enumerate(stages):
+            built.append(nn.Sequential(*st.build(prev, act_layer, dpr, halo)))
+            prev = st.chs
+            reduction *= st.stride
+            self.feature_info.append(dict(num_chs=st.chs, reduction=reduction, module=f"stages.{i}"))
         self.stages = nn.Sequential(*built)
         self._build_tail(
             prev, num_features, num_classes, drop_rate, lambda i, o: ConvNormAct(i, o, 1, act_layer=act_layer)
@@ -228,10 +283,10 @@ PAPER = {
 
 def _paper_args(b, h, rv, rb, l3, df, img):
     stages = tuple(
-        (("sa",) * d, int(64 * 2**i * rb), 1 if i == 0 else 2, 1 / rb, {"value_ratio": rv})
+        HaloStage(("sa",) * d, int(64 * 2**i * rb), 1 if i == 0 else 2, bottle_ratio=1 / rb, value_ratio=rv)
         for i, d in enumerate((3, 3, l3, 3))
     )
-    return dict(stages=stages, stem="7x7", halo=dict(block_size=b, halo_size=h), num_features=df)
+    return dict(stages=stages, stem="7x7", halo=HaloAttnCfg(block_size=b, halo_size=h), num_features=df)
 
 
 def _interleave(n: int, every: int = 1, first: str = "b") -> tuple[str, ...]:
@@ -242,48 +297,48 @@ def _interleave(n: int, every: int = 1, first: str = "b") -> tuple[str, ...]:
 TIMM = {
     "halonet26t": dict(
         stages=(
-            (("b", "b"), 256, 1, 0.25, {}),
-            (("b", "b"), 512, 2, 0.25, {}),
-            (("b", "sa"), 1024, 2, 0.25, {}),
-            (("sa", "sa"), 2048, 2, 0.25, {}),
+            HaloStage(("b", "b"), 256, 1),
+            HaloStage(("b", "b"), 512, 2),
+            HaloStage(("b", "sa"), 1024, 2),
+            HaloStage(("sa", "sa"), 2048, 2),
         ),
         stem="tiered",
-        halo=dict(block_size=8, halo_size=2),
+        halo=HaloAttnCfg(block_size=8, halo_size=2),
     ),
     "sehalonet33ts": dict(
         stages=(
-            (("b", "b"), 256, 1, 0.25, {"attn": "se"}),
-            (("b", "b", "sa"), 512, 2, 0.25, {"attn": "se"}),
-            (("b", "b", "sa"), 1024, 2, 0.25, {"attn": "se"}),
-            (("sa", "sa"), 1536, 2, 0.333, {}),
+            HaloStage(("b", "b"), 256, 1, attn="se"),
+            HaloStage(("b", "b", "sa"), 512, 2, attn="se"),
+            HaloStage(("b", "b", "sa"), 1024, 2, attn="se"),
+            HaloStage(("sa", "sa"), 1536, 2, bottle_ratio=0.333),
         ),
         stem="tiered",
         stem_pool=False,
         act="silu",
         num_features=1280,
-        halo=dict(block_size=8, halo_size=3),
+        halo=HaloAttnCfg(block_size=8, halo_size=3),
     ),
     "halonet50ts": dict(
         stages=(
-            (("b",) * 3, 256, 1, 0.25, {}),
-            (("b", "b", "b", "sa"), 512, 2, 0.25, {"halo": {"num_heads": 4}}),
-            (("b", "sa") * 3, 1024, 2, 0.25, {}),
-            (("b", "sa", "b"), 2048, 2, 0.25, {}),
+            HaloStage(("b",) * 3, 256, 1),
+            HaloStage(("b", "b", "b", "sa"), 512, 2, num_heads=4),
+            HaloStage(("b", "sa") * 3, 1024, 2),
+            HaloStage(("b", "sa", "b"), 2048, 2),
         ),
         stem="tiered",
         act="silu",
-        halo=dict(block_size=8, halo_size=3),
+        halo=HaloAttnCfg(block_size=8, halo_size=3),
     ),
     "eca_halonext26ts": dict(
         stages=(
-            (("b", "b"), 256, 1, 0.25, {"attn": "eca", "group_size": 16}),
-            (("b", "b"), 512, 2, 0.25, {"attn": "eca", "group_size": 16}),
-            (("b", "sa"), 1024, 2, 0.25, {"attn": "eca", "group_size": 16}),
-            (("sa", "sa"), 2048, 2, 0.25, {}),
+            HaloStage(("b", "b"), 256, 1, attn="eca", group_size=16),
+            HaloStage(("b", "b"), 512, 2, attn="eca", group_size=16),
+            HaloStage(("b", "sa"), 1024, 2, attn="eca", group_size=16),
+            HaloStage(("sa", "sa"), 2048, 2),
         ),
         stem="tiered",
         act="silu",
-        halo=dict(block_size=8, halo_size=2, dim_head=16),
+        halo=HaloAttnCfg(block_size=8, halo_size=2, dim_head=16),
     ),
 }
 _TIMM_TAGS = {
@@ -297,11 +352,11 @@ _TIMM_TAGS = {
 STUDY = {
     f"halo_{prefix}resnet50": dict(
         stages=tuple(
-            (("sa",) * d, c, 1 if i == 0 else 2, 0.25, {"sa_attn": attn})
+            HaloStage(("sa",) * d, c, 1 if i == 0 else 2, sa_attn=attn)
             for i, (d, c) in enumerate(zip((3, 4, 6, 3), (256, 512, 1024, 2048)))
         ),
         stem="7x7",
-        halo=dict(block_size=8, halo_size=3),
+        halo=HaloAttnCfg(block_size=8, halo_size=3),
     )
     for prefix, attn in (("", ""), ("se", "se"))
 }

@@ -21,6 +21,8 @@ resizes it bilinearly to the next multiple of the patch size and back (the cvnet
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -200,12 +202,56 @@ class MobileViTV2Block(nn.Module):
         return self.conv_proj(fold_patches(x, grid, self.patch))
 
 
+@dataclass(frozen=True)
+class MV2Stage:
+    """A stage of ``depth`` MobileNetV2 inverted residuals; the first one has the stride."""
+
+    depth: int
+    chs: int
+    stride: int
+    expand: float  # the MV2 expansion ratio t
+
+    @property
+    def num_blocks(self) -> int:
+        return self.depth
+
+    def build(self, in_chs: int, version: int, drop_path: Iterator[float], drop: float) -> list[nn.Module]:
+        blocks = []
+        for j in range(self.depth):
+            stride, prev = (self.stride, in_chs) if j == 0 else (1, self.chs)
+            blocks.append(InvertedResidual(prev, self.chs, stride, self.expand, next(drop_path)))
+        return blocks
+
+
+@dataclass(frozen=True)
+class MobileViTStage:
+    """A strided inverted residual followed by one MobileViT block (v1) or MobileViTv2 block (v2)."""
+
+    chs: int
+    stride: int
+    expand: float  # the inverted residual's expansion ratio t
+    depth: int  # Transformer layers L in the MobileViT block
+    dim: int | None = None  # v1: Transformer width d; v2 derives it from chs (d = C / 2) and takes None
+
+    @property
+    def num_blocks(self) -> int:
+        return 2
+
+    def build(self, in_chs: int, version: int, drop_path: Iterator[float], drop: float) -> list[nn.Module]:
+        down = InvertedResidual(in_chs, self.chs, self.stride, self.expand, next(drop_path))
+        if version == 1:
+            if self.dim is None:
+                raise ValueError(f"MobileViT: a v1 MobileViTStage needs its Transformer width dim, got {self}")
+            return [down, MobileViTBlock(self.chs, self.dim, self.depth, drop_path=next(drop_path), drop=drop)]
+        return [down, MobileViTV2Block(self.chs, self.depth, drop_path=next(drop_path), drop=drop)]
+
+
 class MobileViT(ConvStagesModel):
     """MobileViT backbone: stem, five stages (MV2 blocks, MobileViT blocks in stages 3-5), 1x1 conv, head."""
 
     def __init__(
         self,
-        stage_cfgs: tuple,
+        stage_cfgs: tuple[MV2Stage | MobileViTStage, ...],
         stem_chs: int,
         num_features: int = 0,
         version: int = 1,
@@ -217,37 +263,27 @@ class MobileViT(ConvStagesModel):
     ):
         """
         Args:
-            stage_cfgs: per stage ``(depth, channels, stride, expand)`` for MV2-only stages, or
-                ``(channels, stride, expand, transformer_dim, transformer_depth)`` for stages ending in a
-                MobileViT block (v2: transformer_dim is ignored, d = C / 2).
+            stage_cfgs: one :class:`MV2Stage` or :class:`MobileViTStage` per stage.
             num_features: width of the final 1x1 conv (0: none, as in v2).
+            version: 1 (MobileViT blocks) or 2 (MobileViTv2 blocks).
             img_size: only sets the default data config; the network itself takes any size.
         """
         super().__init__()
+        if version not in (1, 2):
+            raise ValueError(f"MobileViT: version must be 1 or 2, got {version!r}")
+        for cfg in stage_cfgs:
+            if not isinstance(cfg, (MV2Stage, MobileViTStage)):
+                raise ValueError(f"MobileViT: stage_cfgs entries must be MV2Stage or MobileViTStage, got {cfg!r}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.stem = ConvNormAct(in_chans, stem_chs, 3, 2, act_layer=nn.SiLU)
-        n_blocks = sum(c[0] if len(c) == 4 else 2 for c in stage_cfgs)
-        dpr = iter(drop_path_schedule(drop_path_rate, n_blocks))
+        dpr = iter(drop_path_schedule(drop_path_rate, sum(c.num_blocks for c in stage_cfgs)))
         stages, prev, reduction = [], stem_chs, 2
         self.feature_info = FeatureInfo()
         for i, cfg in enumerate(stage_cfgs):
-            blocks = []
-            if len(cfg) == 4:  # MV2 blocks only
-                depth, chs, stride, expand = cfg
-                for j in range(depth):
-                    blocks.append(InvertedResidual(prev, chs, stride if j == 0 else 1, expand, next(dpr)))
-                    prev = chs
-            else:  # MV2 (downsampling) + MobileViT block
-                chs, stride, expand, dim, depth = cfg
-                blocks.append(InvertedResidual(prev, chs, stride, expand, next(dpr)))
-                if version == 1:
-                    blocks.append(MobileViTBlock(chs, dim, depth, drop_path=next(dpr), drop=drop_rate))
-                else:
-                    blocks.append(MobileViTV2Block(chs, depth, drop_path=next(dpr), drop=drop_rate))
-                prev = chs
-            reduction *= stride
-            stages.append(nn.Sequential(*blocks))
+            stages.append(nn.Sequential(*cfg.build(prev, version, dpr, drop_rate)))
+            prev = cfg.chs
+            reduction *= cfg.stride
             self.feature_info.append(dict(num_chs=prev, reduction=reduction, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
         self._build_tail(
@@ -268,15 +304,36 @@ class MobileViT(ConvStagesModel):
 
 
 # ---- variants ---------------------------------------------------------------------------------
-# v1 (ARCHITECTURES.md §4.2; timm mobilevit.py): MV2 stages (depth, C, stride, expand), then
-# MobileViT stages (C, stride, expand, d, L); final 1x1 conv width.
+def _v1(chs: tuple[int, ...], dims: tuple[int, ...], expand: float, num_features: int) -> dict:
+    """MobileViT v1 (ARCHITECTURES.md §4.2; timm mobilevit.py): stem 16; MV2 stages of depth 1 and 3 (strides 1,
+    2); three stride-2 MobileViT stages with L = 2, 4, 3 Transformer layers of widths ``dims``."""
+    mv2 = (MV2Stage(1, chs[0], 1, expand), MV2Stage(3, chs[1], 2, expand))
+    mvit = tuple(MobileViTStage(c, 2, expand, depth=L, dim=d) for c, d, L in zip(chs[2:], dims, (2, 4, 3)))
+    return dict(stage_cfgs=mv2 + mvit, stem_chs=16, num_features=num_features, version=1)
+
+
+def _v2(alpha: float) -> dict:
+    """MobileViTv2 (§4.5): channels (64, 128, 256, 384, 512) * alpha, stem 32 * alpha, expansion 2, no final conv."""
+    chs = [int(c * alpha) for c in (64, 128, 256, 384, 512)]
+    mv2 = (MV2Stage(1, chs[0], 1, 2.0), MV2Stage(2, chs[1], 2, 2.0))
+    mvit = tuple(MobileViTStage(c, 2, 2.0, depth=L) for c, L in zip(chs[2:], (2, 4, 3)))
+    return dict(stage_cfgs=mv2 + mvit, stem_chs=int(32 * alpha), version=2)
+
+
 _V1 = {
-    "mobilevit_xxs": (16, 2.0, ((1, 16, 1), (3, 24, 2)), ((48, 64, 2), (64, 80, 4), (80, 96, 3)), 320),
-    "mobilevit_xs": (16, 4.0, ((1, 32, 1), (3, 48, 2)), ((64, 96, 2), (80, 120, 4), (96, 144, 3)), 384),
-    "mobilevit_s": (16, 4.0, ((1, 32, 1), (3, 64, 2)), ((96, 144, 2), (128, 192, 4), (160, 240, 3)), 640),
+    "mobilevit_xxs": _v1(chs=(16, 24, 48, 64, 80), dims=(64, 80, 96), expand=2.0, num_features=320),
+    "mobilevit_xs": _v1(chs=(32, 48, 64, 80, 96), dims=(96, 120, 144), expand=4.0, num_features=384),
+    "mobilevit_s": _v1(chs=(32, 64, 96, 128, 160), dims=(144, 192, 240), expand=4.0, num_features=640),
 }
-# v2 (§4.5): width multiplier alpha -> channels (64, 128, 256, 384, 512) * alpha, stem 32 * alpha
-_V2 = {"050": 0.5, "075": 0.75, "100": 1.0, "125": 1.25, "150": 1.5, "175": 1.75, "200": 2.0}
+_V2 = {
+    "mobilevitv2_050": _v2(alpha=0.5),
+    "mobilevitv2_075": _v2(alpha=0.75),
+    "mobilevitv2_100": _v2(alpha=1.0),
+    "mobilevitv2_125": _v2(alpha=1.25),
+    "mobilevitv2_150": _v2(alpha=1.5),
+    "mobilevitv2_175": _v2(alpha=1.75),
+    "mobilevitv2_200": _v2(alpha=2.0),
+}
 
 _MV_CFG = dict(
     input_size=(3, 256, 256),
@@ -303,13 +360,7 @@ def _register(name: str, args: dict, crop_pct: float) -> None:
     )
 
 
-for _name, (_stem, _t, _mv2, _mvit, _nf) in _V1.items():
-    _stages = tuple((d, c, s, _t) for d, c, s in _mv2) + tuple((c, 2, _t, dim, depth) for c, dim, depth in _mvit)
-    _register(_name, dict(stage_cfgs=_stages, stem_chs=_stem, num_features=_nf, version=1), 0.9)
-
-for _suffix, _alpha in _V2.items():
-    _chs = [int(c * _alpha) for c in (64, 128, 256, 384, 512)]
-    _stages = ((1, _chs[0], 1, 2.0), (2, _chs[1], 2, 2.0)) + tuple(
-        (c, 2, 2.0, 0, depth) for c, depth in zip(_chs[2:], (2, 4, 3))
-    )
-    _register(f"mobilevitv2_{_suffix}", dict(stage_cfgs=_stages, stem_chs=int(32 * _alpha), version=2), 0.888)
+for _name, _args in _V1.items():
+    _register(_name, _args, 0.9)
+for _name, _args in _V2.items():
+    _register(_name, _args, 0.888)
