@@ -15,6 +15,7 @@ import torch
 import vitkit
 from conftest import input_size_for, small_model
 from vitkit.bench import count_params
+from vitkit.models import VitkitModel
 from vitkit.tasks import model_task
 
 MAX_RUN_PARAMS = 40e6
@@ -161,6 +162,61 @@ def test_contract_attributes(name):
     assert all(n in dict(model.named_parameters()) for n in model.no_weight_decay())
     model.set_grad_checkpointing(True)
     assert model.grad_checkpointing
+
+
+@pytest.mark.parametrize("name", vitkit.list_models())  # task models too: img_size means the same for them
+def test_img_size_is_the_data_config_input_size(name):
+    c, h, w = input_size_for(name)
+    # task models are built for real (some compute anchors or buffers from their modules when built)
+    device = "meta" if name in ALL else "cpu"
+    for given, hw in ((h, (h, h)), ((h, 2 * w), (h, 2 * w)), ([2 * h, w], (2 * h, w))):
+        with torch.device(device):
+            model = vitkit.create_model(name, img_size=given)
+        assert model.pretrained_cfg["input_size"][1:] == hw, (given, model.pretrained_cfg["input_size"])
+        assert vitkit.resolve_data_config(model)["input_size"][1:] == hw
+        if isinstance(model, VitkitModel):
+            assert model.img_size == hw
+
+
+def _unfit_img_size(name: str) -> tuple[int, str]:
+    """A size the model cannot take, and the rule its build-time error has to state."""
+    with torch.device("meta"):
+        model = vitkit.create_model(name)
+    family = vitkit.get_model_entry(name).family
+    if family in ("halonet", "mobilevit"):  # any size from a minimum; nothing is sized by img_size
+        return model.min_input_size - 1, f"at least {model.min_input_size} pixels, got"
+    if family in ("vit", "vit_hybrid"):  # the position embedding has one entry per patch
+        m = model.patch_embed.reduction[0]
+    elif family in ("nest", "lavit"):  # block sizes / attention maps follow the token grid of every stage
+        m = model.input_multiple
+    else:
+        pytest.fail(f"{name}: no img_size rule for family {family!r} in this test; add one")
+    return 2 * m + m // 2, f" = {m}, got"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_img_size_that_cannot_apply_is_refused_at_build_time(name):
+    size, rule = _unfit_img_size(name)
+    for given in (size, (size, size)):
+        with torch.device("meta"), pytest.raises(ValueError) as e:
+            vitkit.create_model(name, img_size=given)
+        assert str(e.value).startswith(f"{name}: img_size={given!r}: each side must be "), str(e.value)
+        assert rule in str(e.value) and str(e.value).endswith(f"got {size}x{size}"), str(e.value)
+
+
+def test_img_size_errors_name_the_patch_and_the_kwargs_that_size_the_model():
+    with pytest.raises(ValueError, match=r"^vit_tiny_patch16_224: img_size=230: .* multiple of the patch size = 16"):
+        vitkit.create_model("vit_tiny_patch16_224", img_size=230)
+    with pytest.raises(ValueError, match=r"^vit_base_r50_s16_224: img_size=\(224, 200\): .* = 16, got 224x200"):
+        vitkit.create_model("vit_base_r50_s16_224", img_size=(224, 200))
+    with pytest.raises(ValueError, match=r"^mobilevit_xxs: img_size=16: each side must be at least 32 pixels"):
+        vitkit.create_model("mobilevit_xxs", img_size=16)
+    with pytest.raises(ValueError, match=r"^halonet26t: img_size must be an int or \(height, width\), got '64'"):
+        vitkit.create_model("halonet26t", img_size="64")
+    # the multiple follows the architecture arguments given with it (configs/mnist_vit.yaml: 28 px, 7 px patches)
+    with torch.device("meta"):
+        model = vitkit.create_model("vit_tiny_patch16_224", img_size=28, patch_size=7)
+    assert vitkit.resolve_data_config(model)["input_size"] == (3, 28, 28) and model.patch_embed.grid_size == (4, 4)
 
 
 @pytest.mark.parametrize("name", LARGE)

@@ -1,7 +1,7 @@
 """Model families, the registry and the builder."""
 
 from vitkit.models import halonet, lavit, mobilevit, nest, vit, vit_hybrid  # noqa: F401  (registers the models)
-from vitkit.models._base import FeatureInfo, VitkitModel, feature_take_indices
+from vitkit.models._base import FeatureInfo, ModelArgError, VitkitModel, feature_take_indices
 from vitkit.models._builder import create_model
 from vitkit.models._checkpoint import load_checkpoint, read_state_dict, save_state_dict
 from vitkit.models._registry import (
@@ -15,6 +15,7 @@ from vitkit.models._registry import (
 
 __all__ = [
     "FeatureInfo",
+    "ModelArgError",
     "PretrainedCfg",
     "VitkitModel",
     "create_model",

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -53,6 +54,50 @@ def feature_take_indices(num_features: int, indices: int | list[int] | tuple[int
     return take, max(take)
 
 
+class ModelArgError(ValueError):
+    """An architecture argument the model cannot take, raised at build time.
+
+    Constructors name their class; :func:`vitkit.create_model` re-raises it under the registered model's name
+    (a model built inside another registered model keeps its own name after the outer one).
+    """
+
+    def __init__(self, model: str, detail: str, registered: bool = False):
+        super().__init__(f"{model}: {detail}")
+        self.model, self.detail, self.registered = model, detail, registered
+
+    def named(self, name: str) -> ModelArgError:
+        return ModelArgError(name, str(self) if self.registered else self.detail, registered=True)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_img_size(
+    model: str, img_size, multiple: int | tuple[int, int] = 1, rule: str = "", minimum: int = 1
+) -> tuple[int, int]:
+    """``img_size`` (an int or ``(height, width)``) as ``(h, w)``, checked when the model is built.
+
+    Args:
+        model: the name errors start with.
+        multiple: each side must be a positive multiple of this (per side with a tuple); ``rule`` names its origin.
+        minimum: each side must be at least this many pixels.
+    """
+    if _is_int(img_size):
+        h = w = int(img_size)
+    elif isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(_is_int(v) for v in img_size):
+        h, w = (int(v) for v in img_size)
+    else:
+        raise ModelArgError(model, f"img_size must be an int or (height, width), got {img_size!r}")
+    mh, mw = (multiple, multiple) if isinstance(multiple, int) else multiple
+    if h < minimum or w < minimum:
+        raise ModelArgError(model, f"img_size={img_size!r}: each side must be at least {minimum} pixels, got {h}x{w}")
+    if h % mh or w % mw or h < mh or w < mw:
+        m = str(mh) if mh == mw else f"{mh}x{mw}"
+        raise ModelArgError(model, f"img_size={img_size!r}: each side must be a multiple of {rule} = {m}, got {h}x{w}")
+    return h, w
+
+
 def run_blocks(blocks, x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
     """Run blocks in sequence; with ``checkpointing`` their activations are recomputed in backward."""
     for blk in blocks:
@@ -73,6 +118,7 @@ class VitkitModel(nn.Module):
     feature_info: FeatureInfo
     grad_checkpointing: bool = False
     in_chans: int = 3
+    img_size: tuple[int, int]  # the default input size (the data config's); families check it when built
 
     @property
     def name(self) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from vitkit._io import download
+from vitkit.models._base import ModelArgError
 from vitkit.models._checkpoint import load_checkpoint
 from vitkit.models._features import FeatureGetterNet
 from vitkit.models._registry import ModelEntry, PretrainedCfg, get_model_entry, split_model_name
@@ -78,7 +79,10 @@ def create_model(
         checkpoint_path: a vitkit or timm-format checkpoint to load (after ``pretrained``).
         num_classes: classifier size; 0 removes the classifier. Defaults to the weights' or 1000.
         in_chans: input channels; pretrained first-layer filters are adapted when it differs.
-        img_size: input resolution; position embeddings are resampled when weights were trained at another.
+        img_size: the default input size (an int or ``(height, width)``) of the data config, in every family;
+            families whose parameters depend on it (ViT position embeddings, NesT blocks, LaViT attention maps) are
+            built for it, and weights trained at another size are resampled. A size the model cannot take (not a
+            multiple of its patch/stride, below its minimum) is an error here, naming what it needs.
         drop_path_rate: stochastic-depth rate.
         features_only: return a backbone whose forward gives the NCHW maps of ``feature_info``.
         out_indices: which feature stages ``features_only`` returns.
@@ -102,6 +106,8 @@ def create_model(
         model = entry.builder(**kwargs)
     except TypeError as e:
         raise ValueError(f"{entry.name}: invalid argument ({e})") from None
+    except ModelArgError as e:
+        raise e.named(entry.name) from None
 
     cfg = dict(entry.default_cfg)
     if pcfg is not None:

@@ -17,7 +17,8 @@ Paper: Vaswani et al., "Scaling Local Self-Attention for Parameter Efficient Vis
 
 Padding: halo layers pad their maps to a multiple of the block size and mask the padding out of the softmax
 (see :mod:`vitkit.layers.halo_attention`), so any input of at least 32 px works; sizes whose stride-32 map is a
-multiple of the block are exactly the reference's computation.
+multiple of the block are exactly the reference's computation. ``img_size`` is the data config's default input
+size, as in every family; below 32 it is refused when the model is built.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch import nn
 from vitkit.layers import ConvNormAct, DropPath, HaloAttention, drop_path_schedule, make_divisible
 from vitkit.layers.conv_bn import conv_residual_act
 from vitkit.layers.helpers import apply_act
-from vitkit.models._base import ConvStagesModel, FeatureInfo
+from vitkit.models._base import ConvStagesModel, FeatureInfo, check_img_size
 from vitkit.models._registry import PretrainedCfg, default_cfg, register_variant
 
 
@@ -221,7 +222,7 @@ class HaloNet(ConvStagesModel):
         in_chans: int = 3,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        img_size: int | tuple[int, int] | None = None,
+        img_size: int | tuple[int, int] = 256,
         halo_mask: str = "size",
     ):
         """
@@ -229,10 +230,12 @@ class HaloNet(ConvStagesModel):
             stages: one :class:`HaloStage` per stage.
             halo: the attention blocks' :class:`HaloAttnCfg` (or a dict of its fields).
             num_features: width of a final 1x1 conv (the paper's df); 0 for none.
-            img_size: only sets the default data config; the network takes any size of at least 32 px.
+            img_size: the default input size (of the data config); the network itself takes any size of at
+                least ``min_input_size`` (32) pixels, and a smaller ``img_size`` is an error.
             halo_mask: 'size' (reference numerics) or 'all' (mask every key outside the map).
         """
         super().__init__()
+        self.img_size = check_img_size(self.name, img_size, minimum=self.min_input_size)
         for st in stages:
             if not isinstance(st, HaloStage):
                 raise ValueError(f"HaloNet: stages must be HaloStage entries, got {st!r}")
@@ -383,7 +386,7 @@ def _register(name: str, args: dict, img: int, crop_pct: float, tag: str | None)
         if tag
         else []
     )
-    register_variant(name, HaloNet, args, family="halonet", cfg=cfg, pretrained=pretrained)
+    register_variant(name, HaloNet, dict(args, img_size=img), family="halonet", cfg=cfg, pretrained=pretrained)
 
 
 for _k, _v in PAPER.items():

@@ -33,15 +33,16 @@ other input sizes are an error that names the size the model was built for.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.layers import DropPath, Mlp, drop_path_schedule, to_2tuple
+from vitkit.layers import DropPath, Mlp, drop_path_schedule
 from vitkit.layers.less_attention import AttentionDownsample, LessAttention, VanillaAttention, dp_loss
-from vitkit.models._base import FeatureInfo, VitkitModel
+from vitkit.models._base import FeatureInfo, VitkitModel, check_img_size
 from vitkit.models._registry import default_cfg, register_variant
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -141,6 +142,8 @@ class LaViT(VitkitModel):
     ):
         """
         Args:
+            img_size: the default (and only) input size; sets the attention maps' sizes. Each side must be a multiple
+                of every stage's total stride times its sr_ratio (32 for the registered variants).
             num_va: vanilla-attention layers at the start of each stage; the rest are less-attention layers.
             inherit: carry each stage's last attention into the next stage (residual-based downsampling).
             share_heads, residual, carry: less-attention options (see vitkit.layers.less_attention).
@@ -160,12 +163,10 @@ class LaViT(VitkitModel):
                 raise ValueError(f"LaViT: {arg} needs one entry per stage ({n}), got {tuple(val)}")
         if any(v > d for v, d in zip(num_va, depths)):
             raise ValueError(f"LaViT: num_va {tuple(num_va)} exceeds depths {tuple(depths)}")
-        self.img_size = to_2tuple(img_size)
-        stride = 1
-        for p in patch_sizes:
-            stride *= p
-        if self.img_size[0] % stride or self.img_size[1] % stride:
-            raise ValueError(f"LaViT: img_size {self.img_size} must be a multiple of the total stride {stride}")
+        # every stage's token grid must divide by its spatial reduction: sides are multiples of stride_i * sr_i
+        strides = [math.prod(patch_sizes[: i + 1]) for i in range(n)]
+        self.input_multiple = math.lcm(*(t * r for t, r in zip(strides, sr_ratios)))
+        self.img_size = check_img_size(self.name, img_size, self.input_multiple, "every stage's stride x sr_ratio")
         self.in_chans, self.num_classes, self.drop_rate = in_chans, num_classes, drop_rate
         self.num_features = embed_dims[-1]
         self.dp_reduction = dp_reduction
@@ -178,8 +179,6 @@ class LaViT(VitkitModel):
         for i in range(n):
             r *= patch_sizes[i]
             grid = (grid[0] // patch_sizes[i], grid[1] // patch_sizes[i])
-            if grid[0] % sr_ratios[i] or grid[1] % sr_ratios[i]:
-                raise ValueError(f"LaViT: stage {i} grid {grid} is not divisible by sr_ratio {sr_ratios[i]}")
             inherit_heads = num_heads[i - 1] if (inherit and i > 0) else 0
             rates = dpr[sum(depths[:i]) : sum(depths[: i + 1])]
             stages.append(

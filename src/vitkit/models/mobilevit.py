@@ -15,7 +15,8 @@ Export path: :func:`unfold_patches` and :func:`fold_patches` use only reshapes/p
 
 Input sizes: there are no position embeddings, so any size whose sides are multiples of 32 runs without
 resampling anything. Other sizes of at least 32 are accepted: a MobileViT block whose map has an odd side
-resizes it bilinearly to the next multiple of the patch size and back (the cvnets/timm rule).
+resizes it bilinearly to the next multiple of the patch size and back (the cvnets/timm rule). ``img_size`` is the
+data config's default input size, as in every family; below 32 it is refused when the model is built.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import nn
 from vitkit.layers import Block, ConvNormAct, DropPath, drop_path_schedule, make_divisible
 from vitkit.layers.conv_bn import conv_residual_act
 from vitkit.layers.helpers import apply_act
-from vitkit.models._base import ConvStagesModel, FeatureInfo
+from vitkit.models._base import ConvStagesModel, FeatureInfo, check_img_size
 from vitkit.models._registry import PretrainedCfg, default_cfg, register_variant
 
 
@@ -259,16 +260,18 @@ class MobileViT(ConvStagesModel):
         in_chans: int = 3,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        img_size: int | tuple[int, int] | None = None,
+        img_size: int | tuple[int, int] = 256,
     ):
         """
         Args:
             stage_cfgs: one :class:`MV2Stage` or :class:`MobileViTStage` per stage.
             num_features: width of the final 1x1 conv (0: none, as in v2).
             version: 1 (MobileViT blocks) or 2 (MobileViTv2 blocks).
-            img_size: only sets the default data config; the network itself takes any size.
+            img_size: the default input size (of the data config); the network itself takes any size of at
+                least ``min_input_size`` (32) pixels, and a smaller ``img_size`` is an error.
         """
         super().__init__()
+        self.img_size = check_img_size(self.name, img_size, minimum=self.min_input_size)
         if version not in (1, 2):
             raise ValueError(f"MobileViT: version must be 1 or 2, got {version!r}")
         for cfg in stage_cfgs:
@@ -355,9 +358,8 @@ def _register(name: str, args: dict, crop_pct: float) -> None:
         crop_pct=crop_pct,
         license="apple-ascl",
     )
-    register_variant(
-        name, MobileViT, args, family="mobilevit", cfg=default_cfg(**_MV_CFG, crop_pct=crop_pct), pretrained=[tag]
-    )
+    cfg = default_cfg(**_MV_CFG, crop_pct=crop_pct)
+    register_variant(name, MobileViT, dict(args, img_size=256), family="mobilevit", cfg=cfg, pretrained=[tag])
 
 
 for _name, _args in _V1.items():

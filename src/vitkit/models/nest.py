@@ -34,13 +34,12 @@ from vitkit.layers import (
     MultiQueryAttention,
     PatchEmbed,
     drop_path_schedule,
-    to_2tuple,
 )
 from vitkit.layers.attention import attend
 from vitkit.layers.block import LayerNormEps6
 from vitkit.layers.helpers import hooked
 from vitkit.layers.mlp import apply_linear, linear
-from vitkit.models._base import FeatureInfo, VitkitModel, run_blocks
+from vitkit.models._base import FeatureInfo, VitkitModel, check_img_size, run_blocks
 from vitkit.models._registry import PretrainedCfg, default_cfg, register_variant
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -179,6 +178,8 @@ class Nest(VitkitModel):
     ):
         """
         Args:
+            img_size: the default (and only) input size; sets the block size. Each side must be a multiple of
+                ``patch_size * 2^(num_levels-1)``.
             num_levels: hierarchy depth T_d; level l holds ``4^(T_d - 1 - l)`` blocks.
             embed_dims, num_heads, depths: one entry per level.
             pad_type: '' (PyTorch symmetric padding) or 'same' (TF 'SAME', for the converted JAX weights).
@@ -190,7 +191,6 @@ class Nest(VitkitModel):
                 raise ValueError(f"Nest: {arg} needs one entry per level ({num_levels}), got {tuple(val)}")
         if attn_type not in ("mha", "mqa"):
             raise ValueError(f"Nest: attn_type must be 'mha' or 'mqa', got {attn_type!r}")
-        self.img_size = to_2tuple(img_size)
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.num_classes = num_classes
@@ -198,11 +198,8 @@ class Nest(VitkitModel):
         self.drop_rate = drop_rate
         side = 2 ** (num_levels - 1)  # blocks per side at level 0
         self.input_multiple = patch_size * side
+        self.img_size = check_img_size(self.name, img_size, self.input_multiple, "patch_size * 2^(num_levels-1)")
         h, w = self.img_size
-        if h % self.input_multiple or w % self.input_multiple:
-            raise ValueError(
-                f"Nest: img_size {h}x{w} must be a multiple of patch_size * 2^(num_levels-1) = {self.input_multiple}"
-            )
         block = (h // self.input_multiple, w // self.input_multiple)
 
         self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dims[0], flatten=False)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from vitkit.layers import Block, PatchEmbed, drop_path_schedule, resample_abs_pos_embed
-from vitkit.models._base import FeatureInfo, VitkitModel
+from vitkit.models._base import FeatureInfo, VitkitModel, check_img_size
 from vitkit.models._registry import INCEPTION_MEAN, INCEPTION_STD, PretrainedCfg, default_cfg, register_variant
 
 
@@ -46,6 +46,8 @@ class VisionTransformer(VitkitModel):
     ):
         """
         Args:
+            img_size: the default input size; the position embedding has one entry per patch of it. Each side must
+                be a multiple of the patch size (of the CNN stem's stride times the patch size for hybrids).
             global_pool: 'token' (class token), 'avg' (mean of patch tokens) or '' (no pooling).
             dynamic_img_size: accept any input whose sides are multiples of the patch size, resampling
                 the position embedding per call.
@@ -66,6 +68,9 @@ class VisionTransformer(VitkitModel):
         self.dynamic_img_size = dynamic_img_size
 
         self.patch_embed = embed_layer(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        # the position embedding is sized for img_size, so its sides must be whole numbers of patches
+        rule = "the patch size" if embed_layer is PatchEmbed else "the patch embedding's stride"
+        self.img_size = check_img_size(self.name, img_size, self.patch_embed.reduction, rule)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
