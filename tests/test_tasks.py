@@ -102,7 +102,7 @@ class MeanPixelTask(Task):
         var = y2_sum / n - (y_sum / n) ** 2
         return {"r2": 1 - sq_sum / n / var, "mae": abs_sum / n, "mse": sq_sum / n, "images": int(n)}
 
-    def predict_batch(self, model, inputs):
+    def predict_batch(self, model, inputs, metas):
         o = self.options
         return [{"mean": v / o.scale + o.offset} for v in model(inputs).squeeze(1).tolist()]
 

@@ -8,7 +8,7 @@
     vitkit bench NAME ... [--img-size S ...]  params, GMACs, images/s, latency, peak memory, MFU vs matmul peak
     vitkit export NAME --format F            ONNX / torch.export / TorchScript, verified against eager
     vitkit explain NAME|RUN --image I --method M   attention maps, rollout, CAM, GradCAT, distances (PNG + .npy)
-    vitkit data mnist-segmentation OUT       an offline dataset of real MNIST digits on canvases
+    vitkit data mnist-segmentation|mnist-detection OUT   offline datasets of real MNIST digits on canvases
 
 Each subcommand lives in its own function and registers its parser in ``_SUBCOMMANDS``; training,
 evaluation, benchmarking, export and explanation commands plug in the same way.
@@ -160,7 +160,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from vitkit.train import load_run, predict
 
     run = load_run(args.run, args.which, ema=args.ema)
-    results = predict(run, args.images, **({"topk": args.topk} if run.task.name == "classification" else {}))
+    options = {"classification": {"topk": args.topk}, "detection": {"score": args.score}}.get(run.task.name, {})
+    results = predict(run, args.images, **options)
     failed = [r for r in results if "error" in r]
     if args.out:
         from pathlib import Path
@@ -335,6 +336,11 @@ def cmd_data(args: argparse.Namespace) -> int:
 
         out = write_mnist_segmentation(ds.images, ds.labels, args.out, **kw)
         layout = "VOC-style segmentation (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)"
+    elif args.kind == "mnist-detection":
+        from vitkit.tasks.detection.data import write_mnist_detection
+
+        out = write_mnist_detection(ds.images, ds.labels, args.out, **kw)
+        layout = "COCO detection (train/, val/, annotations/instances_{train,val}.json)"
     else:
         raise ValueError(f"unknown dataset kind {args.kind!r}")
     print(f"wrote {args.train} train and {args.val} held-out canvases to {out}: {layout}")
@@ -343,7 +349,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help="write an offline dataset built from the real MNIST digits")
-    p.add_argument("kind", choices=["mnist-segmentation"], help="what to write")
+    p.add_argument("kind", choices=["mnist-segmentation", "mnist-detection"], help="what to write")
     p.add_argument("out", help="output folder")
     p.add_argument("--mnist", default="../shared/data/mnist", help="folder holding the MNIST IDX files")
     p.add_argument("--split", default="test", help="MNIST split to draw digits from (the shared folder has 'test')")
@@ -410,6 +416,7 @@ def _add_predict(sub) -> None:
     p.add_argument("run", help="run folder or checkpoint folder")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--topk", type=int, default=5, help="classification: how many classes to list")
+    p.add_argument("--score", type=float, default=0.3, help="detection: the lowest score drawn and listed")
     p.add_argument("--out", default=None, help="folder for predictions.json (and the task's drawings)")
     p.add_argument("--which", default="best", choices=["best", "last"])
     p.add_argument("--ema", action="store_true")

@@ -28,6 +28,28 @@ class ExportError(RuntimeError):
     """A model that cannot be exported in the requested format."""
 
 
+class RawHead(nn.Module):
+    """A detector's exportable part, ``model.forward_raw``: (class logits, box deltas) over all anchors. Decoding
+    and NMS follow on the outputs with ``model.postprocess`` (see :mod:`vitkit.tasks.detection.models`)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.model_name = getattr(model, "model_name", type(model).__name__)
+
+    def forward(self, x: torch.Tensor):
+        return self.model.forward_raw(x)
+
+
+def exportable(model: nn.Module) -> nn.Module:
+    """What an export holds: the model, or a detector's raw head (everything up to, not including, NMS)."""
+    return RawHead(model) if hasattr(model, "forward_raw") else model
+
+
+def _outputs(out) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
 def _name(model: nn.Module) -> str:
     return getattr(model, "model_name", type(model).__name__)
 
@@ -40,6 +62,7 @@ def _batch_dim(dynamic_batch: bool):
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_chw, dynamic_batch: bool = True) -> Path:
     """Write ``model`` as ONNX (opset of the dynamo exporter) with an optional dynamic batch axis."""
     x = torch.randn(2, *input_chw)
+    model = exportable(model)
     try:
         program = torch.onnx.export(
             model.eval(), (x,), dynamo=True, dynamic_shapes=_batch_dim(dynamic_batch), verbose=False
@@ -53,6 +76,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_chw, dynamic_ba
 def export_program(model: nn.Module, path: str | os.PathLike, input_chw, dynamic_batch: bool = True) -> Path:
     """Write a ``torch.export`` ExportedProgram (.pt2); load it with ``torch.export.load``."""
     x = torch.randn(2, *input_chw)
+    model = exportable(model)
     try:
         ep = torch.export.export(model.eval(), (x,), dynamic_shapes=_batch_dim(dynamic_batch))
         torch.export.save(ep, str(path))
@@ -64,6 +88,7 @@ def export_program(model: nn.Module, path: str | os.PathLike, input_chw, dynamic
 def export_torchscript(model: nn.Module, path: str | os.PathLike, input_chw) -> Path:
     """Write a traced TorchScript module (batch size is free in the trace; the input size is fixed)."""
     x = torch.randn(2, *input_chw)
+    model = exportable(model)
     try:
         with torch.no_grad():
             traced = torch.jit.trace(model.eval(), (x,), check_trace=False)
@@ -101,15 +126,16 @@ def trace_frozen(model: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
         raise ExportError(f"{_name(model)}: TorchScript tracing failed: {type(e).__name__}: {str(e)[:500]}") from e
 
 
-def run_exported(path: str | os.PathLike, fmt: str, x: torch.Tensor) -> torch.Tensor:
-    """Run an exported artefact on ``x`` (ONNX through onnxruntime)."""
+def run_exported(path: str | os.PathLike, fmt: str, x: torch.Tensor):
+    """Run an exported artefact on ``x`` (ONNX through onnxruntime): its output, or a tuple of several."""
     if fmt == "onnx":
         try:
             import onnxruntime as ort
         except ImportError:
             raise ImportError("checking an ONNX export needs onnxruntime: pip install 'vitkit[export]'") from None
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+        outs = [torch.from_numpy(o) for o in sess.run(None, {sess.get_inputs()[0].name: x.numpy()})]
+        return outs[0] if len(outs) == 1 else tuple(outs)
     if fmt == "export":
         return torch.export.load(str(path)).module()(x)
     return torch.jit.load(str(path))(x)
@@ -134,7 +160,7 @@ def export_model(
     for b in check_batches if dynamic_batch or fmt == "torchscript" else (2,):
         x = torch.randn(b, *chw)
         with torch.no_grad():
-            ref = model.eval()(x)
-            out = run_exported(path, fmt, x)
-        diffs[b] = float((out.float() - ref.float()).abs().max())
+            refs = _outputs(exportable(model).eval()(x))
+            outs = _outputs(run_exported(path, fmt, x))
+        diffs[b] = max(float((o.float() - r.float()).abs().max()) for o, r in zip(outs, refs))
     return {"path": str(path), "format": fmt, "max_abs_diff": diffs}

@@ -183,6 +183,24 @@ class RandAugment:
         return img
 
 
+def photometric(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """mmsegmentation's PhotoMetricDistortion, each step with probability 0.5: brightness (+-32 of 255), contrast
+    and (colour images) saturation (x0.5-1.5), hue (+-18 of 180 degrees)."""
+    if rng.random() < 0.5:
+        img = ImageEnhance.Brightness(img).enhance(1.0 + rng.uniform(-32, 32) / 128)
+    if rng.random() < 0.5:
+        img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.5, 1.5))
+    if img.mode == "RGB":
+        if rng.random() < 0.5:
+            img = ImageEnhance.Color(img).enhance(rng.uniform(0.5, 1.5))
+        if rng.random() < 0.5:
+            h, s, v = img.convert("HSV").split()
+            shift = int(rng.integers(-18, 19)) * 256 // 180
+            h = h.point(lambda x: (x + shift) % 256)
+            img = Image.merge("HSV", (h, s, v)).convert("RGB")
+    return img
+
+
 # ---- tensors -------------------------------------------------------------------------------------
 
 

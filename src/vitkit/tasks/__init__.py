@@ -15,6 +15,7 @@ from vitkit.config import TrainConfig
 from vitkit.models import get_model_entry
 from vitkit.tasks.base import EvalContext, Task
 from vitkit.tasks.classification import ClassificationTask
+from vitkit.tasks.detection.task import DetectionTask
 from vitkit.tasks.segmentation import SegmentationTask
 
 TASKS: dict[str, type[Task]] = {}
@@ -30,6 +31,7 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 register_task(ClassificationTask)
 register_task(SegmentationTask)
+register_task(DetectionTask)
 
 
 def task_class(name: str) -> type[Task]:
@@ -77,6 +79,7 @@ def build_task(cfg: TrainConfig) -> Task:
 __all__ = [
     "TASKS",
     "ClassificationTask",
+    "DetectionTask",
     "EvalContext",
     "SegmentationTask",
     "Task",

@@ -40,11 +40,13 @@ from vitkit.runtime import DistInfo, autocast
 
 @dataclasses.dataclass(frozen=True)
 class EvalContext:
-    """Where and how evaluation runs: the device, AMP mode and the DDP group whose counts are summed."""
+    """Where and how evaluation runs: the device, AMP mode, the DDP group whose counts are summed, and the dataset
+    being evaluated (for metrics that need its annotations whole, such as COCO's)."""
 
     device: torch.device = torch.device("cpu")
     amp: str = "none"
     dist: DistInfo = dataclasses.field(default_factory=DistInfo)
+    dataset: Any = None
 
     def autocast(self):
         return autocast(self.device, self.amp)
@@ -159,8 +161,9 @@ class Task:
 
     # ---- prediction ---------------------------------------------------------------------------------
 
-    def predict_batch(self, model: nn.Module, inputs: torch.Tensor, **options) -> list[dict]:
-        """One output dict per image of ``inputs`` (the eval transform's tensors)."""
+    def predict_batch(self, model: nn.Module, inputs: torch.Tensor, metas: list, **options) -> list[dict]:
+        """One output dict per image of ``inputs`` (the eval transform's tensors; ``metas`` its second outputs, e.g.
+        the resize scale). Keys starting with ``_`` (arrays for :meth:`save_predictions`) are not printed."""
         raise NotImplementedError
 
     def format_prediction(self, result: dict) -> str:

@@ -4,6 +4,7 @@ module builds the in-order, rank-sharded batches and moves them to the device.""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -42,7 +43,7 @@ def evaluate(
     num_workers: int = 0,
 ) -> dict:
     """The task's metrics for ``model`` over ``dataset`` with its eval transform (every rank gets the totals)."""
-    ctx = ctx or EvalContext()
+    ctx = dataclasses.replace(ctx or EvalContext(), dataset=dataset)
     size = tuple(data_config["input_size"][1:])
     view = TransformView(dataset, task.eval_transform(data_config), 0, joint=True)
     plan = eval_plan(len(dataset), batch_size, size, ctx.dist.world_size, ctx.dist.rank)

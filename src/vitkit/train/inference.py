@@ -65,14 +65,16 @@ def predict(run: LoadedRun, paths: list[str], batch_size: int = 64, **options) -
     tf = run.task.eval_transform(run.data_config)
     files, results = image_files(paths), []
     for i in range(0, len(files), batch_size):
-        good, xs = [], []
+        good, xs, metas = [], [], []
         for f in files[i : i + batch_size]:
             try:
-                xs.append(tf(load_image(f), None, None, None)[0])  # (image, target, rng, size)
+                x, meta = tf(load_image(f), None, None, None)  # (image, target, rng, size)
                 good.append(f)
+                xs.append(x)
+                metas.append(meta)
             except (ImageDecodeError, OSError, ValueError) as e:
                 results.append({"image": str(f), "error": str(e)})
         if xs:
-            outs = run.task.predict_batch(run.model, torch.stack(xs), **options)
+            outs = run.task.predict_batch(run.model, torch.stack(xs), metas, **options)
             results += [{"image": str(f), **o} for f, o in zip(good, outs)]
     return results

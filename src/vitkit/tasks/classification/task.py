@@ -121,7 +121,7 @@ class ClassificationTask(Task):
     # ---- prediction ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def predict_batch(self, model: nn.Module, inputs: torch.Tensor, topk: int = 5) -> list[dict]:
+    def predict_batch(self, model: nn.Module, inputs: torch.Tensor, metas: list, topk: int = 5) -> list[dict]:
         classes = self.classes
         probs = model(inputs).float().softmax(-1)
         p, idx = probs.topk(min(topk, probs.shape[-1]), dim=-1)

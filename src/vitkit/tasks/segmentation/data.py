@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance
+from PIL import Image
 from torch.utils.data import Dataset
 
 from vitkit.data.canvas import make_canvases
 from vitkit.data.datasets import parse_split, split_bound
 from vitkit.data.images import BadAnnotation, Split, load_image
 from vitkit.data.loader import Failed
-from vitkit.data.transforms import interpolation, to_tensor
+from vitkit.data.transforms import interpolation, photometric, to_tensor
 
 IGNORE = 255
 VOC_CLASSES = [
@@ -141,24 +141,6 @@ def _resize_pair(img: Image.Image, mask: np.ndarray, w: int, h: int, interp: str
     img = img.resize((w, h), interpolation(interp))
     mask = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((w, h), Image.NEAREST), dtype=np.int64)
     return img, mask
-
-
-def photometric(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """mmsegmentation's PhotoMetricDistortion, each step with probability 0.5: brightness (+-32 of 255), contrast
-    and (colour images) saturation (x0.5-1.5), hue (+-18 of 180 degrees)."""
-    if rng.random() < 0.5:
-        img = ImageEnhance.Brightness(img).enhance(1.0 + rng.uniform(-32, 32) / 128)
-    if rng.random() < 0.5:
-        img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.5, 1.5))
-    if img.mode == "RGB":
-        if rng.random() < 0.5:
-            img = ImageEnhance.Color(img).enhance(rng.uniform(0.5, 1.5))
-        if rng.random() < 0.5:
-            h, s, v = img.convert("HSV").split()
-            shift = int(rng.integers(-18, 19)) * 256 // 180
-            h = h.point(lambda x: (x + shift) % 256)
-            img = Image.merge("HSV", (h, s, v)).convert("RGB")
-    return img
 
 
 class SegTrainTransform:

@@ -109,7 +109,7 @@ class SegmentationTask(Task):
         return "\n".join(lines)
 
     @torch.no_grad()
-    def predict_batch(self, model: nn.Module, inputs: torch.Tensor) -> list[dict]:
+    def predict_batch(self, model: nn.Module, inputs: torch.Tensor, metas: list) -> list[dict]:
         labels = upsample_logits(model(inputs), tuple(inputs.shape[-2:])).argmax(1).to(torch.uint8).cpu().numpy()
         out = []
         for lab in labels:
