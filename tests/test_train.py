@@ -17,6 +17,7 @@ from vitkit.config import ScheduleConfig, TrainConfig
 from vitkit.data.datasets import Digits, load_image
 from vitkit.models._checkpoint import read_state_dict
 from vitkit.tasks import model_task
+from vitkit.tasks.detection.data import write_mnist_detection
 from vitkit.tasks.segmentation.data import write_mnist_segmentation
 from vitkit.train import Trainer, TrainingAborted, load_config, load_run
 from vitkit.train.optim import ModelEma, lr_at, param_groups
@@ -241,8 +242,10 @@ def _smoke_data(cfg: TrainConfig, tmp_path: Path) -> list[str]:
         return ["data.dataset=digits", "data.root=null", "data.train_split=train[:64]", "data.val_split=test[:16]"]
     ds = Digits("train")
     digits = np.stack([np.asarray(ds[i][0].resize((28, 28))) for i in range(200)])
-    root = write_mnist_segmentation(digits, ds.labels[:200], tmp_path / "seg", n_train=8, n_val=4, train_digits=150)
-    return ["data.dataset=voc", f"data.root={root}", "data.train_split=train", "data.val_split=val"]
+    writers = {"segmentation": (write_mnist_segmentation, "voc"), "detection": (write_mnist_detection, "coco")}
+    write, name = writers[task]
+    root = write(digits, ds.labels[:200], tmp_path / task, n_train=8, n_val=4, train_digits=150)
+    return [f"data.dataset={name}", f"data.root={root}", "data.train_split=train", "data.val_split=val"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
@@ -252,6 +255,7 @@ def test_recipe_opens_with_its_launch_command_and_runs(recipe, tmp_path):
     cfg = load_config(recipe)
     # smoke mode on offline data at a small size: the recipe's model, optimizer, augmentation and losses
     size = cfg.model.img_size if cfg.model.img_size and cfg.model.img_size <= 64 else 64
+    size = max(size, 96) if (cfg.task.name or model_task(cfg.model.name)) == "detection" else size
     cfg.override(
         _smoke_data(cfg, tmp_path)
         + [
