@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from conftest import input_size_for, small_model
 from vitkit.interpret import attention_to_image, capture_attention
-from vitkit.layers import HaloAttention
+from vitkit.layers import Attention, HaloAttention
 
 FAMILIES = ["vit_tiny_patch16_224", "nest_tiny", "mobilevit_xxs", "mobilevitv2_050", "halonet26t", "lavit_tiny"]
 
@@ -140,3 +141,51 @@ def test_image_distance_of_halo_attention_stays_within_the_window():
         reach = (r.module.block_size + r.module.halo_size) * stride * 2**0.5  # farthest key of a window
         d = mean_attention_distance_image(model, r, size, queries=4)
         assert d.shape == (r.module.num_heads,) and (d > 0).all() and (d < reach).all(), (r.layer, d, reach)
+
+
+class _Tokens(torch.nn.Module):
+    """A toy model: token attention over a 4x6 map, with no geometry of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = Attention(8, num_heads=2)
+
+    def forward(self, x):
+        return self.attn(x.flatten(2).transpose(1, 2))  # (B, C, 4, 6) -> tokens (B, 24, C)
+
+
+class _Corner(_Tokens):
+    """A toy family whose one method says: every key lies in the image's top-left quarter."""
+
+    def attention_geometry(self, record, query):
+        cells = record.probs.new_zeros(*record.probs.shape[:2], 2, 2)  # (B, heads, 2, 2) over the image
+        cells[:, :, 0, 0] = record.probs[:, :, query.cell((4, 6))[0]].sum(-1)
+        return cells
+
+
+@pytest.mark.parametrize("cls", [_Corner, _Tokens])
+def test_a_new_model_describes_its_geometry_with_one_method_and_token_attention_needs_none(cls):
+    torch.manual_seed(0)
+    model = cls().eval()
+    with torch.no_grad(), capture_attention(model) as records:
+        model(torch.randn(1, 8, 4, 6))
+    heat = attention_to_image(model, records[0], (8, 12), (7, 11))
+    if cls is _Corner:  # its 2x2 cells over the 8x12 image: all the mass in the top-left 4x6 pixels
+        expected = torch.zeros(1, 2, 8, 12)
+        expected[..., :4, :6] = 1
+    else:  # plain token attention on the 4x6 grid: the last token's row, each token 2x2 pixels
+        expected = records[0].probs[:, :, -1].reshape(1, 2, 4, 6).repeat_interleave(2, -2).repeat_interleave(2, -1)
+    torch.testing.assert_close(heat, expected)
+
+
+def test_a_model_wrapped_in_a_task_model_keeps_its_geometry():
+    """The innermost owner describes the layout: a ViT inside a wrapper still drops its class token."""
+    model = small_model("vit_tiny_patch16_224").eval()
+    wrapper = torch.nn.Sequential(model)
+    x = torch.randn(1, *input_size_for("vit_tiny_patch16_224"))
+    with torch.no_grad(), capture_attention(wrapper) as records:
+        wrapper(x)
+    size = tuple(x.shape[-2:])
+    assert records[0].layer == "0.blocks.0.attn"
+    direct = attention_to_image(model, dataclasses.replace(records[0], layer="blocks.0.attn"), size, (20, 40))
+    torch.testing.assert_close(attention_to_image(wrapper, records[0], size, (20, 40)), direct, rtol=0, atol=0)

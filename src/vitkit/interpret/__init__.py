@@ -10,7 +10,7 @@ from vitkit.interpret.attention import (
 )
 from vitkit.interpret.cam import CamResult, GradCatResult, class_activation_map, grad_cam, gradcat, patch_embed_pca
 from vitkit.interpret.explain import METHODS, explain
-from vitkit.interpret.geometry import attention_to_image, mean_attention_distance_image
+from vitkit.interpret.geometry import ImageQuery, attention_to_image, mean_attention_distance_image
 from vitkit.interpret.similarity import attention_similarity, attention_similarity_matrix
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "AttentionRecord",
     "CamResult",
     "GradCatResult",
+    "ImageQuery",
     "class_activation_map",
     "explain",
     "grad_cam",

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vitkit.layers.mlp import apply_linear
+
+if TYPE_CHECKING:  # the interpret side of attention_geometry (type only: layers never import interpret)
+    from vitkit.interpret.geometry import ImageQuery
 
 _FUSED_ATTN = True
 
@@ -124,3 +128,26 @@ def attend(
     attn = (q * scale) @ k.transpose(-2, -1)
     attn = attn_probs(attn.softmax(dim=-1))
     return attn_drop(attn) @ v
+
+
+def token_attention_cells(
+    probs: torch.Tensor,
+    query: ImageQuery,
+    grid: tuple[int, int] | None = None,
+    key_grid: tuple[int, int] | None = None,
+    prefix: int = 0,
+) -> torch.Tensor:
+    """Token attention ``(B, heads, prefix + N, prefix + M)`` as an ``attention_geometry``: the row of the query's
+    token over the key tokens, ``(B, heads, kh, kw)``. Prefix (class) tokens are dropped.
+
+    Args:
+        grid: the query token grid; default laid out from N with the image's aspect ratio.
+        key_grid: the key token grid; default ``grid`` when M == N, else laid out from M with ``grid``'s aspect.
+    """
+    grid = grid or query.grid(probs.shape[-2] - prefix)
+    n_keys = probs.shape[-1] - prefix
+    if key_grid is None:
+        key_grid = grid if n_keys == grid[0] * grid[1] else query.grid(n_keys, grid[0] / grid[1])
+    qy, qx = query.cell(grid)
+    row = probs[:, :, prefix + qy * grid[1] + qx, prefix:]  # (B, heads, M)
+    return row.reshape(*row.shape[:2], *key_grid)

@@ -33,6 +33,7 @@ within bf16 rounding of fp32.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,10 @@ from torch import nn
 from vitkit.layers.attention import fused_attn
 from vitkit.layers.conv_bn import make_divisible
 from vitkit.layers.helpers import hooked, tracing
+
+if TYPE_CHECKING:  # the interpret side of attention_geometry (type only)
+    from vitkit.interpret import AttentionRecord
+    from vitkit.interpret.geometry import ImageQuery
 
 _MASKS = ("size", "all")
 _CHUNK_LOGITS = 1 << 21  # logits per chunk of blocks in the eager path (8 MiB in fp32): stays in cache
@@ -502,3 +507,21 @@ class HaloAttention(nn.Module):
         out = out.reshape(B, heads * dv, nh * bs, nw * bs)
         out = out[:, :, : math.ceil(H / s), : math.ceil(W / s)]
         return self.pool(out)
+
+    def attention_geometry(self, record: AttentionRecord, query: ImageQuery) -> torch.Tensor:
+        """(B*heads, blocks, bs*bs, win*win) on the layer's (Hf, Wf) input map: the query's block window, the
+        ``(b + 2h)^2`` map pixels around its ``b x b`` block. Keys in the zero padding outside the map carry
+        probability but no pixel, so their mass is dropped (see :mod:`vitkit.interpret.geometry`)."""
+        Hf, Wf = record.input_shape[-2:]
+        b, h, s, bs, win = self.block_size, self.halo_size, self.block_stride, self.block_size_ds, self.win_size
+        nh, nw, heads = math.ceil(Hf / b), math.ceil(Wf / b), self.num_heads
+        fy, fx = query.cell((Hf, Wf))
+        by, bx = fy // b, fx // b
+        iy, ix = (fy - by * b) // s, (fx - bx * b) // s  # the query's (strided) position in its block
+        p = record.probs.reshape(-1, heads, nh * nw, bs * bs, win, win)
+        row = p[:, :, by * nw + bx, iy * bs + ix]  # (B, heads, win, win)
+        cells = row.new_zeros(row.shape[0], heads, Hf, Wf)
+        y0, x0 = by * b - h, bx * b - h  # window origin on the map; clip to the image
+        ys, xs = slice(max(0, -y0), min(win, Hf - y0)), slice(max(0, -x0), min(win, Wf - x0))
+        cells[:, :, y0 + ys.start : y0 + ys.stop, x0 + xs.start : x0 + xs.stop] = row[:, :, ys, xs]
+        return cells

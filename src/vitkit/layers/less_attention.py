@@ -40,9 +40,17 @@ DP loss                on softmax probabilities;      symmetry + diagonal-domina
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vitkit.layers.attention import token_attention_cells
+
+if TYPE_CHECKING:  # the interpret side of attention_geometry (type only)
+    from vitkit.interpret import AttentionRecord
+    from vitkit.interpret.geometry import ImageQuery
 
 _CARRY = ("pre", "post")
 
@@ -98,6 +106,11 @@ class VanillaAttention(nn.Module):
         probs = self.attn_probs(scores.softmax(dim=-1))
         out = (self.attn_drop(probs) @ v).transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(out)), scores, probs
+
+    def attention_geometry(self, record: AttentionRecord, query: ImageQuery) -> torch.Tensor:
+        """(B, heads, N, M): queries on the stage's token grid, keys on it reduced ``sr_ratio`` times per side."""
+        g = record.grid
+        return token_attention_cells(record.probs, query, g, (g[0] // self.sr_ratio, g[1] // self.sr_ratio))
 
 
 class LessAttention(nn.Module):
@@ -156,6 +169,8 @@ class LessAttention(nn.Module):
         out = (probs @ v).transpose(1, 2).reshape(B, N, C)
         carried = scores if self.carry == "pre" else probs
         return self.proj_drop(self.proj(out)), carried, probs
+
+    attention_geometry = VanillaAttention.attention_geometry
 
 
 class AttentionDownsample(nn.Module):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,10 @@ from vitkit.layers.conv_bn import conv_residual_act
 from vitkit.layers.helpers import apply_act
 from vitkit.models._base import ConvStagesModel, FeatureInfo, check_img_size
 from vitkit.models._registry import PretrainedCfg, default_cfg, register_variant
+
+if TYPE_CHECKING:
+    from vitkit.interpret import AttentionRecord
+    from vitkit.interpret.geometry import ImageQuery
 
 
 def unfold_patches(x: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
@@ -65,6 +70,21 @@ def _resize_to_patches(x: torch.Tensor, patch: tuple[int, int], align_corners: b
     if new != (H, W):
         x = F.interpolate(x, size=new, mode="bilinear", align_corners=align_corners)
     return x, (H, W)
+
+
+def patch_sequence_cells(p: torch.Tensor, patch: tuple[int, int], query: ImageQuery) -> torch.Tensor:
+    """Attention across patches as an ``attention_geometry``: ``p`` (B, P, heads, N, N), or (B, P, 1, 1, N) for
+    v2's context scores (the same for every query of an offset). The keys of a query are the pixels at its
+    intra-patch offset in every patch, on the map's grid of ``patch``-sized patches: ``(B, heads, H', W')``."""
+    ph, pw = patch
+    nh, nw = query.grid(p.shape[-1])  # the patch grid: laid out with the image's aspect ratio
+    grid = (nh * ph, nw * pw)
+    fy, fx = query.cell(grid)
+    off, n_q = (fy % ph) * pw + fx % pw, (fy // ph) * nw + fx // pw
+    row = p[:, off, :, n_q if p.shape[-2] > 1 else 0, :]  # (B, heads, N)
+    cells = row.new_zeros(row.shape[0], p.shape[2], *grid)
+    cells[:, :, fy % ph :: ph, fx % pw :: pw] = row.reshape(row.shape[0], p.shape[2], nh, nw)
+    return cells
 
 
 class InvertedResidual(nn.Module):
@@ -130,6 +150,11 @@ class MobileViTBlock(nn.Module):
             y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
         y = self.conv_proj(y)
         return self.conv_fusion(torch.cat((shortcut, y), dim=1))
+
+    def attention_geometry(self, record: AttentionRecord, query: ImageQuery) -> torch.Tensor:
+        """The Transformer's attention (B*P, heads, N, N): one sequence of N patches per intra-patch offset."""
+        p = record.probs
+        return patch_sequence_cells(p.reshape(-1, self.patch[0] * self.patch[1], *p.shape[1:]), self.patch, query)
 
 
 class LinearSelfAttention(nn.Module):
@@ -201,6 +226,10 @@ class MobileViTV2Block(nn.Module):
         grid = (x.shape[2] // self.patch[0], x.shape[3] // self.patch[1])
         x = self.norm(self.transformer(unfold_patches(x, self.patch)))  # (B, d, P, N)
         return self.conv_proj(fold_patches(x, grid, self.patch))
+
+    def attention_geometry(self, record: AttentionRecord, query: ImageQuery) -> torch.Tensor:
+        """The separable attention's context scores (B, 1, P, N): one distribution over patches per offset."""
+        return patch_sequence_cells(record.probs.transpose(1, 2)[:, :, None], self.patch, query)  # (B, P, 1, 1, N)
 
 
 @dataclass(frozen=True)

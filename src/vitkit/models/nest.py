@@ -21,6 +21,8 @@ attention as in the official ``nest_{tiny,small,base}_s16_32`` configs (§5.3). 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +43,10 @@ from vitkit.layers.helpers import hooked
 from vitkit.layers.mlp import apply_linear, linear
 from vitkit.models._base import FeatureInfo, VitkitModel, check_img_size, run_blocks
 from vitkit.models._registry import PretrainedCfg, default_cfg, register_variant
+
+if TYPE_CHECKING:
+    from vitkit.interpret import AttentionRecord
+    from vitkit.interpret.geometry import ImageQuery
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -153,6 +159,20 @@ class NestLevel(nn.Module):
         x = run_blocks(self.transformer_encoder, x.reshape(B * T, N, C), self.grad_checkpointing and self.training)
         x = unblockify(x.reshape(B, T, N, C), self.grid, self.block)  # (B, H, W, C)
         return x.permute(0, 3, 1, 2)  # (B, C, H, W)
+
+    def attention_geometry(self, record: AttentionRecord, query: ImageQuery) -> torch.Tensor:
+        """Local attention (B*T, heads, N, N) in each of the T blocks: the query sees its own block only; tokens
+        of level ``l`` cover ``patch_size * 2^l`` pixels (see :mod:`vitkit.interpret.geometry`)."""
+        (gh, gw), (bh, bw) = self.grid, self.block
+        grid = (gh * bh, gw * bw)
+        qy, qx = query.cell(grid)
+        t, i = (qy // bh) * gw + qx // bw, (qy % bh) * bw + qx % bw  # the query's block and its token in it
+        p = record.probs.reshape(-1, gh * gw, *record.probs.shape[1:])  # (B, T, heads, N, N)
+        row = p[:, t, :, i, :].reshape(p.shape[0], p.shape[2], bh, bw)  # (B, heads, bh, bw)
+        cells = row.new_zeros(row.shape[0], row.shape[1], *grid)
+        y0, x0 = (qy // bh) * bh, (qx // bw) * bw
+        cells[:, :, y0 : y0 + bh, x0 : x0 + bw] = row
+        return cells
 
 
 class Nest(VitkitModel):

@@ -13,13 +13,19 @@ loaded or, with ``dynamic_img_size=True``, per input size.
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from vitkit.layers import Block, PatchEmbed, drop_path_schedule, resample_abs_pos_embed
+from vitkit.layers.attention import token_attention_cells
 from vitkit.models._base import FeatureInfo, VitkitModel, check_img_size
 from vitkit.models._registry import INCEPTION_MEAN, INCEPTION_STD, PretrainedCfg, default_cfg, register_variant
+
+if TYPE_CHECKING:
+    from vitkit.interpret import AttentionRecord
+    from vitkit.interpret.geometry import ImageQuery
 
 
 class VisionTransformer(VitkitModel):
@@ -149,6 +155,11 @@ class VisionTransformer(VitkitModel):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(self.fc_norm(self.pool(x)))
         return x if pre_logits else self.head(x)
+
+    def attention_geometry(self, record: AttentionRecord, query: ImageQuery) -> torch.Tensor:
+        """Every block's attention (B, heads, prefix + N, prefix + N): the query token's row on the patch grid,
+        prefix tokens dropped (see :mod:`vitkit.interpret.geometry`)."""
+        return token_attention_cells(record.probs, query, record.grid, prefix=self.num_prefix_tokens)
 
     # forward_intermediates / prune_intermediate_layers (VitkitModel) over the blocks; outputs of patch tokens
     feature_stages = "blocks"
