@@ -142,3 +142,30 @@ def test_mnist_segmentation_command_draws_train_and_val_from_disjoint_digits(tmp
     assert cli(["data", "mnist-segmentation", str(again), "--mnist", str(MNIST), "--train", "4", "--val", "2"]) == 0
     for f in sorted((out / "SegmentationClass").iterdir()):
         assert f.read_bytes() == (again / "SegmentationClass" / f.name).read_bytes()  # deterministic by seed
+
+
+@pytest.mark.parametrize("size", [(64, 64), (96, 160), (256, 224)])
+def test_deeplabv3_runs_at_output_stride_16_at_any_size_divisible_by_32(size):
+    m = vitkit.create_model("deeplabv3_mobilevit_xxs", num_classes=4).eval()
+    with torch.no_grad():
+        feats = m.forward_features(torch.randn(1, 3, *size))
+        y = m(torch.randn(1, 3, *size))
+    assert feats.shape[-2:] == y.shape[-2:] == (size[0] // 16, size[1] // 16) and y.shape[1] == 4
+    # the atrous branches: 3x3 at dilation 6, 12, 18 with padding = dilation (same size out)
+    assert [c.conv.dilation[0] for c in m.aspp.convs[1:]] == [6, 12, 18]
+    assert all(c.conv.padding[0] == c.conv.dilation[0] for c in m.aspp.convs[1:])
+    # the last stage's downsampling block keeps stride 1 (at OS16 nothing is dilated, as in cvnets / transformers)
+    last = m.backbone.model.stages[-1][0].conv2_kxk.conv
+    assert last.stride == (1, 1) and last.dilation == (1, 1)
+    os8 = vitkit.create_model("mobilevit_xxs", output_stride=8).stages[-1][0].conv2_kxk.conv
+    assert os8.stride == (1, 1) and os8.dilation == (2, 2)
+
+
+def test_deeplabv3_parameters_equal_transformers_and_the_paper():
+    """transformers' MobileViTForSemanticSegmentation (21 labels, OS16) has 1,854,853 / 2,944,069 / 6,357,941
+    parameters for XXS / XS / S (counted in the fixture venv); the paper rounds them to 1.9M / 2.9M / 6.4M."""
+    from vitkit.bench import count_params
+
+    for v, n in (("xxs", 1_854_853), ("xs", 2_944_069), ("s", 6_357_941)):
+        with torch.device("meta"):
+            assert count_params(vitkit.create_model(f"deeplabv3_mobilevit_{v}", num_classes=21)) == n

@@ -28,9 +28,11 @@ class ConvNormAct(nn.Module):
         stride: int = 1,
         groups: int = 1,
         act_layer: type[nn.Module] | None = nn.ReLU,
+        dilation: int = 1,
     ):
         super().__init__()
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False)
+        pad = (kernel_size - 1) // 2 * dilation
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, pad, dilation, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_chs)
         self.act = act_layer() if act_layer is not None else nn.Identity()
 

@@ -22,6 +22,7 @@ data config's default input size, as in every family; below 32 it is refused whe
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -34,6 +35,7 @@ from vitkit.layers import Block, ConvNormAct, DropPath, drop_path_schedule, make
 from vitkit.layers.conv_bn import conv_residual_act
 from vitkit.layers.helpers import apply_act
 from vitkit.models._base import ConvStagesModel, FeatureInfo, check_img_size
+from vitkit.models._hf import rename, strip_prefix, transformer_layers
 from vitkit.models._registry import PretrainedCfg, default_cfg, register_variant
 
 if TYPE_CHECKING:
@@ -90,12 +92,14 @@ def patch_sequence_cells(p: torch.Tensor, patch: tuple[int, int], query: ImageQu
 class InvertedResidual(nn.Module):
     """MobileNetV2 block (timm ByobNet 'bottle' layout: ``conv1_1x1``, ``conv2_kxk``, ``conv3_1x1``)."""
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int, expand: float, drop_path: float = 0.0):
+    def __init__(
+        self, in_chs: int, out_chs: int, stride: int, expand: float, drop_path: float = 0.0, dilation: int = 1
+    ):
         super().__init__()
         mid = make_divisible(in_chs * expand)
         self.has_residual = stride == 1 and in_chs == out_chs
         self.conv1_1x1 = ConvNormAct(in_chs, mid, 1, act_layer=nn.SiLU)
-        self.conv2_kxk = ConvNormAct(mid, mid, 3, stride, groups=mid, act_layer=nn.SiLU)
+        self.conv2_kxk = ConvNormAct(mid, mid, 3, stride, groups=mid, act_layer=nn.SiLU, dilation=dilation)
         self.conv3_1x1 = ConvNormAct(mid, out_chs, 1, act_layer=None)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -245,11 +249,13 @@ class MV2Stage:
     def num_blocks(self) -> int:
         return self.depth
 
-    def build(self, in_chs: int, version: int, drop_path: Iterator[float], drop: float) -> list[nn.Module]:
+    def build(
+        self, in_chs: int, version: int, drop_path: Iterator[float], drop: float, stride: int, dilation: int = 1
+    ) -> list[nn.Module]:
         blocks = []
         for j in range(self.depth):
-            stride, prev = (self.stride, in_chs) if j == 0 else (1, self.chs)
-            blocks.append(InvertedResidual(prev, self.chs, stride, self.expand, next(drop_path)))
+            s, prev = (stride, in_chs) if j == 0 else (1, self.chs)
+            blocks.append(InvertedResidual(prev, self.chs, s, self.expand, next(drop_path), dilation if j == 0 else 1))
         return blocks
 
 
@@ -267,8 +273,10 @@ class MobileViTStage:
     def num_blocks(self) -> int:
         return 2
 
-    def build(self, in_chs: int, version: int, drop_path: Iterator[float], drop: float) -> list[nn.Module]:
-        down = InvertedResidual(in_chs, self.chs, self.stride, self.expand, next(drop_path))
+    def build(
+        self, in_chs: int, version: int, drop_path: Iterator[float], drop: float, stride: int, dilation: int = 1
+    ) -> list[nn.Module]:
+        down = InvertedResidual(in_chs, self.chs, stride, self.expand, next(drop_path), dilation)
         if version == 1:
             if self.dim is None:
                 raise ValueError(f"MobileViT: a v1 MobileViTStage needs its Transformer width dim, got {self}")
@@ -290,6 +298,7 @@ class MobileViT(ConvStagesModel):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         img_size: int | tuple[int, int] = 256,
+        output_stride: int = 32,
     ):
         """
         Args:
@@ -298,6 +307,9 @@ class MobileViT(ConvStagesModel):
             version: 1 (MobileViT blocks) or 2 (MobileViTv2 blocks).
             img_size: the default input size (of the data config); the network itself takes any size of at
                 least ``min_input_size`` (32) pixels, and a smaller ``img_size`` is an error.
+            output_stride: 32, or 16 / 8 for dense heads (DeepLabv3): a stage whose stride would pass it keeps
+                stride 1, and its downsampling inverted residual takes the dilation reached before it, as in
+                ml-cvnets and transformers (so at 16 nothing is dilated; at 8 the last stage's is 2).
         """
         super().__init__()
         self.img_size = check_img_size(self.name, img_size, minimum=self.min_input_size)
@@ -310,12 +322,17 @@ class MobileViT(ConvStagesModel):
         self.in_chans = in_chans
         self.stem = ConvNormAct(in_chans, stem_chs, 3, 2, act_layer=nn.SiLU)
         dpr = iter(drop_path_schedule(drop_path_rate, sum(c.num_blocks for c in stage_cfgs)))
-        stages, prev, reduction = [], stem_chs, 2
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"MobileViT: output_stride must be 8, 16 or 32, got {output_stride!r}")
+        stages, prev, reduction, dilation = [], stem_chs, 2, 1
         self.feature_info = FeatureInfo()
         for i, cfg in enumerate(stage_cfgs):
-            stages.append(nn.Sequential(*cfg.build(prev, version, dpr, drop_rate)))
+            stride, first_dilation = cfg.stride, dilation
+            if reduction * stride > output_stride:  # dilate instead of striding
+                dilation, stride = dilation * stride, 1
+            stages.append(nn.Sequential(*cfg.build(prev, version, dpr, drop_rate, stride, first_dilation)))
             prev = cfg.chs
-            reduction *= cfg.stride
+            reduction *= stride
             self.feature_info.append(dict(num_chs=prev, reduction=reduction, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
         self._build_tail(
@@ -333,6 +350,88 @@ class MobileViT(ConvStagesModel):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+
+# ---- checkpoint conversion ---------------------------------------------------------------------
+# transformers' MobileViTForImageClassification (apple/mobilevit-*) -> this layout, in order (see models/_hf.py)
+_HF_RULES = [
+    (r"^conv_stem\.", "stem."),
+    (r"^conv_1x1_exp\.", "final_conv."),
+    (r"^classifier\.", "head.fc."),
+    (r"^encoder\.layer\.(\d+)\.layer\.(\d+)\.", r"stages.\1.\2."),
+    (r"^encoder\.layer\.(\d+)\.downsampling_layer\.", r"stages.\1.0."),
+    (r"^encoder\.layer\.(\d+)\.layernorm\.", r"stages.\1.1.norm."),
+    (r"^encoder\.layer\.(\d+)\.conv_projection\.", r"stages.\1.1.conv_proj."),
+    (r"^encoder\.layer\.(\d+)\.fusion\.", r"stages.\1.1.conv_fusion."),
+    (r"^encoder\.layer\.(\d+)\.(conv_kxk|conv_1x1)\.", r"stages.\1.1.\2."),
+    (r"\.expand_1x1\.", ".conv1_1x1."),
+    (r"\.conv_3x3\.", ".conv2_kxk."),
+    (r"\.reduce_1x1\.", ".conv3_1x1."),
+    (r"conv_1x1\.convolution\.", "conv_1x1."),
+    (r"\.convolution\.", ".conv."),
+    (r"\.normalization\.", ".bn."),
+]
+_TO_HF_RULES = [  # the inverse, for writing a transformers-layout file (tests, exports)
+    (r"^stem\.", "conv_stem."),
+    (r"^final_conv\.", "conv_1x1_exp."),
+    (r"^head\.fc\.", "classifier."),
+    (r"^stages\.([01])\.(\d+)\.", r"encoder.layer.\1.layer.\2."),
+    (r"^stages\.(\d+)\.0\.", r"encoder.layer.\1.downsampling_layer."),
+    (r"^stages\.(\d+)\.1\.norm\.", r"encoder.layer.\1.layernorm."),
+    (r"^stages\.(\d+)\.1\.conv_proj\.", r"encoder.layer.\1.conv_projection."),
+    (r"^stages\.(\d+)\.1\.conv_fusion\.", r"encoder.layer.\1.fusion."),
+    (r"^stages\.(\d+)\.1\.conv_1x1\.", r"encoder.layer.\1.conv_1x1.convolution."),
+    (r"^stages\.(\d+)\.1\.(conv_kxk)\.", r"encoder.layer.\1.\2."),
+    (r"\.conv1_1x1\.", ".expand_1x1."),
+    (r"\.conv2_kxk\.", ".conv_3x3."),
+    (r"\.conv3_1x1\.", ".reduce_1x1."),
+    (r"\.conv\.", ".convolution."),
+    (r"\.bn\.", ".normalization."),
+]
+
+
+_TO_HF_LAYER = [
+    ("attn.proj.", "attention.output.dense."),
+    ("mlp.fc1.", "intermediate.dense."),
+    ("mlp.fc2.", "output.dense."),
+    ("norm1.", "layernorm_before."),
+    ("norm2.", "layernorm_after."),
+]
+
+
+def hf_to_vitkit(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers MobileViT (v1) state dict, with or without the ``mobilevit.`` prefix, in vitkit's layout."""
+    sd = strip_prefix(state_dict, "mobilevit.")
+    sd = transformer_layers(sd, r"encoder\.layer\.(\d+)\.transformer\.layer", r"stages.\1.1.transformer")
+    return rename(sd, _HF_RULES)
+
+
+def vitkit_to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`hf_to_vitkit`: transformers' ``MobileViTForImageClassification`` keys."""
+    out = {}
+    for k, v in state_dict.items():
+        m = re.match(r"^stages\.(\d+)\.1\.transformer\.(\d+)\.(.*)$", k)
+        if m:
+            head, rest = f"encoder.layer.{m[1]}.transformer.layer.{m[2]}", m[3]
+            if rest.startswith("attn.qkv."):
+                for name, part in zip(("query", "key", "value"), v.chunk(3, 0)):
+                    out[f"mobilevit.{head}.attention.attention.{name}.{rest.split('.')[-1]}"] = part.clone()
+                continue
+            for a, b in _TO_HF_LAYER:
+                rest = rest.replace(a, b) if rest.startswith(a) else rest
+            out[f"mobilevit.{head}.{rest}"] = v
+            continue
+        key = rename({k: v}, _TO_HF_RULES).popitem()[0]
+        out[key if key.startswith("classifier.") else f"mobilevit.{key}"] = v
+    return out
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Convert a transformers checkpoint (recognised by its ``conv_stem.convolution`` key); timm's and vitkit's
+    layout is this one and passes unchanged."""
+    if any(k.endswith("conv_stem.convolution.weight") for k in state_dict):
+        return hf_to_vitkit(state_dict)
+    return state_dict
 
 
 # ---- variants ---------------------------------------------------------------------------------
@@ -388,7 +487,10 @@ def _register(name: str, args: dict, crop_pct: float) -> None:
         license="apple-ascl",
     )
     cfg = default_cfg(**_MV_CFG, crop_pct=crop_pct)
-    register_variant(name, MobileViT, dict(args, img_size=256), family="mobilevit", cfg=cfg, pretrained=[tag])
+    register_variant(
+        name, MobileViT, dict(args, img_size=256), family="mobilevit", cfg=cfg, pretrained=[tag],
+        checkpoint_filter=checkpoint_filter_fn,
+    )  # fmt: skip
 
 
 for _name, _args in _V1.items():

@@ -21,6 +21,7 @@ from torch import nn
 from vitkit.layers import Block, PatchEmbed, drop_path_schedule, resample_abs_pos_embed
 from vitkit.layers.attention import token_attention_cells
 from vitkit.models._base import FeatureInfo, VitkitModel, check_img_size
+from vitkit.models._hf import rename, strip_prefix, transformer_layers
 from vitkit.models._registry import INCEPTION_MEAN, INCEPTION_STD, PretrainedCfg, default_cfg, register_variant
 
 if TYPE_CHECKING:
@@ -189,8 +190,34 @@ class VisionTransformer(VitkitModel):
         self.reset_classifier(0, "")
 
 
+_HF_RULES = [
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^layernorm\.", "norm."),
+    (r"^classifier\.", "head."),
+]
+
+
+def hf_to_vitkit(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers ViT state dict (``ViTForImageClassification`` / ``ViTModel``, the Hub's layout or
+    transformers 5's) in timm/vitkit's; the pooler of a ``ViTModel``, which no head here uses, is left out."""
+    sd = {k: v for k, v in strip_prefix(state_dict, "vit.").items() if not k.startswith("pooler.")}
+    return rename(transformer_layers(sd, r"(?:encoder\.layer|layers)", "blocks"), _HF_RULES)
+
+
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
-    """Adapt a timm/vitkit ViT state dict to ``model``: resample the position embedding to its grid."""
+    """Adapt a timm/vitkit ViT state dict to ``model``: resample the position embedding to its grid.
+
+    A transformers checkpoint (recognised by ``embeddings.patch_embeddings``) is converted first, and the model's
+    LayerNorms take transformers' epsilon (1e-12, ``ViTConfig.layer_norm_eps`` of google/vit-*) instead of
+    timm's 1e-6, which the weights were trained with.
+    """
+    if any("embeddings.patch_embeddings.projection" in k for k in state_dict):
+        state_dict = hf_to_vitkit(state_dict)
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.eps = 1e-12
     pe = state_dict.get("pos_embed")
     if pe is not None and pe.shape != model.pos_embed.shape:
         state_dict["pos_embed"] = resample_abs_pos_embed(

@@ -1,4 +1,14 @@
-"""Segmentation models: Semantic-FPN on any backbone (LaViT's segmentation setting).
+"""Segmentation models: Semantic-FPN on any backbone (LaViT's setting) and DeepLabv3 on MobileViT (the paper's).
+
+DeepLabv3 (Chen et al., "Rethinking Atrous Convolution for Semantic Image Segmentation", arXiv:1706.05587) as
+ml-cvnets (v0.1, the MobileViT paper's runs) and transformers' ``MobileViTForSemanticSegmentation`` build it: the
+MobileViT backbone at output stride 16 (the last stage's downsampling inverted residual takes stride 1; nothing
+is dilated at OS16, as in both references) without its final 1x1 expansion; ASPP with 256 channels: a 1x1
+branch, three 3x3 branches at dilation 6/12/18, image pooling (average -> 1x1 -> bilinear upsampling), each conv
++ BN + ReLU, projected by a 1x1 conv + BN + ReLU and dropout 0.1; then Dropout2d(0.1) and a 1x1 classifier with
+bias. The forward returns logits at stride 16, as transformers does. Parameter names follow transformers'
+structure (``aspp.convs.0-3``, ``aspp.pool``, ``aspp.project``, ``classifier``), and a transformers checkpoint
+(``mobilevit.*`` + ``segmentation_head.*``) converts on load (:func:`checkpoint_filter_fn`).
 
 Semantic-FPN (Kirillov et al., "Panoptic Feature Pyramid Networks", CVPR 2019, arXiv:1901.02446), the semantic
 branch used alone, as in mmsegmentation's ``FPNHead`` configs that LaViT, PVT and Swin report on ADE20K:
@@ -15,9 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitkit.layers.conv_bn import ConvNormAct
 from vitkit.layers.fpn import FPN
+from vitkit.models._builder import create_model
+from vitkit.models._hf import rename, strip_prefix
 from vitkit.models._pyramid import PyramidBackbone
 from vitkit.models._registry import default_cfg, get_model_entry, register_model
+from vitkit.models.mobilevit import hf_to_vitkit as mobilevit_from_hf
 
 
 class SegmentationModel(nn.Module):
@@ -89,6 +103,85 @@ class SemanticFPN(SegmentationModel):
         return self.classifier(self.dropout(y))
 
 
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: 1x1, three dilated 3x3 and an image-pooling branch, concatenated and
+    projected; every conv + BN + ReLU."""
+
+    def __init__(self, in_chs: int, out_chs: int = 256, rates: tuple[int, ...] = (6, 12, 18), drop: float = 0.1):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            [ConvNormAct(in_chs, out_chs, 1)] + [ConvNormAct(in_chs, out_chs, 3, dilation=r) for r in rates]
+        )
+        self.pool = ConvNormAct(in_chs, out_chs, 1)  # on the globally averaged map
+        self.project = ConvNormAct((len(rates) + 2) * out_chs, out_chs, 1)
+        self.dropout = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ys = [conv(x) for conv in self.convs]
+        pooled = self.pool(F.adaptive_avg_pool2d(x, 1))
+        ys.append(F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False))
+        return self.dropout(self.project(torch.cat(ys, 1)))
+
+
+class DeepLabV3(SegmentationModel):
+    """DeepLabv3 on a MobileViT backbone at output stride 16: ``model(x)`` -> logits ``(B, num_classes, H/16, W/16)``.
+
+    ``forward_features`` is the backbone's last map, ``forward_head(f, pre_logits=True)`` the ASPP output.
+    """
+
+    output_stride = 16
+
+    def __init__(
+        self,
+        backbone: str = "mobilevit_s",
+        num_classes: int = 21,
+        in_chans: int = 3,
+        img_size: int | tuple[int, int] | None = None,
+        drop_path_rate: float = 0.0,
+        aspp_channels: int = 256,
+        rates: tuple[int, ...] = (6, 12, 18),
+        drop_rate: float = 0.1,
+    ):
+        super().__init__()
+        kw = dict(in_chans=in_chans, drop_path_rate=drop_path_rate, output_stride=16, num_features=0)
+        if img_size is not None:
+            kw["img_size"] = img_size
+        with torch.device("meta"):
+            n = len(create_model(backbone, **kw).feature_info)
+        self.backbone = create_model(backbone, features_only=True, out_indices=(n - 1,), **kw)
+        chs = self.backbone.feature_info[-1]["num_chs"]
+        self.aspp = ASPP(chs, aspp_channels, tuple(rates), drop_rate)
+        self.dropout = nn.Dropout2d(drop_rate)
+        self.classifier = nn.Conv2d(aspp_channels, num_classes, 1)
+        self.num_classes, self.in_chans = num_classes, in_chans
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)[-1]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.aspp(x)
+        return x if pre_logits else self.classifier(self.dropout(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: DeepLabV3) -> dict[str, torch.Tensor]:
+    """A transformers ``MobileViTForSemanticSegmentation`` state dict (``mobilevit.*``, ``segmentation_head.*``)
+    converted to this layout; a vitkit one passes unchanged."""
+    if not any(k.startswith("segmentation_head.") for k in state_dict):
+        return state_dict
+    backbone = {k: v for k, v in state_dict.items() if k.startswith("mobilevit.")}
+    head = strip_prefix({k: v for k, v in state_dict.items() if k.startswith("segmentation_head.")},
+                        "segmentation_head.")  # fmt: skip
+    head = rename(head, [(r"^aspp\.convs\.4\.conv_1x1\.", "aspp.pool."), (r"^aspp\.project\.", "aspp.project."),
+                         (r"^classifier\.convolution\.", "classifier."), (r"\.convolution\.", ".conv."),
+                         (r"\.normalization\.", ".bn.")])  # fmt: skip
+    out = {f"backbone.model.{k}": v for k, v in mobilevit_from_hf(backbone).items()}
+    out.update(head)
+    return out
+
+
 # ---- registrations ------------------------------------------------------------------------------------
 SEMFPN_BACKBONES = ("lavit_tiny", "lavit_small", "halonet26t", "nest_tiny", "mobilevit_s", "vit_small_patch16_224")
 
@@ -126,3 +219,19 @@ def _register_semfpn(backbone: str) -> None:
 
 for _b in SEMFPN_BACKBONES:
     _register_semfpn(_b)
+
+
+def _register_deeplab(variant: str) -> None:
+    backbone = f"mobilevit_{variant}"
+
+    def builder(**kwargs) -> DeepLabV3:
+        return DeepLabV3(backbone, **kwargs)
+
+    builder.__name__ = builder.__qualname__ = f"deeplabv3_{backbone}"
+    builder.__doc__ = f"DeepLabv3 on {backbone} at output stride 16 (MobileViT paper, PASCAL VOC: 21 classes)."
+    cfg = dict(_seg_cfg(backbone), test_input_size=(3, 64, 64))
+    register_model(builder, family="deeplabv3", cfg=cfg, checkpoint_filter=checkpoint_filter_fn)
+
+
+for _v in ("xxs", "xs", "s"):
+    _register_deeplab(_v)
