@@ -32,6 +32,30 @@ def calibrated_epochs(cfg: Path, sets: list[str], minutes: float, train_images: 
     return max(1, min(recipe["sched"]["epochs"], int(minutes * 60 / epoch_s)))
 
 
+def run_recipes(kind: str, recipes: list[str], data: str, minutes: float, keep: tuple[str, ...]) -> list[dict]:
+    """Train each ``configs/<recipe>.yaml`` on ``data`` within ``minutes`` (see :func:`calibrated_epochs`),
+    evaluate its last checkpoint with ``vitkit eval`` and return one row per recipe with the ``keep`` results.
+    An interrupted run (its folder exists) is resumed, not restarted."""
+    import time
+
+    vitkit, rows = [sys.executable, "-m", "vitkit"], []
+    for recipe in recipes:
+        cfg = REPO / "configs" / f"{recipe}.yaml"
+        out = REPO / "runs" / f"bench-{kind}" / recipe
+        sets = ["--set", f"data.root={data}", "--set", f"train.output={out}", "--set", "train.progress=false"]
+        epochs = calibrated_epochs(cfg, sets, minutes, train_images=2000)
+        cmd = [*vitkit, "train", "--config", str(cfg), *sets, "--set", f"sched.epochs={epochs}"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd + (["--resume", "auto"] if out.exists() else []), check=True, cwd=REPO)
+        wall = time.perf_counter() - t0
+        subprocess.run([*vitkit, "eval", str(out), "--which", "last"], check=True, cwd=REPO)
+        res = json.loads((out / "eval" / "eval.json").read_text())
+        rows.append({"recipe": recipe, "command": " ".join(["vitkit", *cmd[3:]]), "epochs": epochs,
+                     "wall_seconds": round(wall, 1), "images": res["images"], **{k: res[k] for k in keep}})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def draw_examples(run: Path, images: Path, out: Path, n: int = 8) -> Path:
     """The run's predictions on the first ``n`` held-out images (drawn by its task), tiled into one PNG."""
     from PIL import Image

@@ -13,16 +13,14 @@ for its configured epochs, or fewer so that it ends within `--minutes` of wall t
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from dense import calibrated_epochs, draw_examples, write_readme  # noqa: E402
+from dense import draw_examples, run_recipes, write_readme  # noqa: E402
 
 PAPER = {"ssdlite_mobilevit_xs": 2.7e6, "ssdlite_mobilevit_s": 5.7e6}  # MobileViT paper, SSDLite on COCO (81 classes)
 
@@ -49,25 +47,12 @@ def main() -> int:
     ap.add_argument("--data", default=str(REPO / "runs" / "data" / "mnist-det"))
     ap.add_argument("--mnist", default=str(REPO.parent / "shared" / "data" / "mnist"))
     args = ap.parse_args()
-    vitkit = [sys.executable, "-m", "vitkit"]
     if not (Path(args.data) / "annotations" / "instances_val.json").is_file():
-        subprocess.run([*vitkit, "data", "mnist-detection", args.data, "--mnist", args.mnist], check=True)
-    rows = []
-    for recipe in args.recipes:
-        cfg = REPO / "configs" / f"{recipe}.yaml"
-        out = REPO / "runs" / "bench-detection" / recipe
-        sets = ["--set", f"data.root={args.data}", "--set", f"train.output={out}", "--set", "train.progress=false"]
-        epochs = calibrated_epochs(cfg, sets, args.minutes, train_images=2000)
-        cmd = [*vitkit, "train", "--config", str(cfg), *sets, "--set", f"sched.epochs={epochs}"]
-        t0 = time.perf_counter()
-        subprocess.run(cmd + (["--resume", "auto"] if out.exists() else []), check=True, cwd=REPO)
-        wall = time.perf_counter() - t0
-        subprocess.run([*vitkit, "eval", str(out), "--which", "last"], check=True, cwd=REPO)
-        res = json.loads((out / "eval" / "eval.json").read_text())
-        rows.append({"recipe": recipe, "command": " ".join(["vitkit", *cmd[3:]]), "epochs": epochs,
-                     "wall_seconds": round(wall, 1), **{k: res[k] for k in ("map", "map50", "map75", "mar100")},
-                     "per_class_ap": res["per_class_ap"], "images": res["images"]})  # fmt: skip
-        print(json.dumps(rows[-1]))
+        cmd = [sys.executable, "-m", "vitkit", "data", "mnist-detection", args.data, "--mnist", args.mnist]
+        subprocess.run(cmd, check=True)
+    rows = run_recipes(
+        "detection", args.recipes, args.data, args.minutes, ("map", "map50", "map75", "mar100", "per_class_ap")
+    )
     best = max(rows, key=lambda r: r["map50"])
     draw_examples(REPO / "runs" / "bench-detection" / best["recipe"], Path(args.data) / "val", HERE / "predictions.png")
     write_readme(HERE, "detection", rows, param_table(), ("map", "map50", "map75", "mar100"))

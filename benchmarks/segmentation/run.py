@@ -14,16 +14,14 @@ wall time on this machine (measured from 12 timed steps first; the whole cosine 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from dense import calibrated_epochs, draw_examples, write_readme  # noqa: E402
+from dense import draw_examples, run_recipes, write_readme  # noqa: E402
 
 PAPER = {"deeplabv3_mobilevit_xxs": 1.9e6, "deeplabv3_mobilevit_xs": 2.9e6, "deeplabv3_mobilevit_s": 6.4e6}
 
@@ -49,25 +47,10 @@ def main() -> int:
     ap.add_argument("--data", default=str(REPO / "runs" / "data" / "mnist-seg"))
     ap.add_argument("--mnist", default=str(REPO.parent / "shared" / "data" / "mnist"))
     args = ap.parse_args()
-    vitkit = [sys.executable, "-m", "vitkit"]
     if not (Path(args.data) / "ImageSets" / "Segmentation" / "val.txt").is_file():
-        subprocess.run([*vitkit, "data", "mnist-segmentation", args.data, "--mnist", args.mnist], check=True)
-    rows = []
-    for recipe in args.recipes:
-        cfg = REPO / "configs" / f"{recipe}.yaml"
-        out = REPO / "runs" / "bench-segmentation" / recipe
-        sets = ["--set", f"data.root={args.data}", "--set", f"train.output={out}", "--set", "train.progress=false"]
-        epochs = calibrated_epochs(cfg, sets, args.minutes, train_images=2000)
-        cmd = [*vitkit, "train", "--config", str(cfg), *sets, "--set", f"sched.epochs={epochs}"]
-        t0 = time.perf_counter()
-        subprocess.run(cmd + (["--resume", "auto"] if out.exists() else []), check=True, cwd=REPO)
-        wall = time.perf_counter() - t0
-        subprocess.run([*vitkit, "eval", str(out), "--which", "last"], check=True, cwd=REPO)
-        res = json.loads((out / "eval" / "eval.json").read_text())
-        rows.append({"recipe": recipe, "command": " ".join(["vitkit", *cmd[3:]]), "epochs": epochs,
-                     "wall_seconds": round(wall, 1), "miou": res["miou"], "pixel_acc": res["pixel_acc"],
-                     "per_class_iou": res["per_class_iou"], "images": res["images"]})  # fmt: skip
-        print(json.dumps(rows[-1]))
+        cmd = [sys.executable, "-m", "vitkit", "data", "mnist-segmentation", args.data, "--mnist", args.mnist]
+        subprocess.run(cmd, check=True)
+    rows = run_recipes("segmentation", args.recipes, args.data, args.minutes, ("miou", "pixel_acc", "per_class_iou"))
     best = max(rows, key=lambda r: r["miou"])
     draw_examples(REPO / "runs" / "bench-segmentation" / best["recipe"], Path(args.data) / "JPEGImages",
                   HERE / "overlays.png")  # fmt: skip

@@ -98,6 +98,24 @@ class Task:
                 f"leave model.in_chans unset to take the dataset's {channels}"
             )
 
+    def resolve_classes(self, dataset, what: str = "classes") -> None:
+        """``data.classes`` and ``model.num_classes`` from the dataset's ``classes``, or an error naming both when
+        the config already says otherwise (the classification, segmentation and detection tasks use this)."""
+        m, d = self.cfg.model, self.cfg.data
+        names = [str(c) for c in dataset.classes]
+        if d.classes is not None and [str(c) for c in d.classes] != names:
+            raise ValueError(f"config: data.classes {d.classes} differ from dataset {d.dataset!r}'s {what} {names}")
+        if m.num_classes is not None and m.num_classes != len(names):
+            raise ValueError(
+                f"config: model.num_classes={m.num_classes}, but dataset {d.dataset!r} has {len(names)} {what}"
+            )
+        d.classes, m.num_classes = names, len(names)
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names (resolved into ``data.classes``)."""
+        return list(self.cfg.data.classes or [])
+
     def build_model(self, initial_weights: bool = True) -> nn.Module:
         """The configured model; ``initial_weights=False`` skips ``model.pretrained`` / ``model.checkpoint``
         (a run's own checkpoint is loaded instead)."""
@@ -148,6 +166,18 @@ class Task:
         """Metrics from one pass over ``(inputs, targets, failures)`` batches (already on ``ctx.device``); every
         rank returns the global numbers. Must hold ``score`` and ``metrics``."""
         raise NotImplementedError
+
+    @staticmethod
+    def forward_eval(model: nn.Module, batches: Iterable, ctx: EvalContext, tally: dict) -> Iterable:
+        """``(targets, outputs)`` for each batch that has images, the forward under ``ctx``'s autocast;
+        ``tally["failed"]`` counts the images that could not be read."""
+        for x, y, failed in batches:
+            tally["failed"] = tally.get("failed", 0) + len(failed)
+            if x is None:
+                continue
+            with ctx.autocast():
+                out = model(x)
+            yield y, out
 
     def write_eval(self, results: dict, folder: Path, title: str) -> list[Path]:
         """``eval.json`` (and any figures) in ``folder``; returns the files written."""

@@ -37,19 +37,7 @@ class ClassificationTask(Task):
     def resolve(self, dataset) -> None:
         """Channels (see :meth:`Task.resolve`), then the class names and their count from the dataset."""
         super().resolve(dataset)
-        m, d = self.cfg.model, self.cfg.data
-        names = [str(c) for c in dataset.classes]
-        if d.classes is not None and [str(c) for c in d.classes] != names:
-            raise ValueError(f"config: data.classes {d.classes} differ from dataset {d.dataset!r}'s classes {names}")
-        if m.num_classes is not None and m.num_classes != len(names):
-            raise ValueError(
-                f"config: model.num_classes={m.num_classes}, but dataset {d.dataset!r} has {len(names)} classes"
-            )
-        d.classes, m.num_classes = names, len(names)
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.cfg.data.classes or [])
+        self.resolve_classes(dataset)
 
     def data_config(self, model: nn.Module) -> dict:
         return dict(super().data_config(model), eval_canvas=self.cfg.aug.crop == "canvas")
@@ -95,14 +83,10 @@ class ClassificationTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable, ctx: EvalContext) -> dict:
-        counter = ConfusionCounter(self.cfg.model.num_classes)
-        for x, y, failed in batches:
-            counter.failed += len(failed)
-            if x is None:
-                continue
-            with ctx.autocast():
-                logits = model(x)
+        counter, tally = ConfusionCounter(self.cfg.model.num_classes), {}
+        for y, logits in self.forward_eval(model, batches, ctx, tally):
             counter.update(logits, y)
+        counter.failed = tally.get("failed", 0)
         return counter.result(ctx.dist)
 
     def write_eval(self, results: dict, folder: Path, title: str) -> list[Path]:

@@ -50,19 +50,7 @@ class DetectionTask(Task):
 
     def resolve(self, dataset) -> None:
         super().resolve(dataset)
-        m, d = self.cfg.model, self.cfg.data
-        names = [str(c) for c in dataset.classes]
-        if d.classes is not None and [str(c) for c in d.classes] != names:
-            raise ValueError(f"config: data.classes {d.classes} differ from dataset {d.dataset!r}'s classes {names}")
-        if m.num_classes is not None and m.num_classes != len(names):
-            raise ValueError(
-                f"config: model.num_classes={m.num_classes}, but dataset {d.dataset!r} has {len(names)} categories"
-            )
-        d.classes, m.num_classes = names, len(names)
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.cfg.data.classes or [])
+        self.resolve_classes(dataset, "categories")
 
     def train_transform(self, data_config: dict):
         o = self.options
@@ -84,17 +72,12 @@ class DetectionTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable, ctx: EvalContext) -> dict:
         source, ids = _coco_source(ctx.dataset)
-        results, images, failed = [], 0, 0
-        for x, targets, bad in batches:
-            failed += len(bad)
-            if x is None:
-                continue
-            with ctx.autocast():
-                preds = model(x)
+        results, images, tally = [], 0, {}
+        for targets, preds in self.forward_eval(model, batches, ctx, tally):
             for p, t in zip(preds, targets):
                 results += to_coco_results(p, t["image_id"], t["scale"], source.coco_ids)
-            images += len(x)
-        parts = gather_objects((results, images, failed), ctx.dist)
+            images += len(targets)
+        parts = gather_objects((results, images, tally.get("failed", 0)), ctx.dist)
         results = [r for part in parts for r in part[0]]
         gt = dict(source.coco_gt)
         kept = {im["id"] for im in source.images} if ids is None else ids

@@ -52,19 +52,7 @@ class SegmentationTask(Task):
 
     def resolve(self, dataset) -> None:
         super().resolve(dataset)
-        m, d = self.cfg.model, self.cfg.data
-        names = [str(c) for c in dataset.classes]
-        if d.classes is not None and [str(c) for c in d.classes] != names:
-            raise ValueError(f"config: data.classes {d.classes} differ from dataset {d.dataset!r}'s classes {names}")
-        if m.num_classes is not None and m.num_classes != len(names):
-            raise ValueError(
-                f"config: model.num_classes={m.num_classes}, but dataset {d.dataset!r} has {len(names)} classes"
-            )
-        d.classes, m.num_classes = names, len(names)
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.cfg.data.classes or [])
+        self.resolve_classes(dataset)
 
     def train_transform(self, data_config: dict):
         o = self.options
@@ -84,14 +72,10 @@ class SegmentationTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable, ctx: EvalContext) -> dict:
-        counter = SegmentationCounter(self.cfg.model.num_classes, self.options.ignore_index)
-        for x, y, failed in batches:
-            counter.failed += len(failed)
-            if x is None:
-                continue
-            with ctx.autocast():
-                logits = model(x)
+        counter, tally = SegmentationCounter(self.cfg.model.num_classes, self.options.ignore_index), {}
+        for y, logits in self.forward_eval(model, batches, ctx, tally):
             counter.update(logits, y)
+        counter.failed = tally.get("failed", 0)
         return counter.result(ctx.dist)
 
     def write_eval(self, results: dict, folder: Path, title: str) -> list[Path]:
