@@ -445,7 +445,8 @@ def _add_bench(sub) -> None:
         "--runtime",
         default="torch",
         choices=["torch", "torchscript", "onnxruntime"],
-        help="torch: eager; torchscript: traced, frozen, oneDNN Graph fuser; onnxruntime: fp32 ONNX",
+        help="torch: eager (add --compile for torch.compile); onnxruntime: fp32 ONNX, checked against eager; "
+        "torchscript: traced, frozen, oneDNN Graph fuser (deprecated: torch.jit.trace is deprecated in torch 2.13)",
     )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
@@ -455,9 +456,15 @@ def _add_bench(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="export a model (ONNX, torch.export, TorchScript) and verify it")
+    p = sub.add_parser("export", help="export a model (ONNX, torch.export; TorchScript deprecated) and verify it")
     p.add_argument("name")
-    p.add_argument("--format", required=True, choices=["onnx", "export", "torchscript"])
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["onnx", "export", "torchscript"],
+        help="onnx (verified in onnxruntime), export (torch.export .pt2, the supported route), torchscript "
+        "(deprecated with torch.jit.trace in torch 2.13; kept while it works)",
+    )
     p.add_argument("--checkpoint", default=None, help="weights to load (vitkit or timm format)")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--img-size", type=int, default=None)
