@@ -73,16 +73,19 @@ class BoxCoder:
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Indices of the boxes kept by greedy NMS, highest score first."""
+    """Indices of the boxes kept by greedy NMS, highest score first.
+
+    One step per *kept* box: take the best remaining box, drop every remaining box overlapping it above the
+    threshold (no N x N matrix, so thousands of low-score candidates of an untrained model stay cheap).
+    """
     order = scores.argsort(descending=True)
-    boxes = boxes[order]
-    iou = box_iou(boxes, boxes)
-    keep = torch.ones(len(order), dtype=torch.bool)
-    for i in range(len(order)):
-        if keep[i]:
-            suppress = iou[i, i + 1 :] > iou_threshold
-            keep[i + 1 :] &= ~suppress
-    return order[keep]
+    keep = []
+    while order.numel() > 0:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        order = rest[box_iou(boxes[i][None], boxes[rest])[0] <= iou_threshold]
+    return torch.stack(keep) if keep else torch.zeros(0, dtype=torch.long)
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float) -> torch.Tensor:
