@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import urllib.error
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from vitkit._io import download
-from vitkit.models._base import ModelArgError
-from vitkit.models._checkpoint import load_checkpoint
+from vitkit._io import download, file_digest
+from vitkit.models._base import ModelArgError, _is_int
+from vitkit.models._checkpoint import clean_message, load_checkpoint
 from vitkit.models._features import FeatureGetterNet
 from vitkit.models._registry import ModelEntry, PretrainedCfg, get_model_entry, split_model_name
 
@@ -34,29 +35,107 @@ def resolve_pretrained(entry: ModelEntry, tag: str | None) -> PretrainedCfg:
     return entry.pretrained[tag]
 
 
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def pretrained_file(entry: ModelEntry, cfg: PretrainedCfg) -> Path:
     """The local weight file for a tag, fetching it once when a network is allowed.
 
-    The file is looked for at ``weights_dir()/<model>.<tag>/<filename>`` (or any of .safetensors,
-    .pth, .bin there). Fetching is skipped when ``VITKIT_OFFLINE=1``; downloads are verified against
-    ``sha256`` when the config has one and only renamed into place once complete.
+    Looked for first at ``weights_dir()/<model>.<tag>/<filename>`` (or any of .safetensors, .pth, .bin there).
+    Otherwise a tag with ``hf_hub_id`` (``"org/repo"``, or ``"org/repo@revision"`` to pin a branch, tag or commit)
+    comes through ``huggingface_hub``: its cache is timm's, so weights already downloaded for timm are used as
+    they are; etags, revisions, ``HF_TOKEN`` for gated repositories and ``HF_HUB_OFFLINE`` behave as there.
+    ``VITKIT_OFFLINE=1`` means the same as ``HF_HUB_OFFLINE=1``: only files already on disk are used. A file the
+    Hub stores by sha256 (every weight file, through Git LFS) is checked against it when it was just downloaded;
+    a tag's own ``sha256`` is checked too. A tag with only a ``url`` is downloaded to the first place, verified
+    against ``sha256`` when the tag has one.
     """
     folder = weights_dir() / f"{entry.name}.{cfg.tag}"
     for cand in [folder / cfg.filename] + [folder / f"model{s}" for s in WEIGHT_SUFFIXES]:
         if cand.is_file():
             return cand
     target = folder / cfg.filename
-    url = cfg.url or (f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/{cfg.filename}" if cfg.hf_hub_id else None)
     where = f"place the weight file at {str(target)!r} (set VITKIT_HOME to move the cache)"
-    if url is None:
+    if cfg.hf_hub_id:
+        return _hub_file(f"{entry.name}.{cfg.tag}", cfg, where)
+    if cfg.url is None:
         raise RuntimeError(f"{entry.name}.{cfg.tag}: no download source is known; {where}")
-    if os.environ.get("VITKIT_OFFLINE", "") not in ("", "0"):
-        raise RuntimeError(f"{entry.name}.{cfg.tag}: weights not found and VITKIT_OFFLINE is set; {where} ({url})")
+    if _env_true("VITKIT_OFFLINE") or _env_true("HF_HUB_OFFLINE"):
+        raise RuntimeError(f"{entry.name}.{cfg.tag}: weights not found and offline mode is set; {where} ({cfg.url})")
     try:
-        download(url, target, cfg.sha256)
+        download(cfg.url, target, cfg.sha256)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
-        raise RuntimeError(f"{entry.name}.{cfg.tag}: could not download {url} ({e}); {where}") from None
+        raise RuntimeError(f"{entry.name}.{cfg.tag}: could not download {cfg.url} ({e}); {where}") from None
     return target
+
+
+def _hub_file(name: str, cfg: PretrainedCfg, where: str) -> Path:
+    """``cfg.filename`` of ``cfg.hf_hub_id`` from the Hugging Face cache, downloaded there once if allowed."""
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants as hf_constants
+        from huggingface_hub.utils import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:
+        raise RuntimeError(
+            f"{name}: pretrained weights come from the Hugging Face Hub, which needs the huggingface_hub package "
+            f"(pip install 'huggingface_hub>=0.20'); or {where}"
+        ) from None
+    repo_id, _, revision = cfg.hf_hub_id.partition("@")
+    revision = revision or None
+    offline = _env_true("VITKIT_OFFLINE") or _env_true("HF_HUB_OFFLINE") or hf_constants.HF_HUB_OFFLINE
+    source = f"{repo_id}/{cfg.filename}" + (f"@{revision}" if revision else "")
+    before = huggingface_hub.try_to_load_from_cache(repo_id, cfg.filename, revision=revision)
+    try:
+        path = huggingface_hub.hf_hub_download(
+            repo_id, cfg.filename, revision=revision, local_files_only=offline, library_name="vitkit"
+        )
+    except LocalEntryNotFoundError:
+        mode = "offline mode is set (VITKIT_OFFLINE / HF_HUB_OFFLINE)" if offline else "the Hub could not be reached"
+        raise RuntimeError(
+            f"{name}: weights not found: {source} is not in the Hugging Face cache and {mode}; {where}, or "
+            f"download it once with network access (e.g. `hf download {repo_id} {cfg.filename}`)"
+        ) from None
+    except GatedRepoError:
+        raise RuntimeError(
+            f"{name}: {repo_id} is a gated repository: accept its terms on huggingface.co and log in "
+            f"(`hf auth login`, or set HF_TOKEN); or {where}"
+        ) from None
+    except RepositoryNotFoundError:
+        raise RuntimeError(
+            f"{name}: {repo_id} was not found on the Hub (or is private: set HF_TOKEN); {where}"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - HTTP, revision, entry and disk errors all end the same way
+        msg = clean_message(str(e)).strip().splitlines()
+        raise RuntimeError(
+            f"{name}: could not fetch {source} ({type(e).__name__}: {msg[0] if msg else ''}); {where}"
+        ) from None
+    if path != before:  # just downloaded (not found in the cache)
+        _verify_download(name, Path(path), cfg.sha256)
+    return Path(path)
+
+
+def _verify_download(name: str, path: Path, sha256: str | None) -> None:
+    """A fresh download must hash to the sha256 the Hub stores it under (its blob name) and to the tag's own.
+
+    A file that does not is removed from the cache (link and blob), so the next attempt downloads it again.
+    """
+    blob = path.resolve()
+    expected = [h for h in (blob.name if re.fullmatch(r"[0-9a-f]{64}", blob.name) else None, sha256) if h]
+    if not expected:
+        return
+    got = file_digest(blob, "sha256")
+    if any(got != h for h in expected):
+        for p in {path, blob}:
+            try:
+                p.unlink(missing_ok=True)
+            except OSError:  # a read-only cache: the error below still says what is wrong
+                pass
+        want = " and ".join(sorted(set(expected)))
+        raise RuntimeError(
+            f"{name}: the downloaded {path.name} is corrupt (sha256 {got}, expected {want}); "
+            "it was removed from the cache: try again"
+        )
 
 
 def create_model(
@@ -90,6 +169,11 @@ def create_model(
     """
     entry = get_model_entry(name)
     _, tag = split_model_name(name)
+    if num_classes is not None and (not _is_int(num_classes) or num_classes < 0):
+        raise ValueError(
+            f"{entry.name}: num_classes must be an int >= 0 (0: no classifier, forward gives pooled features), "
+            f"got {num_classes!r}"
+        )
     pcfg = resolve_pretrained(entry, tag) if (pretrained or tag) else None
     kwargs = dict(overrides)
     kwargs["in_chans"] = in_chans

@@ -4,16 +4,25 @@
 * ``.pth``/``.pt``/``.bin`` files are read with ``torch.load(weights_only=True)``: a pickle that would
   import or call anything is refused, and nothing in it is executed.
 * ``{"state_dict": ...}`` and ``{"model": ...}`` wrappers (timm and vitkit training checkpoints) are
-  unwrapped; a ``module.`` prefix from DataParallel/DDP is stripped.
+  unwrapped; a ``module.`` prefix from DataParallel/DDP is stripped. A checkpoint written by timm's
+  ``train.py`` also pickles its ``argparse.Namespace`` of arguments: that one class is allow-listed for the
+  weights-only unpickler (it only holds attribute values), everything else stays refused.
 * Every value must be a tensor; anything else is an error that names the keys.
+* A folder is resolved to the checkpoint inside it: a vitkit run folder's best checkpoint (else its last),
+  or a folder holding ``model.safetensors``; otherwise the error lists the checkpoint files found.
+* A checkpoint that does not fit the model is summarised (the model the file names, the first mismatched
+  keys with their shapes, and the registered models whose parameter shapes do fit), not listed whole.
 * Writes go to a temporary file in the same folder and are renamed into place, so an interrupted
   save never leaves a half-written file where a good checkpoint was.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -25,45 +34,124 @@ from vitkit._io import atomic_write
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
+RUN_CHECKPOINTS = ("checkpoints/best", "checkpoints/last", "best", "last", ".")  # where a folder's weights may be
+MODEL_FILE = "model.safetensors"
+# classes a training checkpoint pickles beside its tensors that hold nothing but values (timm's train.py: args)
+SAFE_CLASSES = (argparse.Namespace,)
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def clean_message(text: str) -> str:
+    """An exception message without terminal escape codes (torch bolds parts of its unpickling errors)."""
+    return _ANSI.sub("", text)
+
+
+def resolve_checkpoint_file(path: str | os.PathLike) -> Path:
+    """The checkpoint file ``path`` stands for: the file itself, or the weights inside a folder.
+
+    A vitkit run folder (``checkpoints/{best,last}/model.safetensors``) gives its best checkpoint, else its last;
+    a checkpoint folder (or any folder) holding ``model.safetensors`` gives that file. Any other folder is an
+    error naming the checkpoint files it holds.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    for sub in RUN_CHECKPOINTS:
+        if (path / sub / MODEL_FILE).is_file():
+            return path / sub / MODEL_FILE
+    suffixes = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+    found = sorted(f for pattern in ("*", "*/*") for f in path.glob(pattern) if f.name.endswith(suffixes))
+    found = [f for f in found if f.is_file()]
+    if not found:
+        hint = f"it holds no checkpoint file ({', '.join(suffixes)}) and is not a vitkit run folder"
+    else:
+        shown = ", ".join(repr(str(f)) for f in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        hint = f"pass one of its files: {shown}"
+    raise IsADirectoryError(f"checkpoint {str(path)!r} is a folder, not a file; {hint}")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from a checkpoint file without executing any code in it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    """Read a state dict from a checkpoint file (or a folder, see :func:`resolve_checkpoint_file`) without
+    executing any code in it."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
+    """``(state dict, the model name the file records or None)``; see :func:`read_state_dict`.
+
+    The name comes from vitkit's ``vitkit.model`` safetensors metadata or a timm training checkpoint's
+    ``arch`` / ``args.model``.
+    """
+    path = resolve_checkpoint_file(path)
     if path.stat().st_size == 0:
         raise ValueError(f"checkpoint {str(path)!r} is empty (0 bytes)")
     if path.name.endswith(SAFETENSORS_SUFFIXES):
-        obj = _read_safetensors(path)
+        obj, stored = _read_safetensors(path)
     else:
         obj = _read_pickle(path)
-    return _unwrap(obj, path)
+        stored = _stored_name(obj)
+    return _unwrap(obj, path), stored
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path), device="cpu"), meta.get("vitkit.model") or None
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file (truncated or corrupt?): {e}")
 
 
+def _allow_safe_classes():
+    """The weights-only unpickler with :data:`SAFE_CLASSES` allow-listed (torch >= 2.5; older: nothing added)."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    return safe_globals(list(SAFE_CLASSES)) if safe_globals is not None else contextlib.nullcontext()
+
+
+def _refusal_reason(e: Exception) -> str:
+    """The unpickler's own reason, without torch's boilerplate around it (its advice to load with
+    ``weights_only=False``, the link to its documentation). Torch words the message differently by version."""
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    for line in clean_message(str(e)).strip().splitlines():
+        line = line.strip()
+        if not line or line.startswith(boilerplate):
+            continue
+        if "WeightsUnpickler error:" in line:  # torch < 2.6
+            line = line.split("WeightsUnpickler error:", 1)[1].strip()
+        return line.split(" Please use ", 1)[0].strip()
+    return type(e).__name__
+
+
 def _read_pickle(path: Path) -> Any:
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with _allow_safe_classes():
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only=True refused a global or a call: the file holds more than tensors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(
             f"checkpoint {str(path)!r} was refused: it contains pickled objects other than tensors and "
-            f"plain containers, which vitkit never executes ({first}). Re-save its state_dict, or convert it "
-            f"to .safetensors."
+            f"plain containers, which vitkit never executes ({_refusal_reason(e)}). Re-save its state_dict, or "
+            f"convert it to .safetensors."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f"checkpoint {str(path)!r} could not be read (truncated or corrupt?): {e}") from None
+        msg = clean_message(str(e)).strip()
+        raise ValueError(f"checkpoint {str(path)!r} could not be read (truncated or corrupt?): {msg}") from None
+
+
+def _stored_name(obj: Any) -> str | None:
+    """The architecture a training checkpoint names: timm's ``arch`` (its ``args.model``) or vitkit's."""
+    if not isinstance(obj, dict):
+        return None
+    args = obj.get("args")
+    for name in (getattr(args, "model", None), obj.get("arch")):
+        if isinstance(name, str) and name:
+            return name
+    return None
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -122,17 +210,18 @@ def load_checkpoint(
 
     Args:
         model: the vitkit model (its ``pretrained_cfg`` names the first conv and the classifier).
-        path: checkpoint file.
+        path: checkpoint file, or a folder holding one (see :func:`resolve_checkpoint_file`).
         checkpoint_filter: the family's ``(state_dict, model) -> state_dict`` converter.
         drop_classifier: True leaves the classifier freshly initialised; None does so only where the
             checkpoint's classifier does not fit the model (fine-tuning to another label set); False
             treats a misfit like any other mismatch.
 
     Raises:
-        RuntimeError: listing missing and unexpected keys, or mismatched shapes.
+        RuntimeError: summarising missing and unexpected keys and mismatched shapes.
     """
-    sd = read_state_dict(path)
-    load_state_dict_into(model, sd, checkpoint_filter, drop_classifier, source=repr(str(path)))
+    path = resolve_checkpoint_file(path)
+    sd, stored = read_checkpoint(path)
+    load_state_dict_into(model, sd, checkpoint_filter, drop_classifier, source=repr(str(path)), stored_name=stored)
 
 
 def load_state_dict_into(
@@ -141,9 +230,12 @@ def load_state_dict_into(
     checkpoint_filter=None,
     drop_classifier: bool | None = False,
     source: str = "state dict",
+    stored_name: str | None = None,
 ) -> None:
-    """Load an in-memory state dict; see :func:`load_checkpoint`."""
+    """Load an in-memory state dict; see :func:`load_checkpoint`. ``stored_name`` is the model the checkpoint
+    says it holds, quoted when it does not fit."""
     name = getattr(model, "model_name", "") or type(model).__name__
+    raw = sd
     if checkpoint_filter is not None:
         sd = checkpoint_filter(dict(sd), model)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
@@ -161,19 +253,116 @@ def load_state_dict_into(
         if drop_classifier or misfit:
             sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}
             skip_missing = {k for k in own if k.startswith(prefix)}
-    wrong_shape = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in sd.items()
-        if k in own and own[k].shape != v.shape
-    ]
-    if wrong_shape:
-        raise RuntimeError(f"{name}: cannot load {source}: shape mismatch for\n  " + "\n  ".join(wrong_shape))
-    result = model.load_state_dict(sd, strict=False)
-    missing = [k for k in result.missing_keys if k not in skip_missing]
-    if missing or result.unexpected_keys:
-        lines = []
+    wrong_shape = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in sd and k not in skip_missing]
+    unexpected = [k for k in sd if k not in own]
+    if wrong_shape or missing or unexpected:
+        lines = [f"{name}: cannot load {source}: it does not fit this model"]
+        if stored_name and stored_name != name:
+            lines.append(f"the checkpoint was saved from {stored_name!r}")
+        if wrong_shape:
+            lines.append(f"{len(wrong_shape)} of {len(sd)} tensors have other shapes:")
+            shown = [f"  {k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong_shape]
+            lines += _first(shown, "  ...")
         if missing:
-            lines.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
-        if result.unexpected_keys:
-            lines.append(f"unexpected keys ({len(result.unexpected_keys)}): " + ", ".join(result.unexpected_keys))
-        raise RuntimeError(f"{name}: cannot load {source}:\n  " + "\n  ".join(lines))
+            lines.append(f"missing keys ({len(missing)}): " + ", ".join(_first(missing)))
+        if unexpected:
+            lines.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(_first(unexpected)))
+        lines.append(_fitting_models_hint(raw, model, stored_name))
+        raise RuntimeError("\n  ".join(lines))
+    model.load_state_dict(sd, strict=False)
+
+
+def _first(items: list[str], more: str = "", n: int = 5) -> list[str]:
+    """The first ``n`` items, and how many were left out."""
+    if len(items) <= n:
+        return items
+    return items[:n] + [f"{more} and {len(items) - n} more".strip()]
+
+
+# ---- which registered model a checkpoint fits ----------------------------------------------------------------
+# Candidates are built on the meta device (no memory, no initialisation cost) and compared by parameter shapes
+# after their family's checkpoint filter. Only families whose key names (digits masked) overlap the checkpoint's
+# are searched member by member, so a mismatch report costs a few dozen meta builds at most.
+
+_META_MODELS: dict[str, nn.Module | None] = {}
+
+
+def _meta_model(name: str) -> nn.Module | None:
+    if name not in _META_MODELS:
+        from vitkit.models._builder import create_model  # the builder imports this module
+
+        try:
+            with torch.device("meta"):
+                _META_MODELS[name] = create_model(name)
+        except Exception:  # noqa: BLE001 - a model that cannot be built on meta is just not a candidate
+            _META_MODELS[name] = None
+    return _META_MODELS[name]
+
+
+def _shapes_without_head(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Key -> shape, leaving out the classifier (any size fits) and the first conv's input channels (adapted)."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    head = (cfg.get("classifier") or "\0") + "."
+    first = f"{cfg.get('first_conv')}.weight"
+    out = {}
+    for k, v in sd.items():
+        if not k.startswith(head):
+            shape = tuple(v.shape)
+            out[k] = shape[:1] + shape[2:] if k == first and len(shape) == 4 else shape
+    return out
+
+
+def _fits(raw: dict[str, torch.Tensor], name: str) -> tuple[bool, float]:
+    """Whether ``raw`` fits registered model ``name`` exactly (classifier aside), and the fraction of its key
+    names, digits masked, that the model has too (0 when the model or its filter cannot take it)."""
+    model = _meta_model(name)
+    if model is None:
+        return False, 0.0
+    entry_filter = _entry(name).checkpoint_filter
+    try:
+        sd = entry_filter(dict(raw), model) if entry_filter is not None else raw
+    except Exception:  # noqa: BLE001 - a filter for another family may not understand these keys
+        return False, 0.0
+    ours, theirs = _shapes_without_head(sd, model), _shapes_without_head(model.state_dict(), model)
+    names = {re.sub(r"\d+", "#", k) for k in ours}
+    shared = len(names & {re.sub(r"\d+", "#", k) for k in theirs}) / max(len(names), 1)
+    return ours == theirs, shared
+
+
+def _entry(name: str):
+    from vitkit.models._registry import get_model_entry
+
+    return get_model_entry(name)
+
+
+def fitting_models(raw: dict[str, torch.Tensor], task: str = "classification", first: str | None = None) -> list[str]:
+    """Registered models (of ``task``) whose parameter shapes the checkpoint ``raw`` fits, classifier aside.
+
+    ``first`` (e.g. the name the file records) is tried first and listed first when it fits.
+    """
+    from vitkit.models._registry import _REGISTRY, split_model_name
+
+    families: dict[str, list[str]] = {}
+    for n, e in _REGISTRY.items():
+        if e.default_cfg.get("task", "classification") == task:
+            families.setdefault(e.family, []).append(n)
+    first = split_model_name(first)[0] if first else None
+    found = [first] if first in _REGISTRY and _fits(raw, first)[0] else []
+    for members in families.values():
+        # a family whose key names (a representative's, after its filter) are mostly not the checkpoint's
+        # cannot hold it: its other members are not built
+        rep_fits, shared = _fits(raw, members[0])
+        if not rep_fits and shared < 0.5:
+            continue
+        found += [n for n in members if n != first and (rep_fits if n == members[0] else _fits(raw, n)[0])]
+    return found
+
+
+def _fitting_models_hint(raw: dict[str, torch.Tensor], model: nn.Module, stored_name: str | None) -> str:
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    found = fitting_models(raw, cfg.get("task", "classification"), stored_name)
+    if not found:
+        return "no registered model has these parameter shapes (other architecture arguments, or another library's?)"
+    names = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    return f"registered models with these parameter shapes: {names} (create_model({found[0]!r}, checkpoint_path=...))"
