@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -17,6 +18,9 @@ from torch import nn
 
 from vitkit.layers import ClassifierHead
 from vitkit.models._registry import resolve_data_config
+
+# input dtypes every family takes as they are (fp16/bf16 with weights or autocast of that precision)
+_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class FeatureInfo(list):
@@ -162,6 +166,8 @@ class VitkitModel(nn.Module):
             multiple: height and width must be multiples of these.
             fixed: when set, the only accepted (height, width).
         """
+        if x.dtype not in _INPUT_DTYPES:  # fp32/bf16/fp16 pass with this one check
+            self._check_dtype(x)
         if x.ndim != 4:
             raise ValueError(f"{self.name}: expected a 4-D NCHW image batch, got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_chans:
@@ -173,12 +179,46 @@ class VitkitModel(nn.Module):
         if fixed is not None and (h, w) != tuple(fixed):
             raise ValueError(
                 f"{self.name}: expected input size {fixed[0]}x{fixed[1]} (img_size), got {h}x{w}; "
-                f"create the model with img_size=({h}, {w}) or dynamic_img_size=True"
+                + self._other_size_hint(h, w, multiple)
             )
         if h % multiple[0] or w % multiple[1]:
             raise ValueError(
                 f"{self.name}: input height and width must be multiples of {multiple[0]}x{multiple[1]}, got {h}x{w}"
             )
+
+    def _check_dtype(self, x: torch.Tensor) -> None:
+        """Inputs other than fp32/bf16/fp16: float64 only into a float64 model; integers never (raw pixels)."""
+        if x.is_floating_point():
+            weights = next(self.parameters(), None)
+            if weights is None or weights.dtype == x.dtype:
+                return
+            raise ValueError(
+                f"{self.name}: input dtype {x.dtype} does not match the model's {weights.dtype} weights; "
+                f"pass x.to({weights.dtype}) (or convert the model with .to(dtype))"
+            )
+        cfg = getattr(self, "pretrained_cfg", None) or {}
+        norm = f" (mean={tuple(cfg['mean'])}, std={tuple(cfg['std'])})" if "mean" in cfg and "std" in cfg else ""
+        raise ValueError(
+            f"{self.name}: expected a floating-point image batch, got dtype {x.dtype}; raw pixels need "
+            f"x.float() / 255, then normalising with the model's data config{norm}: (x - mean) / std per channel, "
+            "or preprocess images with vitkit.data.transforms.EvalTransform.from_data_config(model.data_config)"
+        )
+
+    def _other_size_hint(self, h: int, w: int, multiple: tuple[int, int]) -> str:
+        """What makes an ``h x w`` input work: a model built for it, or (ViT) ``dynamic_img_size=True``."""
+        m = getattr(self, "input_multiple", 1)  # the build-time rule of families sized by img_size
+        mh, mw = math.lcm(multiple[0], m), math.lcm(multiple[1], m)
+        if h % mh == 0 and w % mw == 0:
+            hint = f"create the model with img_size=({h}, {w}) (weights made at another size are resampled)"
+        else:
+            fit = (max(mh, h // mh * mh), max(mw, w // mw * mw))  # the nearest size below: a resize, no crop
+            hint = (
+                f"resize the input, or create the model with an img_size whose sides are multiples of {mh}x{mw} "
+                f"(e.g. img_size={fit}) and resize to it"
+            )
+        if hasattr(self, "dynamic_img_size"):  # families that resample their position embedding per input
+            hint += f", or with dynamic_img_size=True (any multiple of {multiple[0]}x{multiple[1]})"
+        return hint
 
     def run_blocks(self, blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Run a sequence of blocks, with activation checkpointing when enabled and training."""
