@@ -74,31 +74,112 @@ def test_gradcat_needs_a_nest():
         gradcat(model, torch.randn(1, 3, 32, 32))
 
 
-@pytest.mark.parametrize("method", ["attention", "rollout", "cam", "distance", "posembed", "similarity"])
+# figure sizes in pixels (figsize x 110 dpi) of vit_tiny at 32 px: 2x2 patches, 3 heads, 12 layers
+EXPLAIN_FIGURES = {
+    "attention": (1056, 286),
+    "rollout": (660, 330),
+    "cam": (660, 330),
+    "distance": (550, 440),
+    "posembed": (242, 242),
+    "similarity": (990, 418),
+}
+
+
+def _check_explain_arrays(method: str, out) -> None:
+    """What each method's arrays must hold for vit_tiny at 32 px (tokens: the class token + 2x2 patches)."""
+    arrays = {f.stem[len(method) + 1 :]: np.load(f) for f in out.glob(f"{method}_*.npy")}
+    assert all(np.isfinite(a).all() for a in arrays.values()), method
+    layers = [arrays[k] for k in sorted(arrays) if k.startswith("layer")]
+    if method in ("attention", "rollout", "distance", "similarity"):
+        assert len(layers) == 12
+        for probs in layers:  # every layer's attention: (1, heads, tokens, tokens), rows are distributions
+            assert probs.shape == (1, 3, 5, 5) and (probs >= 0).all()
+            np.testing.assert_allclose(probs.sum(-1), 1, rtol=1e-5)
+    if method == "attention":  # the centre pixel's token (patch (1, 1), token 4) painted over its 16x16 cells
+        heat, last = arrays["image_map"], layers[-1][0]
+        assert heat.shape == (3, 32, 32)
+        for i in range(2):
+            for j in range(2):
+                cell = heat[:, 16 * i : 16 * i + 16, 16 * j : 16 * j + 16]
+                np.testing.assert_allclose(cell, last[:, 4, 1 + 2 * i + j, None, None].repeat(16, 1).repeat(16, 2))
+    elif method == "rollout":  # the class token's share of each patch: part of a distribution
+        roll = arrays["map"]
+        assert roll.shape == (2, 2) and (roll > 0).all() and roll.sum() < 1
+    elif method == "cam":  # Grad-CAM at the input resolution, clipped at zero
+        assert arrays["map"].shape == (32, 32) and (arrays["map"] >= 0).all()
+    elif method == "distance":  # token centres are 0, 16 or 16*sqrt(2) px apart; a head's mean lies in between
+        dist = arrays["pixels"]
+        assert dist.shape == (12, 3) and (dist > 0).all() and (dist < 16 * 2**0.5).all()
+    elif method == "posembed":  # cosine similarity of each patch's embedding with every other: itself is 1
+        sim, pcs = arrays["similarity"], arrays["patch_pca"]
+        assert sim.shape == (2, 2, 2, 2) and (np.abs(sim) <= 1 + 1e-5).all()
+        np.testing.assert_allclose([sim[i, j, i, j] for i in range(2) for j in range(2)], 1, rtol=1e-5)
+        flat = pcs.reshape(len(pcs), -1)
+        assert pcs.shape[1:] == (3, 16, 16)
+        np.testing.assert_allclose(flat @ flat.T, np.eye(len(pcs)), atol=1e-4)
+    elif method == "similarity":  # (heads, layers, layers): symmetric, 1 on the diagonal
+        sim = arrays["matrix"]
+        assert sim.shape == (3, 12, 12) and (sim >= -1e-6).all() and (sim <= 1 + 1e-5).all()
+        np.testing.assert_allclose(sim, sim.transpose(0, 2, 1), atol=1e-6)
+        np.testing.assert_allclose(np.diagonal(sim, axis1=1, axis2=2), 1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", list(EXPLAIN_FIGURES))
 def test_explain_cli_writes_figures_and_arrays(method, tmp_path):
     from PIL import Image
 
     img = tmp_path / "img.png"
     Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(img)
     out = tmp_path / "out"
+    args = ["explain", "vit_tiny_patch16_224", "--img-size", "32", "--image", str(img), "--method", method]
+    assert cli([*args, "--out", str(out)]) == 0
+    _check_explain_arrays(method, out)
+    with Image.open(out / f"{method}.png") as fig:
+        fig.load()  # decodes whole
+        assert fig.size == EXPLAIN_FIGURES[method] and fig.getextrema()[0][0] < fig.getextrema()[0][1]
+
+
+def test_explain_cam_cli_finds_a_planted_object(tmp_path):
+    """The CLI end to end, from a PNG and a checkpoint: a NesT whose only class-1 evidence is a checkerboard
+    object in the top-right quadrant. The written map has the image's size and peaks on the object."""
+    from PIL import Image
+
+    from vitkit.data.images import load_image
+    from vitkit.data.transforms import EvalTransform
+
+    size, (y0, x0, side) = 64, (8, 36, 16)
+    canvas = np.full((size, size, 3), 128, np.uint8)
+    Image.fromarray(canvas).save(tmp_path / "blank.png")
+    yy, xx = np.mgrid[:side, :side]
+    canvas[y0 : y0 + side, x0 : x0 + side] = (((yy // 2 + xx // 2) % 2) * 255)[..., None]
+    Image.fromarray(canvas).save(tmp_path / "object.png")
+    torch.manual_seed(0)
+    model = vitkit.create_model("nest_tiny", img_size=size, num_classes=2).eval()
+    eval_tf = EvalTransform.from_data_config(vitkit.resolve_data_config(model))  # what the CLI feeds the model
+    blank, img = (eval_tf(load_image(tmp_path / f"{n}.png"))[None] for n in ("blank", "object"))
+    rows, cols = np.nonzero((img - blank).abs().sum((0, 1)).numpy())
+    box = (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1)  # the object after resize and crop
+    with torch.no_grad():
+        f0, f1 = (model.forward_head(model.forward_features(t), pre_logits=True) for t in (blank, img))
+        fc = model.get_classifier()
+        fc.weight.zero_()
+        fc.bias.zero_()
+        fc.weight[1] = f1[0] - f0[0]
+    ckpt = vitkit.save_state_dict(model, tmp_path / "planted.safetensors")
+    out = tmp_path / "out"
+    args = ["explain", "nest_tiny", "--img-size", str(size), "--num-classes", "2", "--checkpoint", str(ckpt)]
     assert (
-        cli(
-            [
-                "explain",
-                "vit_tiny_patch16_224",
-                "--img-size",
-                "32",
-                "--image",
-                str(img),
-                "--method",
-                method,
-                "--out",
-                str(out),
-            ]
-        )
+        cli([*args, "--image", str(tmp_path / "object.png"), "--method", "cam", "--target", "1", "--out", str(out)])
         == 0
     )
-    assert (out / f"{method}.png").is_file() and list(out.glob("*.npy"))
+    cam = np.load(out / "cam_map.npy")
+    assert cam.shape == (size, size) and np.isfinite(cam).all() and cam.max() > 0
+    py, px = np.unravel_index(cam.argmax(), cam.shape)
+    cell = (py // 16 * 16, px // 16 * 16, py // 16 * 16 + 16, px // 16 * 16 + 16)  # final map: 4x4 cells of 16 px
+    assert _overlaps(cell, box) and py < size // 2 <= px, (cell, box)
+    with Image.open(out / "cam.png") as fig:
+        fig.load()
+        assert fig.size == EXPLAIN_FIGURES["cam"]
 
 
 def test_explain_gradcat_on_nest(tmp_path):

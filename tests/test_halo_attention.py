@@ -11,27 +11,37 @@ import torch.nn.functional as F
 from vitkit.layers import HaloAttention, use_fused_attn
 
 
-def naive_halo(layer: HaloAttention, x: torch.Tensor) -> torch.Tensor:
-    """Full attention over the whole map; each query may see exactly the keys of its block's window.
+def naive_halo(layer: HaloAttention, x: torch.Tensor, mask_padding: str | None = None) -> torch.Tensor:
+    """Full attention over the whole padded map; each query may see exactly the keys of its block's window.
 
     Written from the definition, independently of the layer's blocking: query at (qy, qx) (full-resolution
     position; strided layers take every s-th pixel) belongs to block (qy // b, qx // b); the window of that
-    block spans rows [by*b - h, by*b + b + h) and the same for columns; keys outside the image are excluded
-    (mask_padding='all'). Relative logit: q.height_rel[ky - iy + win - 1] + q.width_rel[kx - ix + win - 1] with
-    (ky, kx) the key's position in the window and (iy, ix) the query's position in its (strided) block.
+    block spans rows [by*b - h, by*b + b + h) and the same for columns. Keys come from the map zero-padded to
+    [-h, Hp + h) x [-h, Wp + h) (Hp, Wp: H, W rounded up to a multiple of b). Which of them take part:
+    ``mask_padding='all'``: only keys inside the image; ``'size'``: all but those in the size padding (rows
+    H..Hp-1 or columns W..Wp-1), so zero halo keys beyond the border take part; ``'none'``: all (no mask).
+    Default: the layer's rule. Relative logit: q.height_rel[ky - iy + win - 1] + q.width_rel[kx - ix + win - 1]
+    with (ky, kx) the key's position in the window and (iy, ix) the query's position in its (strided) block.
     """
+    mask_padding = mask_padding or layer.mask_padding
     B, C, H, W = x.shape
     b, h, s, win = layer.block_size, layer.halo_size, layer.block_stride, layer.win_size
     heads, dqk, dv = layer.num_heads, layer.dim_head_qk, layer.dim_head_v
     q_all = layer.q.weight[:, :, 0, 0]
     kv_w = layer.kv.weight[:, :, 0, 0]
-    xf = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
-    kv = (xf @ kv_w.T).reshape(B, H * W, heads, dqk + dv)
+    Hp, Wp = math.ceil(H / b) * b, math.ceil(W / b) * b
+    xp = F.pad(x, (h, Wp - W + h, h, Hp - H + h))  # keys at image rows -h .. Hp + h - 1 (same for columns)
+    He, We = xp.shape[-2:]
+    xf = xp.permute(0, 2, 3, 1).reshape(B, He * We, C)
+    kv = (xf @ kv_w.T).reshape(B, He * We, heads, dqk + dv)
     k, v = kv[..., :dqk], kv[..., dqk:]
+    ky_all = torch.arange(He).repeat_interleave(We) - h  # image coordinates of every key
+    kx_all = torch.arange(We).repeat(He) - h
+    inside = (ky_all >= 0) & (ky_all < H) & (kx_all >= 0) & (kx_all < W)
+    in_size_padding = ((ky_all >= H) & (ky_all < Hp)) | ((kx_all >= W) & (kx_all < Wp))
+    valid = {"all": inside, "size": ~in_size_padding, "none": torch.ones_like(inside)}[mask_padding]
     Ho, Wo = math.ceil(H / s), math.ceil(W / s)
     out = torch.zeros(B, heads * dv, Ho, Wo, dtype=x.dtype)
-    ky_all = torch.arange(H).repeat_interleave(W)
-    kx_all = torch.arange(W).repeat(H)
     for oy in range(Ho):
         for ox in range(Wo):
             qy, qx = oy * s, ox * s
@@ -39,10 +49,10 @@ def naive_halo(layer: HaloAttention, x: torch.Tensor) -> torch.Tensor:
             iy, ix = (qy - by * b) // s, (qx - bx * b) // s
             wy = ky_all - (by * b - h)  # key position inside the window
             wx = kx_all - (bx * b - h)
-            allowed = (wy >= 0) & (wy < win) & (wx >= 0) & (wx < win)
+            allowed = (wy >= 0) & (wy < win) & (wx >= 0) & (wx < win) & valid
             q = (x[:, :, qy, qx] @ q_all.T).reshape(B, heads, dqk)
             for hd in range(heads):
-                logits = (k[:, :, hd] @ q[:, hd, :, None])[..., 0] * layer.scale  # (B, HW)
+                logits = (k[:, :, hd] @ q[:, hd, :, None])[..., 0] * layer.scale  # (B, HeWe)
                 rel_h = layer.pos_embed.height_rel[(wy - iy + win - 1).clamp(0, 2 * win - 2)] @ q[:, hd].T
                 rel_w = layer.pos_embed.width_rel[(wx - ix + win - 1).clamp(0, 2 * win - 2)] @ q[:, hd].T
                 logits = logits + (rel_h + rel_w).T
@@ -64,9 +74,10 @@ CASES = [  # (H, W, block, halo, stride, heads, dim, dim_out)
 
 @pytest.mark.parametrize("H,W,b,h,s,heads,dim,dim_out", CASES)
 @pytest.mark.parametrize("fused", [True, False])
-def test_equals_naive_masked_global_attention(H, W, b, h, s, heads, dim, dim_out, fused):
+@pytest.mark.parametrize("mask_padding", ["all", "size"])
+def test_equals_naive_masked_global_attention(H, W, b, h, s, heads, dim, dim_out, fused, mask_padding):
     torch.manual_seed(0)
-    layer = HaloAttention(dim, dim_out, stride=s, num_heads=heads, block_size=b, halo_size=h, mask_padding="all")
+    layer = HaloAttention(dim, dim_out, stride=s, num_heads=heads, block_size=b, halo_size=h, mask_padding=mask_padding)
     layer = layer.double().eval()
     layer.fused_attn = fused
     x = torch.randn(2, dim, H, W, dtype=torch.float64)
@@ -90,23 +101,32 @@ def test_size_mode_equals_all_mode_away_from_borders_and_reference_rule_at_borde
     assert not torch.allclose(ya[..., :4, :4], yz[..., :4, :4])
 
 
-def test_size_padding_never_reaches_valid_outputs():
-    """With mask_padding='size', outputs of an odd-sized map do not depend on what the padding would hold."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_size_padding_is_masked_as_in_the_naive_reference(fused):
+    """mask_padding='size' on a map that needs size padding (10x7 in 4x4 blocks): the layer equals the naive
+    attention without the size-padding keys, not the one with them (so the mask is what makes it right), and no
+    key of the padding gets any probability."""
     torch.manual_seed(2)
     layer = HaloAttention(8, num_heads=2, block_size=4, halo_size=1).double().eval()
+    layer.fused_attn = fused
     x = torch.randn(1, 8, 10, 7, dtype=torch.float64)
-    big = torch.randn(1, 8, 12, 8, dtype=torch.float64) * 100
-    big[..., :10, :7] = x
     with torch.no_grad():
         y = layer(x)
-        # attention over the padded map with real (garbage) values where the size padding is, all unmasked:
-        layer_p = HaloAttention(8, num_heads=2, block_size=4, halo_size=1).double().eval()
-        layer_p.load_state_dict(layer.state_dict())
-        y_big = layer_p(big)[..., :10, :7]
-    assert y.shape == (1, 8, 10, 7)
-    assert not torch.allclose(y, y_big)  # the garbage would have mattered ...
-    torch.testing.assert_close(layer(x), y)  # ... and masking makes the result independent of it
-    assert torch.isfinite(y).all()
+        masked, unmasked = naive_halo(layer, x, "size"), naive_halo(layer, x, "none")
+    assert y.shape == masked.shape == (1, 8, 10, 7)
+    assert (y - masked).abs().max() < 1e-10
+    assert (y - unmasked).abs().max() > 1e-3  # the padding keys would have mattered
+    if not fused:  # the eager path exposes the probabilities: windows of blocks on the padded border
+        probs = []
+        layer.attn_probs.register_forward_hook(lambda m, i, o: probs.append(o))
+        with torch.no_grad():
+            layer(x)
+        keys = torch.zeros(12 + 2, 8 + 2, dtype=torch.bool)  # the padded map with its halo, True: size padding
+        keys[1 + 10 : 1 + 12] = True
+        keys[:, 1 + 7 : 1 + 8] = True
+        windows = keys.unfold(0, 6, 4).unfold(1, 6, 4).reshape(-1, 36)  # (blocks, win*win)
+        padding = windows[None, :, None, :].expand_as(probs[0])  # probs: (B*heads, blocks, queries, win*win)
+        assert padding.any() and probs[0][padding].abs().max() == 0
 
 
 def test_gradcheck_float64():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vitkit
 from conftest import small_model
@@ -132,11 +133,24 @@ def test_checkpoint_at_other_size_resamples_block_pos_embed(tmp_path):
     )
 
 
-def test_same_padding_differs_from_symmetric_only_in_pooling_borders():
+def test_same_padding_differs_from_symmetric_only_in_the_pooling_windows():
+    """nest_tiny_jx (TF 'SAME', for the converted JAX weights) and nest_tiny are one network but for where the
+    aggregation's 3x3/2 max-pool windows sit: SAME pads only right/bottom on even maps, so its windows start one
+    pixel later ([2i, 2i+2] against [2i-1, 2i+1]). Its 3x3 conv pads 1 on every side, like the symmetric one."""
     a = small_model("nest_tiny").eval()
     b = small_model("nest_tiny_jx").eval()
     b.load_state_dict(a.state_dict())
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         ya, yb = a(x), b(x)
-    assert not torch.allclose(ya, yb)  # TF 'SAME' max-pool pads only right/bottom: a different model
+        fmap = torch.randn(2, 8, 8, 6)  # an even map, as NesT's always are
+        inf = float("-inf")
+        for level_a, level_b in zip(a.levels[1:], b.levels[1:]):
+            pool_a, pool_b = level_a.pool.pool, level_b.pool.pool
+            assert torch.equal(pool_a(fmap), F.max_pool2d(F.pad(fmap, (1, 1, 1, 1), value=inf), 3, 2))
+            assert torch.equal(pool_b(fmap), F.max_pool2d(F.pad(fmap, (0, 1, 0, 1), value=inf), 3, 2))
+            level_b.pool.pool = pool_a
+        # with the symmetric windows the two models agree (to the rounding of a padded vs an implicit-padding conv)
+        scale = float(ya.abs().max())
+        torch.testing.assert_close(b(x), ya, rtol=1e-5, atol=1e-5 * scale)
+        assert (ya - yb).abs().max() > 1e-2 * scale  # ... where the windows made a real difference

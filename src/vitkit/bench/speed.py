@@ -41,7 +41,7 @@ from vitkit.bench.flops import count_macs, count_params
 from vitkit.config import TrainConfig
 from vitkit.layers import fuse_conv_bn
 from vitkit.runtime import autocast
-from vitkit.tasks import build_task
+from vitkit.tasks import build_task, model_task, task_class
 from vitkit.train.optim import build_optimizer
 from vitkit.train.step import TrainStep
 
@@ -126,9 +126,14 @@ class _LiveTensors(TorchDispatchMode):
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.current = self.peak = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:  # freed since the last operator
+    def live_bytes(self) -> int:
+        """Bytes of the counted tensors alive now (those freed since the last operator dropped)."""
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
             self.current -= self.live.pop(key)[1]
+        return self.current
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.live_bytes()  # drop what was freed since the last operator
         out = func(*args, **(kwargs or {}))
         inputs = {
             t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
@@ -317,6 +322,9 @@ def _bench_train(model: nn.Module, x: torch.Tensor, dtype: str, dev: torch.devic
     cfg = TrainConfig.from_dict({"model": {"name": model.model_name}, "train": {"ema_decay": 0.0}})
     cfg.set("model.num_classes", max(1, model.num_classes))
     cfg.set("train.amp", "bf16" if dtype == "bf16" else "none")
+    datasets = task_class(model_task(model.model_name)).datasets
+    if datasets:  # a task that reads its own dataset format (detection: coco); nothing is read here
+        cfg.set("data.dataset", datasets[0])
     task = build_task(cfg)
     step = TrainStep(model, task, build_optimizer(model, cfg.optim), cfg.train, cfg.optim, dev)
     batch = [(x, task.example_targets(x))]
