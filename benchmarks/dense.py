@@ -35,7 +35,8 @@ def calibrated_epochs(cfg: Path, sets: list[str], minutes: float, train_images: 
 def run_recipes(kind: str, recipes: list[str], data: str, minutes: float, keep: tuple[str, ...]) -> list[dict]:
     """Train each ``configs/<recipe>.yaml`` on ``data`` within ``minutes`` (see :func:`calibrated_epochs`),
     evaluate its last checkpoint with ``vitkit eval`` and return one row per recipe with the ``keep`` results.
-    An interrupted run (its folder exists) is resumed, not restarted."""
+    An interrupted run (its folder exists) is resumed, not restarted; a finished one (``bench.json``) is only
+    evaluated again."""
     import time
 
     vitkit, rows = [sys.executable, "-m", "vitkit"], []
@@ -43,11 +44,17 @@ def run_recipes(kind: str, recipes: list[str], data: str, minutes: float, keep: 
         cfg = REPO / "configs" / f"{recipe}.yaml"
         out = REPO / "runs" / f"bench-{kind}" / recipe
         sets = ["--set", f"data.root={data}", "--set", f"train.output={out}", "--set", "train.progress=false"]
-        epochs = calibrated_epochs(cfg, sets, minutes, train_images=2000)
-        cmd = [*vitkit, "train", "--config", str(cfg), *sets, "--set", f"sched.epochs={epochs}"]
-        t0 = time.perf_counter()
-        subprocess.run(cmd + (["--resume", "auto"] if out.exists() else []), check=True, cwd=REPO)
-        wall = time.perf_counter() - t0
+        done = out / "bench.json"  # a finished run keeps its schedule and time: not calibrated or trained again
+        if done.is_file():
+            epochs, wall = (json.loads(done.read_text())[k] for k in ("epochs", "wall_seconds"))
+            cmd = [*vitkit, "train", "--config", str(cfg), *sets, "--set", f"sched.epochs={epochs}"]
+        else:
+            epochs = calibrated_epochs(cfg, sets, minutes, train_images=2000)
+            cmd = [*vitkit, "train", "--config", str(cfg), *sets, "--set", f"sched.epochs={epochs}"]
+            t0 = time.perf_counter()
+            subprocess.run(cmd + (["--resume", "auto"] if out.exists() else []), check=True, cwd=REPO)
+            wall = time.perf_counter() - t0
+            done.write_text(json.dumps({"epochs": epochs, "wall_seconds": round(wall, 1)}))
         subprocess.run([*vitkit, "eval", str(out), "--which", "last"], check=True, cwd=REPO)
         res = json.loads((out / "eval" / "eval.json").read_text())
         rows.append({"recipe": recipe, "command": " ".join(["vitkit", *cmd[3:]]), "epochs": epochs,

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import vitkit
-from vitkit.bench import count_params
+from vitkit.bench import count_macs, count_params
 from vitkit.cli import main as cli
 from vitkit.data.canvas import make_canvases
 from vitkit.data.datasets import Digits
@@ -255,3 +255,16 @@ def test_detection_trains_evaluates_and_predicts_through_the_cli(tmp_path, capsy
     assert len(preds) == 2 and all(isinstance(p["detections"], list) for p in preds)
     assert all((tmp_path / "pred" / f"{p.stem}_boxes.png").is_file() for p in pics)
     assert not math.isnan(res["map"])
+
+
+def test_bench_measures_a_detector_with_its_real_train_step():
+    from vitkit.bench.speed import bench_model
+
+    row = bench_model("ssdlite_mobilevit_xxs", img_size=128, batch=2, repeats=1, train=True, memory=False,
+                      layout="nchw", num_classes=10)  # fmt: skip
+    # MACs of the network up to the raw head (NMS is no MACs); timing includes decoding and NMS
+    macs = count_macs(vitkit.create_model("ssdlite_mobilevit_xxs", num_classes=10, img_size=128))
+    assert row.gmacs == pytest.approx(macs / 1e9, rel=1e-3) and macs > 0
+    # no ordering of the two speeds: an untrained detector scores every anchor near 1/num_classes, so its
+    # inference time is mostly NMS over the 1,000 candidates let in, which training does not run
+    assert row.img_per_s > 0 and row.train_img_per_s > 0

@@ -3,6 +3,7 @@ writer, model geometry, and train -> eval -> predict through the CLI on canvases
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -169,3 +170,16 @@ def test_deeplabv3_parameters_equal_transformers_and_the_paper():
     for v, n in (("xxs", 1_854_853), ("xs", 2_944_069), ("s", 6_357_941)):
         with torch.device("meta"):
             assert count_params(vitkit.create_model(f"deeplabv3_mobilevit_{v}", num_classes=21)) == n
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime not installed")
+def test_segmentation_models_bench_and_export_verified(tmp_path):
+    from vitkit.bench.speed import bench_model
+    from vitkit.export import export_model
+
+    row = bench_model("deeplabv3_mobilevit_xxs", img_size=64, batch=2, repeats=1, train=True, memory=False,
+                      layout="nchw", num_classes=5)  # fmt: skip
+    assert row.gmacs > 0 and row.img_per_s > 0 and 0 < row.train_img_per_s < row.img_per_s
+    model = vitkit.create_model("deeplabv3_mobilevit_xxs", num_classes=5, img_size=64).eval()
+    res = export_model(model, tmp_path / "dl.onnx", "onnx", dynamic_batch=True, check_batches=(1, 2))
+    assert max(res["max_abs_diff"].values()) < 1e-4

@@ -141,7 +141,7 @@ class RetinaNet(Detector):
         backbone: str = "lavit_tiny",
         num_classes: int = 80,
         in_chans: int = 3,
-        img_size: int | tuple[int, int] | None = None,
+        img_size: int | tuple[int, int] = 512,
         drop_path_rate: float = 0.0,
         fpn_channels: int = 256,
         num_convs: int = 4,
@@ -156,8 +156,7 @@ class RetinaNet(Detector):
         if box_loss not in ("l1", "smooth_l1", "giou"):
             raise ValueError(f"RetinaNet: box_loss must be 'l1', 'smooth_l1' or 'giou', got {box_loss!r}")
         kw = dict(backbone_kwargs or {}, in_chans=in_chans, drop_path_rate=drop_path_rate)
-        if img_size is not None:
-            kw["img_size"] = img_size
+        kw["img_size"] = img_size  # the backbone is built for the detector's input size (fixed-size ViT, LaViT)
         self.backbone = PyramidBackbone(backbone, (8, 16, 32), **kw)
         self.fpn = FPN(self.backbone.channels, fpn_channels, extra_levels=2)
         self.sizes = [[anchor_scale * s * 2 ** (k / 3) for k in range(3)] for s in self.strides]
@@ -274,7 +273,7 @@ class SSDLite(Detector):
         backbone: str = "mobilevit_s",
         num_classes: int = 80,
         in_chans: int = 3,
-        img_size: int | tuple[int, int] | None = None,
+        img_size: int | tuple[int, int] = 320,
         drop_path_rate: float = 0.0,
         extra_channels: tuple[int, int, int] = (256, 128, 128),
         global_channels: int = 64,
@@ -287,8 +286,7 @@ class SSDLite(Detector):
     ):
         super().__init__()
         kw = dict(backbone_kwargs or {}, in_chans=in_chans, drop_path_rate=drop_path_rate)
-        if img_size is not None:
-            kw["img_size"] = img_size
+        kw["img_size"] = img_size  # the backbone is built for the detector's input size (fixed-size ViT, LaViT)
         with torch.device("meta"):
             info = list(create_model(backbone, **kw).feature_info)
         take = [max(i for i, f in enumerate(info) if f["reduction"] == s) for s in (16, 32)]

@@ -66,7 +66,7 @@ class SemanticFPN(SegmentationModel):
         backbone: str = "lavit_tiny",
         num_classes: int = 150,
         in_chans: int = 3,
-        img_size: int | tuple[int, int] | None = None,
+        img_size: int | tuple[int, int] = 512,
         drop_path_rate: float = 0.0,
         fpn_channels: int = 256,
         head_channels: int = 128,
@@ -75,8 +75,7 @@ class SemanticFPN(SegmentationModel):
     ):
         super().__init__()
         kw = dict(backbone_kwargs or {}, in_chans=in_chans, drop_path_rate=drop_path_rate)
-        if img_size is not None:  # every family takes it (the default input size; ViT sizes its pos-embed by it)
-            kw["img_size"] = img_size
+        kw["img_size"] = img_size  # every family takes it (the default input size; ViT sizes its pos-embed by it)
         self.backbone = PyramidBackbone(backbone, (4, 8, 16, 32), **kw)
         self.fpn = FPN(self.backbone.channels, fpn_channels)
         heads = []
@@ -136,7 +135,7 @@ class DeepLabV3(SegmentationModel):
         backbone: str = "mobilevit_s",
         num_classes: int = 21,
         in_chans: int = 3,
-        img_size: int | tuple[int, int] | None = None,
+        img_size: int | tuple[int, int] = 512,
         drop_path_rate: float = 0.0,
         aspp_channels: int = 256,
         rates: tuple[int, ...] = (6, 12, 18),
@@ -144,8 +143,7 @@ class DeepLabV3(SegmentationModel):
     ):
         super().__init__()
         kw = dict(in_chans=in_chans, drop_path_rate=drop_path_rate, output_stride=16, num_features=0)
-        if img_size is not None:
-            kw["img_size"] = img_size
+        kw["img_size"] = img_size  # the backbone is built for the model's input size
         with torch.device("meta"):
             n = len(create_model(backbone, **kw).feature_info)
         self.backbone = create_model(backbone, features_only=True, out_indices=(n - 1,), **kw)
