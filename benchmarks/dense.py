@@ -57,7 +57,8 @@ def run_recipes(kind: str, recipes: list[str], data: str, minutes: float, keep: 
             done.write_text(json.dumps({"epochs": epochs, "wall_seconds": round(wall, 1)}))
         subprocess.run([*vitkit, "eval", str(out), "--which", "last"], check=True, cwd=REPO)
         res = json.loads((out / "eval" / "eval.json").read_text())
-        rows.append({"recipe": recipe, "command": " ".join(["vitkit", *cmd[3:]]), "epochs": epochs,
+        command = " ".join(["vitkit", *cmd[3:]]).replace(f"{REPO}/", "")  # as typed from the repository root
+        rows.append({"recipe": recipe, "command": command, "epochs": epochs,
                      "wall_seconds": round(wall, 1), "images": res["images"], **{k: res[k] for k in keep}})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -89,7 +90,8 @@ def cpu_line() -> str:
 
 
 def write_readme(folder: Path, task: str, rows: list[dict], params: list[dict], metrics: tuple[str, ...]) -> None:
-    """results.json and README.md: parameters against the paper, held-out metrics and time, with the CPU."""
+    """results.json and README.md: parameters against the paper, held-out metrics and time, with the CPU, then the
+    folder's hand-written ``notes.md`` (what the numbers show and what they do not), if it has one."""
     machine = cpu_line()
     (folder / "results.json").write_text(json.dumps({"machine": machine, "params": params, "runs": rows}, indent=2))
     lines = [f"# {task.capitalize()} on real MNIST digits", "", f"Machine: {machine}.", ""]
@@ -105,4 +107,7 @@ def write_readme(folder: Path, task: str, rows: list[dict], params: list[dict], 
         lines.append(f"| {r['recipe']} | {vals} | {r['epochs']} | {r['wall_seconds'] / 60:.1f} min |")
     lines += ["", "Commands (from the repository root):", ""]
     lines += [f"    {r['command']}" for r in rows]
+    notes = folder / "notes.md"
+    if notes.is_file():
+        lines += ["", notes.read_text().strip()]
     (folder / "README.md").write_text("\n".join(lines) + "\n")

@@ -108,3 +108,16 @@ def test_num_classes_zero_means_no_classifier():
     model = vitkit.create_model("vit_tiny_patch16_224", img_size=32, num_classes=0).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, model.num_features)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_input_into_fp32_weights_is_named_unless_autocast(dtype):
+    model = small_model("nest_tiny").eval()
+    x = torch.randn(1, *input_size_for("nest_tiny")).to(dtype)
+    with torch.no_grad(), pytest.raises(ValueError, match=f"input dtype {dtype} does not match the model's"):
+        model(x)
+    if dtype == torch.bfloat16:  # under autocast the model casts as it goes
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.isfinite(model(x).float()).all()
+        with torch.no_grad():
+            assert model.to(dtype)(x).dtype == dtype  # a bf16 model takes it

@@ -233,14 +233,25 @@ def test_no_weights_published():
 # ---- pretrained weights through huggingface_hub (a local cache laid out as the Hub's; never the network) --------
 
 
-def _put_in_hf_cache(cache, repo_id: str, filename: str, data: bytes, revision: str = "main", sha: str | None = None):
+def _put_in_hf_cache(
+    cache, repo_id: str, filename: str, data: bytes, revision: str = "main", sha: str | None = None, shared=False
+):
     """Lay a file out as huggingface_hub caches it: ``models--org--name/{blobs/<sha256>, refs/<revision>,
-    snapshots/<commit>/<filename> -> ../../blobs/<sha256>}``. Returns the snapshot path."""
+    snapshots/<commit>/<filename> -> ../../blobs/<sha256>}``. Returns the snapshot path. ``shared``: the repository
+    blob is itself a link into the store shared between repositories (``<cache>/blobs/<xx>/<xet hash>``, another
+    64-digit hash), as huggingface_hub 1.x lays out Xet downloads."""
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     sha = sha or hashlib.sha256(data).hexdigest()
     commit = hashlib.sha1(repo_id.encode() + revision.encode()).hexdigest()
     (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    (repo / "blobs" / sha).write_bytes(data)
+    if shared:
+        xet = hashlib.sha256(b"xet" + data).hexdigest()
+        target = cache / "blobs" / xet[:2] / xet
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        (repo / "blobs" / sha).symlink_to(os.path.relpath(target, repo / "blobs"))
+    else:
+        (repo / "blobs" / sha).write_bytes(data)
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / revision).write_text(commit)
     snap = repo / "snapshots" / commit / filename
@@ -263,6 +274,7 @@ def hub(monkeypatch, hf_cache):
         files: dict[tuple[str, str], bytes] = {}
         calls: list[dict] = []
         corrupt = False
+        shared = False
 
     real = hf.hf_hub_download
 
@@ -271,13 +283,14 @@ def hub(monkeypatch, hf_cache):
         if local_files_only or (repo_id, filename) not in FakeHub.files:
             return real(repo_id, filename, revision=revision, local_files_only=True)
         cached = hf.try_to_load_from_cache(repo_id, filename, revision=revision)
-        if isinstance(cached, str):
-            return cached
+        if isinstance(cached, str):  # the real one answers under the resolved cache folder
+            cache = hf.constants.HF_HUB_CACHE
+            return os.path.join(os.path.realpath(cache), os.path.relpath(cached, cache))
         data = FakeHub.files[repo_id, filename]
         # a corrupt transfer: the bytes differ from the sha256 the Hub lists the file under
         sha = hashlib.sha256(data).hexdigest()
         data = data[:-10] + b"\0" * 10 if FakeHub.corrupt else data
-        return str(_put_in_hf_cache(hf_cache, repo_id, filename, data, revision or "main", sha))
+        return str(_put_in_hf_cache(hf_cache, repo_id, filename, data, revision or "main", sha, FakeHub.shared))
 
     monkeypatch.setattr(hf, "hf_hub_download", fake_download)
     return FakeHub
@@ -292,6 +305,39 @@ def test_pretrained_downloads_once_through_huggingface_hub(hub, tmp_path):
     # the second time the file comes from the cache (the real library would only compare etags)
     again = vitkit.create_model(f"{NAME}.{TAG}", pretrained=True)
     assert _same(full, again) and len(hub.calls) == 2
+
+
+def test_shared_blob_store_downloads_are_checked_against_the_repository_blob(hub, hf_cache, tmp_path):
+    """A blob linked on into the shared store (named by its Xet hash) is checked against the sha256 the repository
+    blob is named by; a corrupt one loses its repository link and blob, never the shared target."""
+    full = vitkit.create_model(NAME)
+    hub.files[HUB_REPO, "model.safetensors"] = _weights_bytes(full, tmp_path)
+    hub.shared = hub.corrupt = True
+    with pytest.raises(RuntimeError, match="is corrupt .* it was removed from the cache: try again"):
+        vitkit.create_model(NAME, pretrained=True)
+    repo = hf_cache / ("models--" + HUB_REPO.replace("/", "--"))
+    assert not list(repo.rglob("blobs/*")) and not list(repo.rglob("snapshots/*/*"))
+    assert len(list((hf_cache / "blobs").rglob("*/*"))) == 1  # the shared store is left alone
+    hub.corrupt = False
+    assert _same(full, vitkit.create_model(NAME, pretrained=True))
+
+
+def test_a_cache_hit_is_not_hashed_again_even_through_a_linked_cache_folder(hub, hf_cache, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    import vitkit.models._builder as builder
+    from vitkit._io import file_digest
+
+    full = vitkit.create_model(NAME)
+    hub.files[HUB_REPO, "model.safetensors"] = _weights_bytes(full, tmp_path)
+    hashed = []
+    monkeypatch.setattr(builder, "file_digest", lambda p, algo: hashed.append(p) or file_digest(p, algo))
+    vitkit.create_model(NAME, pretrained=True)
+    assert len(hashed) == 1  # the fresh download
+    link = tmp_path / "linked_cache"
+    link.symlink_to(hf_cache)  # the same cache through another path (a linked home folder, macOS /var)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(link))
+    assert _same(full, vitkit.create_model(NAME, pretrained=True)) and len(hashed) == 1
 
 
 @pytest.mark.parametrize("offline_var", ["HF_HUB_OFFLINE", "VITKIT_OFFLINE"])
@@ -376,12 +422,29 @@ def _timm_train_checkpoint(model, args: argparse.Namespace) -> dict:
     }
 
 
+@pytest.mark.skipif(
+    not hasattr(torch.serialization, "safe_globals"), reason="torch < 2.5 has no weights-only allow-list to add to"
+)
 def test_timm_train_checkpoint_with_args_loads(model, tmp_path):
     args = argparse.Namespace(model=NAME, lr=0.1, sched="cosine", mean=None, input_size=[3, 64, 64], amp=True)
     path = tmp_path / "last.pth.tar"
     torch.save(_timm_train_checkpoint(model, args), path)
     loaded = vitkit.create_model(NAME, img_size=64, checkpoint_path=path)
     assert _same(model, loaded)
+
+
+class _Hook:  # an importable class no allow-list names: refused without running anything
+    pass
+
+
+def test_other_objects_in_timm_args_are_refused_naming_the_class(model, tmp_path):
+    path = tmp_path / "hooked.pth.tar"
+    torch.save(_timm_train_checkpoint(model, argparse.Namespace(model=NAME, hook=_Hook())), path)
+    with pytest.raises(ValueError) as e:
+        vitkit.create_model(NAME, img_size=64, checkpoint_path=path)
+    msg = str(e.value)
+    assert "Unsupported global: GLOBAL test_checkpoint._Hook" in msg, msg
+    assert "\x1b" not in msg and "weights_only" not in msg and "(1)" not in msg, msg
 
 
 def test_code_hidden_in_timm_args_is_still_refused(model, tmp_path):
@@ -437,6 +500,18 @@ def test_other_family_without_a_stored_name_is_matched_by_shapes(tmp_path):
     assert "registered models with these parameter shapes: nest_tiny, nest_tiny_jx" in msg
 
 
+def test_a_checkpoint_with_another_classifier_says_which_num_classes(tmp_path):
+    tuned = vitkit.create_model(NAME, img_size=64, num_classes=10)
+    path = vitkit.save_state_dict(tuned, tmp_path / "tuned.safetensors")
+    with pytest.raises(RuntimeError) as e:
+        vitkit.create_model(NAME, img_size=64, checkpoint_path=path)  # the default 1,000 classes
+    msg = str(e.value)
+    assert "head.weight: checkpoint (10, 192) vs model (1000, 192)" in msg
+    assert msg.endswith("the checkpoint has 10 classes; pass num_classes=10 to load it whole, or the number of "
+                        "classes you want to fine-tune it to a new classifier")  # fmt: skip
+    assert _same(vitkit.create_model(NAME, img_size=64, num_classes=10, checkpoint_path=path), tuned)
+
+
 def test_no_registered_model_fits(model, tmp_path):
     small = vitkit.create_model(NAME, img_size=64, depth=3)  # architecture arguments of its own
     path = vitkit.save_state_dict(small, tmp_path / "m.safetensors")
@@ -450,11 +525,13 @@ def test_no_registered_model_fits(model, tmp_path):
 def test_run_folder_loads_its_best_checkpoint_else_its_last(tmp_path):
     run = tmp_path / "runs" / "vit-digits"
     best, last = small_model(NAME), vitkit.create_model(NAME, img_size=64)
-    vitkit.save_state_dict(best, run / "checkpoints" / "best" / "model.safetensors")
-    vitkit.save_state_dict(last, run / "checkpoints" / "last" / "model.safetensors")
+    for which, m in (("best", best), ("last", last)):  # complete checkpoints: weights and loop state
+        vitkit.save_state_dict(m, run / "checkpoints" / which / "model.safetensors")
+        torch.save({"step": 1}, run / "checkpoints" / which / "state.pt")
+    (run / "checkpoints" / ".best.old").mkdir()  # a leftover of a crash mid-replace, without weights: not taken
     assert _same(vitkit.create_model(NAME, img_size=64, checkpoint_path=run), best)
     assert _same(vitkit.create_model(NAME, img_size=64, checkpoint_path=run / "checkpoints" / "last"), last)
-    (run / "checkpoints" / "best" / "model.safetensors").unlink()
+    (run / "checkpoints" / "best" / "state.pt").unlink()  # an incomplete best checkpoint: the last one instead
     assert _same(vitkit.create_model(NAME, img_size=64, checkpoint_path=run), last)
 
 

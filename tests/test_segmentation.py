@@ -172,14 +172,15 @@ def test_deeplabv3_parameters_equal_transformers_and_the_paper():
             assert count_params(vitkit.create_model(f"deeplabv3_mobilevit_{v}", num_classes=21)) == n
 
 
-@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime not installed")
 def test_segmentation_models_bench_and_export_verified(tmp_path):
     from vitkit.bench.speed import bench_model
     from vitkit.export import export_model
 
     row = bench_model("deeplabv3_mobilevit_xxs", img_size=64, batch=2, repeats=1, train=True, memory=False,
                       layout="nchw", num_classes=5)  # fmt: skip
-    assert row.gmacs > 0 and row.img_per_s > 0 and 0 < row.train_img_per_s < row.img_per_s
+    assert row.gmacs > 0 and row.img_per_s > 0 and row.train_img_per_s > 0  # timings are for benchmarks
+    if importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("onnxruntime not installed (the optional export extra): the export half is not checked")
     model = vitkit.create_model("deeplabv3_mobilevit_xxs", num_classes=5, img_size=64).eval()
     res = export_model(model, tmp_path / "dl.onnx", "onnx", dynamic_batch=True, check_batches=(1, 2))
     assert max(res["max_abs_diff"].values()) < 1e-4

@@ -15,14 +15,14 @@ from conftest import REPO
 from vitkit.cli import main as cli
 from vitkit.config import ScheduleConfig, TrainConfig
 from vitkit.data.datasets import Digits, load_image
-from vitkit.models._checkpoint import read_state_dict
+from vitkit.models._checkpoint import find_checkpoint, read_state_dict
 from vitkit.tasks import model_task
 from vitkit.tasks.detection.data import write_mnist_detection
 from vitkit.tasks.segmentation.data import write_mnist_segmentation
 from vitkit.train import Trainer, TrainingAborted, load_config, load_run
 from vitkit.train.optim import ModelEma, lr_at, param_groups
 from vitkit.train.rundir import resolve_run_dir
-from vitkit.train.state import find_checkpoint, save_checkpoint
+from vitkit.train.state import save_checkpoint
 
 TINY = [
     "model.kwargs={patch_size: 2, num_levels: 2, embed_dims: [32, 32], num_heads: [2, 2], depths: [1, 1]}",

@@ -36,7 +36,7 @@ class RawHead(nn.Module):
         super().__init__()
         self.model = model
         self.model_name = getattr(model, "model_name", type(model).__name__)
-        self.train(model.training)  # a wrapper's mode is its model's (a new module would be in training mode)
+        self.training = model.training  # the wrapper's own flag only: .train() would reset the model's submodules
 
     def forward(self, x: torch.Tensor):
         return self.model.forward_raw(x)

@@ -19,9 +19,6 @@ from torch import nn
 from vitkit.layers import ClassifierHead
 from vitkit.models._registry import resolve_data_config
 
-# input dtypes every family takes as they are (fp16/bf16 with weights or autocast of that precision)
-_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 class FeatureInfo(list):
     """A list of ``{"num_chs", "reduction", "module"}`` dicts, one per feature stage."""
@@ -166,7 +163,7 @@ class VitkitModel(nn.Module):
             multiple: height and width must be multiples of these.
             fixed: when set, the only accepted (height, width).
         """
-        if x.dtype not in _INPUT_DTYPES:  # fp32/bf16/fp16 pass with this one check
+        if x.dtype != torch.float32:  # the common case costs one comparison
             self._check_dtype(x)
         if x.ndim != 4:
             raise ValueError(f"{self.name}: expected a 4-D NCHW image batch, got shape {tuple(x.shape)}")
@@ -187,10 +184,11 @@ class VitkitModel(nn.Module):
             )
 
     def _check_dtype(self, x: torch.Tensor) -> None:
-        """Inputs other than fp32/bf16/fp16: float64 only into a float64 model; integers never (raw pixels)."""
+        """A non-fp32 input: a float of the weights' dtype (or any float under autocast); integers never (raw
+        pixels)."""
         if x.is_floating_point():
             weights = next(self.parameters(), None)
-            if weights is None or weights.dtype == x.dtype:
+            if weights is None or weights.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
                 return
             raise ValueError(
                 f"{self.name}: input dtype {x.dtype} does not match the model's {weights.dtype} weights; "

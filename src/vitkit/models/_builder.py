@@ -85,8 +85,8 @@ def _hub_file(name: str, cfg: PretrainedCfg, where: str) -> Path:
     revision = revision or None
     offline = _env_true("VITKIT_OFFLINE") or _env_true("HF_HUB_OFFLINE") or hf_constants.HF_HUB_OFFLINE
     source = f"{repo_id}/{cfg.filename}" + (f"@{revision}" if revision else "")
-    before = huggingface_hub.try_to_load_from_cache(repo_id, cfg.filename, revision=revision)
     try:
+        before = huggingface_hub.try_to_load_from_cache(repo_id, cfg.filename, revision=revision)
         path = huggingface_hub.hf_hub_download(
             repo_id, cfg.filename, revision=revision, local_files_only=offline, library_name="vitkit"
         )
@@ -94,48 +94,58 @@ def _hub_file(name: str, cfg: PretrainedCfg, where: str) -> Path:
         mode = "offline mode is set (VITKIT_OFFLINE / HF_HUB_OFFLINE)" if offline else "the Hub could not be reached"
         raise RuntimeError(
             f"{name}: weights not found: {source} is not in the Hugging Face cache and {mode}; {where}, or "
-            f"download it once with network access (e.g. `hf download {repo_id} {cfg.filename}`)"
+            f"download it once with network access (`hf download {repo_id} {cfg.filename}`; "
+            "`huggingface-cli download` before huggingface_hub 1.0)"
         ) from None
     except GatedRepoError:
         raise RuntimeError(
             f"{name}: {repo_id} is a gated repository: accept its terms on huggingface.co and log in "
-            f"(`hf auth login`, or set HF_TOKEN); or {where}"
+            f"(`hf auth login`, `huggingface-cli login` before huggingface_hub 1.0, or set HF_TOKEN); or {where}"
         ) from None
     except RepositoryNotFoundError:
         raise RuntimeError(
             f"{name}: {repo_id} was not found on the Hub (or is private: set HF_TOKEN); {where}"
         ) from None
-    except Exception as e:  # noqa: BLE001 - HTTP, revision, entry and disk errors all end the same way
+    except Exception as e:  # noqa: BLE001 - HTTP, revision, name validation and disk errors all end the same way
         msg = clean_message(str(e)).strip().splitlines()
         raise RuntimeError(
             f"{name}: could not fetch {source} ({type(e).__name__}: {msg[0] if msg else ''}); {where}"
         ) from None
-    if path != before:  # just downloaded (not found in the cache)
+    # the cache answers with a path (hit), None or a "known missing" sentinel; paths are compared as files, since
+    # hf_hub_download resolves the cache folder and try_to_load_from_cache does not
+    cached = isinstance(before, str) and os.path.exists(before) and os.path.samefile(before, path)
+    if not cached:
         _verify_download(name, Path(path), cfg.sha256)
     return Path(path)
 
 
 def _verify_download(name: str, path: Path, sha256: str | None) -> None:
-    """A fresh download must hash to the sha256 the Hub stores it under (its blob name) and to the tag's own.
+    """A fresh download must hash to the sha256 the Hub stores it under and to the tag's own ``sha256``.
 
-    A file that does not is removed from the cache (link and blob), so the next attempt downloads it again.
+    The Hub's hash is the name of the repository blob the snapshot entry links to (``blobs/<sha256>``: every weight
+    file, through Git LFS; small git files have a 40-digit git hash, not checked). Only that first link is read:
+    huggingface_hub may link the blob on to a store shared between repositories, named by another hash. A file that
+    does not match is removed from this repository's cache (snapshot link and blob, never a shared target), so the
+    next attempt downloads it again.
     """
-    blob = path.resolve()
-    expected = [h for h in (blob.name if re.fullmatch(r"[0-9a-f]{64}", blob.name) else None, sha256) if h]
+    blob = Path(os.path.normpath(path.parent / os.readlink(path))) if path.is_symlink() else None
+    etag = blob.name if blob is not None and re.fullmatch(r"[0-9a-f]{64}", blob.name) else None
+    expected = {h.lower() for h in (etag, sha256) if h}
     if not expected:
         return
-    got = file_digest(blob, "sha256")
-    if any(got != h for h in expected):
-        for p in {path, blob}:
-            try:
+    got = file_digest(path, "sha256")
+    if expected == {got}:
+        return
+    removed = True
+    for p in (path, blob):
+        try:
+            if p is not None:
                 p.unlink(missing_ok=True)
-            except OSError:  # a read-only cache: the error below still says what is wrong
-                pass
-        want = " and ".join(sorted(set(expected)))
-        raise RuntimeError(
-            f"{name}: the downloaded {path.name} is corrupt (sha256 {got}, expected {want}); "
-            "it was removed from the cache: try again"
-        )
+        except OSError:  # a read-only cache
+            removed = False
+    want = " and ".join(sorted(expected))
+    fate = "it was removed from the cache: try again" if removed else "remove it from the (read-only) cache by hand"
+    raise RuntimeError(f"{name}: the downloaded {path.name} is corrupt (sha256 {got}, expected {want}); {fate}")
 
 
 def create_model(

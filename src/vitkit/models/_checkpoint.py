@@ -34,8 +34,8 @@ from vitkit._io import atomic_write
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
-RUN_CHECKPOINTS = ("checkpoints/best", "checkpoints/last", "best", "last", ".")  # where a folder's weights may be
-MODEL_FILE = "model.safetensors"
+# a training checkpoint folder (vitkit.train.state writes it): weights, EMA weights, optimizer/loop state
+STATE_FILE, MODEL_FILE, EMA_FILE = "state.pt", "model.safetensors", "ema.safetensors"
 # classes a training checkpoint pickles beside its tensors that hold nothing but values (timm's train.py: args)
 SAFE_CLASSES = (argparse.Namespace,)
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -46,29 +46,38 @@ def clean_message(text: str) -> str:
     return _ANSI.sub("", text)
 
 
+def find_checkpoint(ckpt_root: Path, name: str = "last") -> Path | None:
+    """The complete checkpoint folder ``name`` (or its predecessor if a crash hit mid-replace), else None."""
+    for cand in (ckpt_root / name, ckpt_root / f".{name}.old"):
+        if (cand / STATE_FILE).is_file() and (cand / MODEL_FILE).is_file():
+            return cand
+    return None
+
+
 def resolve_checkpoint_file(path: str | os.PathLike) -> Path:
     """The checkpoint file ``path`` stands for: the file itself, or the weights inside a folder.
 
-    A vitkit run folder (``checkpoints/{best,last}/model.safetensors``) gives its best checkpoint, else its last;
-    a checkpoint folder (or any folder) holding ``model.safetensors`` gives that file. Any other folder is an
-    error naming the checkpoint files it holds.
+    A folder holding ``model.safetensors`` (a checkpoint folder) gives that file; a vitkit run folder gives its
+    best complete checkpoint, else its last (the same choice as ``vitkit eval RUN``). Any other folder is an error
+    naming the checkpoint files it holds.
     """
     path = Path(path)
     if path.is_file():
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    for sub in RUN_CHECKPOINTS:
-        if (path / sub / MODEL_FILE).is_file():
-            return path / sub / MODEL_FILE
+    if (path / MODEL_FILE).is_file():
+        return path / MODEL_FILE
+    ckpt = find_checkpoint(path / "checkpoints", "best") or find_checkpoint(path / "checkpoints", "last")
+    if ckpt is not None:
+        return ckpt / MODEL_FILE
     suffixes = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
     found = sorted(f for pattern in ("*", "*/*") for f in path.glob(pattern) if f.name.endswith(suffixes))
-    found = [f for f in found if f.is_file()]
+    found = [str(f) for f in found if f.is_file()]
     if not found:
         hint = f"it holds no checkpoint file ({', '.join(suffixes)}) and is not a vitkit run folder"
     else:
-        shown = ", ".join(repr(str(f)) for f in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-        hint = f"pass one of its files: {shown}"
+        hint = "pass one of its files: " + ", ".join(_first([repr(f) for f in found], "", 5))
     raise IsADirectoryError(f"checkpoint {str(path)!r} is a folder, not a file; {hint}")
 
 
@@ -114,16 +123,18 @@ def _allow_safe_classes():
 
 
 def _refusal_reason(e: Exception) -> str:
-    """The unpickler's own reason, without torch's boilerplate around it (its advice to load with
-    ``weights_only=False``, the link to its documentation). Torch words the message differently by version."""
-    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
-    for line in clean_message(str(e)).strip().splitlines():
+    """The unpickler's own reason (e.g. ``Unsupported global: GLOBAL pkg.Class ...``), without torch's boilerplate
+    around it: its advice to load with ``weights_only=False``, numbered options, the documentation link. Torch
+    words the message differently by version and by what was refused."""
+    text = clean_message(str(e)).strip()
+    if "WeightsUnpickler error:" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
+        return reason.split(" Please use ", 1)[0].strip()
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue", "(1)", "(2)")
+    for line in text.splitlines():
         line = line.strip()
-        if not line or line.startswith(boilerplate):
-            continue
-        if "WeightsUnpickler error:" in line:  # torch < 2.6
-            line = line.split("WeightsUnpickler error:", 1)[1].strip()
-        return line.split(" Please use ", 1)[0].strip()
+        if line and not line.startswith(boilerplate):
+            return line
     return type(e).__name__
 
 
@@ -138,7 +149,8 @@ def _read_pickle(path: Path) -> Any:
             f"plain containers, which vitkit never executes ({_refusal_reason(e)}). Re-save its state_dict, or "
             f"convert it to .safetensors."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, TypeError, ValueError, AttributeError) as e:
+        # a crafted file can also make an allow-listed class raise while it is rebuilt (nothing is executed)
         msg = clean_message(str(e)).strip()
         raise ValueError(f"checkpoint {str(path)!r} could not be read (truncated or corrupt?): {msg}") from None
 
@@ -268,7 +280,16 @@ def load_state_dict_into(
             lines.append(f"missing keys ({len(missing)}): " + ", ".join(_first(missing)))
         if unexpected:
             lines.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(_first(unexpected)))
-        lines.append(_fitting_models_hint(raw, model, stored_name))
+        head = classifier + "." if classifier else None
+        only_head = head is not None and all(k.startswith(head) for k in wrong_shape + missing + unexpected)
+        if only_head and f"{head}weight" in sd:  # the body fits: the checkpoint was fine-tuned to other classes
+            n = sd[f"{head}weight"].shape[0]
+            lines.append(
+                f"only the classifier differs: the checkpoint has {n} classes; pass num_classes={n} to load it "
+                f"whole, or the number of classes you want to fine-tune it to a new classifier"
+            )
+        else:
+            lines.append(_fitting_models_hint(raw, model, stored_name))
         raise RuntimeError("\n  ".join(lines))
     model.load_state_dict(sd, strict=False)
 

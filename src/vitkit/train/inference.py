@@ -15,10 +15,9 @@ from torch import nn
 
 from vitkit.config import TrainConfig
 from vitkit.data.images import IMG_EXTENSIONS, ImageDecodeError, load_image
-from vitkit.models._checkpoint import load_state_dict_into, read_state_dict
+from vitkit.models._checkpoint import EMA_FILE, MODEL_FILE, load_state_dict_into, read_state_dict
 from vitkit.tasks import Task, build_task
 from vitkit.train.rundir import locate, read_run_config
-from vitkit.train.state import EMA_FILE, MODEL_FILE
 
 
 @dataclass

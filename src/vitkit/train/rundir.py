@@ -18,7 +18,7 @@ import yaml
 
 from vitkit.config import TrainConfig
 from vitkit.machine import cpu_info
-from vitkit.train.state import MODEL_FILE, find_checkpoint
+from vitkit.models._checkpoint import MODEL_FILE, find_checkpoint
 
 
 def resolve_run_dir(cfg: TrainConfig, resume: str | None) -> tuple[Path, Path | None]:

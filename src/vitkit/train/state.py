@@ -20,9 +20,7 @@ import torch
 from torch import nn
 
 from vitkit._io import fsync_dir
-from vitkit.models._checkpoint import read_state_dict
-
-STATE_FILE, MODEL_FILE, EMA_FILE = "state.pt", "model.safetensors", "ema.safetensors"
+from vitkit.models._checkpoint import EMA_FILE, MODEL_FILE, STATE_FILE, read_state_dict
 
 
 def rng_state() -> dict:
@@ -86,14 +84,6 @@ def save_checkpoint(ckpt_root: Path, name: str, model: nn.Module, ema: nn.Module
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return ckpt_root / name
-
-
-def find_checkpoint(ckpt_root: Path, name: str = "last") -> Path | None:
-    """The complete checkpoint folder ``name`` (or its predecessor if a crash hit mid-replace), else None."""
-    for cand in (ckpt_root / name, ckpt_root / f".{name}.old"):
-        if (cand / STATE_FILE).is_file() and (cand / MODEL_FILE).is_file():
-            return cand
-    return None
 
 
 def load_checkpoint_dir(folder: Path) -> tuple[dict, dict | None, dict]:
