@@ -76,8 +76,12 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     """Indices of the boxes kept by greedy NMS, highest score first.
 
     One step per *kept* box: take the best remaining box, drop every remaining box overlapping it above the
-    threshold (no N x N matrix, so thousands of low-score candidates of an untrained model stay cheap).
+    threshold (no N x N matrix, so thousands of low-score candidates of an untrained model stay cheap). Boxes on
+    an accelerator are suppressed on the CPU: the loop reads one index per kept box, and on a GPU each read is a
+    device synchronisation (an untrained SSDLite's evaluation took minutes per epoch on an H200 that way).
     """
+    if boxes.device.type != "cpu":
+        return nms(boxes.float().cpu(), scores.float().cpu(), iou_threshold).to(boxes.device)
     order = scores.argsort(descending=True)
     keep = []
     while order.numel() > 0:
@@ -85,13 +89,13 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
         keep.append(i)
         rest = order[1:]
         order = rest[box_iou(boxes[i][None], boxes[rest])[0] <= iou_threshold]
-    return torch.stack(keep) if keep else torch.zeros(0, dtype=torch.long)
+    return torch.stack(keep) if keep else torch.zeros(0, dtype=torch.long, device=boxes.device)
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """Class-wise NMS: boxes of different labels never suppress each other (each class is shifted apart)."""
     if boxes.numel() == 0:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
     offset = labels.to(boxes) * (boxes.max() - boxes.min() + 1)
     return nms(boxes + offset[:, None], scores, iou_threshold)
 

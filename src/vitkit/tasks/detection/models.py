@@ -50,7 +50,7 @@ from vitkit.tasks.detection.boxes import BoxCoder, batched_nms, box_iou, clip_bo
 def match_anchors(anchors: torch.Tensor, boxes: torch.Tensor, pos: float, neg: float) -> torch.Tensor:
     """Per anchor: the index of its box (>= 0), -1 background or -2 ignored. Positive at IoU >= ``pos``,
     background below ``neg``; every box's best anchors (all that tie, IoU > 0) are positive for it."""
-    match = torch.full((len(anchors),), -1, dtype=torch.long)
+    match = torch.full((len(anchors),), -1, dtype=torch.long, device=anchors.device)
     if len(boxes) == 0:
         return match
     iou = box_iou(anchors, boxes)  # (A, G)
@@ -394,7 +394,7 @@ class SSDLite(Detector):
                 keep = keep[s[keep].topk(min(400, len(keep))).indices]
                 boxes.append(self.coder.decode(r[keep], anchors[keep]))
                 scores.append(s[keep])
-                labels.append(torch.full((len(keep),), k, dtype=torch.long))
+                labels.append(torch.full((len(keep),), k, dtype=torch.long, device=keep.device))
             out.append(_nms_top(torch.cat(boxes), torch.cat(scores), torch.cat(labels), size, self.nms_thresh,
                                 self.max_detections))  # fmt: skip
         return out
