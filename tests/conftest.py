@@ -20,6 +20,18 @@ MNIST = SHARED / "data" / "mnist"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+# one small registered model per family (ViT, hybrid ViT, NesT, LaViT, MobileViT, HaloNet): for checks each family
+# wires on its own (input checks, gradient checkpointing, ...)
+ONE_PER_FAMILY = [
+    "vit_tiny_patch16_224",
+    "vit_tiny_r_s16_p8_224",
+    "nest_tiny",
+    "lavit_tiny",
+    "mobilevit_xxs",
+    "halonet26t",
+]
+
+
 def golden_names() -> list[str]:
     return sorted(p.stem for p in GOLDEN.glob("*.json")) if GOLDEN.is_dir() else []
 

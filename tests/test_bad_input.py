@@ -6,16 +6,7 @@ import pytest
 import torch
 
 import vitkit
-from conftest import input_size_for, small_model
-
-ONE_PER_FAMILY = [
-    "vit_tiny_patch16_224",
-    "vit_tiny_r_s16_p8_224",
-    "nest_tiny",
-    "lavit_tiny",
-    "mobilevit_xxs",
-    "halonet26t",
-]
+from conftest import ONE_PER_FAMILY, input_size_for, small_model
 
 
 @pytest.mark.parametrize("name", ONE_PER_FAMILY)

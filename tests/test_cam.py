@@ -159,12 +159,7 @@ def test_explain_cam_cli_finds_a_planted_object(tmp_path):
     blank, img = (eval_tf(load_image(tmp_path / f"{n}.png"))[None] for n in ("blank", "object"))
     rows, cols = np.nonzero((img - blank).abs().sum((0, 1)).numpy())
     box = (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1)  # the object after resize and crop
-    with torch.no_grad():
-        f0, f1 = (model.forward_head(model.forward_features(t), pre_logits=True) for t in (blank, img))
-        fc = model.get_classifier()
-        fc.weight.zero_()
-        fc.bias.zero_()
-        fc.weight[1] = f1[0] - f0[0]
+    _make_class_one_the_object(model, blank, img)
     ckpt = vitkit.save_state_dict(model, tmp_path / "planted.safetensors")
     out = tmp_path / "out"
     args = ["explain", "nest_tiny", "--img-size", str(size), "--num-classes", "2", "--checkpoint", str(ckpt)]
@@ -231,13 +226,18 @@ def _plant(model, corner: tuple[int, int], size: int, side: int):
     img = blank.clone()
     yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     img[..., y0 : y0 + side, x0 : x0 + side] = 2.0 * ((yy // 2 + xx // 2) % 2) - 1.0  # a checkerboard texture
-    with torch.no_grad():
-        f0, f1 = (model.forward_head(model.forward_features(t), pre_logits=True) for t in (blank, img))
-        fc = model.get_classifier()
-        fc.weight.zero_()
-        fc.bias.zero_()
-        fc.weight[1] = f1[0] - f0[0]
+    _make_class_one_the_object(model, blank, img)
     return img, (y0, x0, y0 + side, x0 + side)
+
+
+@torch.no_grad()
+def _make_class_one_the_object(model, blank: torch.Tensor, img: torch.Tensor) -> None:
+    """Set the classifier so that class 1's only evidence is what ``img`` adds to ``blank``'s pooled features."""
+    f0, f1 = (model.forward_head(model.forward_features(t), pre_logits=True) for t in (blank, img))
+    fc = model.get_classifier()
+    fc.weight.zero_()
+    fc.bias.zero_()
+    fc.weight[1] = f1[0] - f0[0]
 
 
 def _planted(name: str, corner: tuple[int, int], size: int = 64, side: int = 16):

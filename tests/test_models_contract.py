@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import vitkit
-from conftest import input_size_for, small_model
+from conftest import ONE_PER_FAMILY, input_size_for, small_model
 from vitkit.bench import count_params
 from vitkit.models import VitkitModel
 from vitkit.tasks import model_task
@@ -229,17 +229,6 @@ def test_large_models_build_on_meta(name):
     assert count_params(model) > MAX_RUN_PARAMS
 
 
-# one model per family: every family wires set_grad_checkpointing into its own loop
-CHECKPOINTED = [
-    "vit_tiny_patch16_224",
-    "vit_tiny_r_s16_p8_224",
-    "nest_tiny",
-    "lavit_tiny",
-    "mobilevit_xxs",
-    "halonet26t",
-]
-
-
 def _train_step_record(model, x) -> tuple[Counter, Counter, list[torch.Tensor]]:
     """Forward calls of every submodule during the forward pass and during the backward pass, and the gradients."""
     calls = {"forward": Counter(), "backward": Counter()}
@@ -259,7 +248,7 @@ def _train_step_record(model, x) -> tuple[Counter, Counter, list[torch.Tensor]]:
     return calls["forward"], calls["backward"], [p.grad for p in model.parameters()]
 
 
-@pytest.mark.parametrize("name", CHECKPOINTED)
+@pytest.mark.parametrize("name", ONE_PER_FAMILY)
 def test_grad_checkpointing_recomputes_blocks_and_keeps_gradients(name):
     """Checkpointed blocks run again in backward (once per forward call), they hold most of the parameters, and
     the gradients are those of the plain step. Without checkpointing no module runs in backward."""
@@ -298,7 +287,7 @@ def _memory(name: str, x: torch.Tensor, checkpointing: bool) -> tuple[float, flo
     return kept, step
 
 
-@pytest.mark.parametrize("name", CHECKPOINTED)
+@pytest.mark.parametrize("name", ONE_PER_FAMILY)
 def test_grad_checkpointing_lowers_peak_activation_memory(name):
     """The activations a forward pass keeps for backward shrink to under a third with checkpointing (exact
     accounting, any CPU: 0.07-0.27 of the plain model's), and the peak of a training step drops. The batch is
