@@ -32,6 +32,12 @@ ONE_PER_FAMILY = [
 ]
 
 
+def slow_except(names, fast) -> list:
+    """``names`` as test parameters, all but those in ``fast`` marked ``slow`` (the default run keeps a
+    representative of each kind; ``make test-slow`` runs the rest)."""
+    return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
 def golden_names() -> list[str]:
     return sorted(p.stem for p in GOLDEN.glob("*.json")) if GOLDEN.is_dir() else []
 

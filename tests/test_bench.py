@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import vitkit
+from conftest import slow_except
 from vitkit.bench.speed import bench_model, matmul_peak, peak_memory_mb, tensor_peak_mb, timeit
 from vitkit.cli import main as cli
 from vitkit.export import ExportError, export_model
@@ -151,7 +152,9 @@ FAMILIES = {
 
 
 @needs_ort
-@pytest.mark.parametrize("name", list(FAMILIES))
+# 14-20 s each on 2 cores: all in the slow run; by default ViT's export is checked against eager by the
+# onnxruntime bench test below, detectors' by test_detection
+@pytest.mark.parametrize("name", slow_except(FAMILIES, ()))
 def test_onnx_export_matches_pytorch_per_family(name, tmp_path):
     torch.manual_seed(0)
     model = vitkit.create_model(name, num_classes=7, **FAMILIES[name]).eval()

@@ -26,6 +26,7 @@ def test_mobilevit_xxs_torch_export_dynamic_batch():
 @pytest.mark.skipif(
     bool(MISSING), reason=f"ONNX export extra not installed (missing {MISSING}); pip install vitkit[export]"
 )
+@pytest.mark.slow  # the per-family ONNX check covers MobileViT-XXS in the slow run too
 def test_mobilevit_xxs_onnx_matches_pytorch(tmp_path):
     import onnxruntime as ort
 

@@ -72,7 +72,7 @@ def _v4_layout(sd: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("fmt", ["safetensors", pytest.param("bin", marks=pytest.mark.slow)])
 def test_transformers_files_load_through_create_model(fmt, tmp_path):
     """The Hub's files: model.safetensors or pytorch_model.bin in transformers 4's layout, via checkpoint_path."""
     spec, sd, x, ref = _load("hf_vit_base_patch16_224")

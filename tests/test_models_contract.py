@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import vitkit
-from conftest import ONE_PER_FAMILY, input_size_for, small_model
+from conftest import ONE_PER_FAMILY, input_size_for, slow_except, small_model
 from vitkit.bench import count_params
 from vitkit.models import VitkitModel
 from vitkit.tasks import model_task
@@ -114,7 +114,7 @@ def test_features_only(name):
     assert all(p.grad is not None for p in backbone.parameters())
 
 
-@pytest.mark.parametrize("name", RUNNABLE)
+@pytest.mark.parametrize("name", slow_except(RUNNABLE, ONE_PER_FAMILY))  # the generic writer: one model a family
 def test_safetensors_round_trip(name, tmp_path):
     model = small_model(name).eval()
     path = vitkit.save_state_dict(model, tmp_path / "m.safetensors")
@@ -128,7 +128,7 @@ def test_safetensors_round_trip(name, tmp_path):
         assert torch.equal(model(x), loaded(x))
 
 
-@pytest.mark.parametrize("name", RUNNABLE)
+@pytest.mark.parametrize("name", slow_except(RUNNABLE, ONE_PER_FAMILY))  # float64 forwards: one model a family
 def test_batch_independence(name):
     # float64: deep random-init networks (e.g. halonet_h5) amplify fp32 rounding differences between the batch-1
     # and batch-3 kernels far beyond any tolerance; in float64 a leak across the batch would still show
@@ -140,7 +140,7 @@ def test_batch_independence(name):
     torch.testing.assert_close(single, full[1:2], rtol=1e-7, atol=1e-7 * float(full.abs().max()))
 
 
-@pytest.mark.parametrize("name", RUNNABLE)
+@pytest.mark.parametrize("name", slow_except(RUNNABLE, ONE_PER_FAMILY))  # ~3.5 s a model: the rest in the slow run
 def test_torch_export(name):
     model = small_model(name).eval()
     x = _input(name)
@@ -166,7 +166,12 @@ def test_contract_attributes(name):
     assert model.grad_checkpointing
 
 
-@pytest.mark.parametrize("name", vitkit.list_models())  # task models too: img_size means the same for them
+# task models too: img_size means the same for them. Classification models are built on meta (free); task models
+# are built for real, so one per kind runs by default and the rest in the slow run
+TASK_MODELS_FAST = {"retinanet_lavit_tiny", "ssdlite_mobilevit_xxs", "semfpn_lavit_tiny", "deeplabv3_mobilevit_xxs"}
+
+
+@pytest.mark.parametrize("name", slow_except(vitkit.list_models(), set(ALL) | TASK_MODELS_FAST))
 def test_img_size_is_the_data_config_input_size(name):
     c, h, w = input_size_for(name)
     # task models are built for real (some compute anchors or buffers from their modules when built)

@@ -172,6 +172,7 @@ def test_deeplabv3_parameters_equal_transformers_and_the_paper():
             assert count_params(vitkit.create_model(f"deeplabv3_mobilevit_{v}", num_classes=21)) == n
 
 
+@pytest.mark.slow  # ~20 s: bench's train step and ONNX export of a dense model (detection's ONNX head runs by default)
 def test_segmentation_models_bench_and_export_verified(tmp_path):
     from vitkit.bench.speed import bench_model
     from vitkit.export import export_model
