@@ -4,6 +4,7 @@
     vitkit info [NAME] [--img-size S]        config, parameters, MACs, feature_info and a timed forward pass
     vitkit train [--config F] [--set k=v]    train (default: a small NesT on the bundled digits, offline)
     vitkit eval RUN [--ema]                  top-1/top-5, per-class accuracy, confusion matrix of a run
+    vitkit eval RUN --linear-probe 1 5 10    few-shot linear evaluation on the run's frozen features
     vitkit predict RUN IMAGE|FOLDER ...      top-k classes with names
     vitkit bench NAME ... [--img-size S ...]  params, GMACs, images/s, latency, peak memory, MFU vs matmul peak
     vitkit export NAME --format F            ONNX / torch.export / TorchScript, verified against eager
@@ -147,8 +148,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     split = args.split or run.cfg.data.val_split
     if not split:
         raise ValueError(f"run {str(run.run_dir)!r} has no held-out split (data.val_split); pass --split")
-    res = evaluate(run.task, run.model, run.task.dataset(split), run.data_config, args.batch_size)
     out = Path(args.out) if args.out else run.run_dir / "eval"
+    if args.linear_probe:
+        from vitkit.tasks.classification.linear_probe import format_probe, write_probe
+        from vitkit.train import linear_probe
+
+        shot_split = args.probe_split or run.cfg.data.train_split
+        res = linear_probe(run.task, run.model, run.task.dataset(shot_split), run.task.dataset(split), run.data_config,
+                           args.linear_probe, args.probe_seeds, args.probe_l2, args.batch_size)  # fmt: skip
+        path = write_probe(dict(res, checkpoint=str(run.checkpoint), shot_split=shot_split, split=split), out)
+        print(f"{run.checkpoint}: " + format_probe(res))
+        print(f"wrote {path}")
+        return 0
+    res = evaluate(run.task, run.model, run.task.dataset(split), run.data_config, args.batch_size)
     title = f"{run.cfg.model.name}: {run.task.score_label} {res[run.task.score]:.4f}"
     files = run.task.write_eval(dict(res, checkpoint=str(run.checkpoint), split=split), out, title)
     print(f"{run.checkpoint}: " + run.task.format_eval(res))
@@ -408,6 +420,19 @@ def _add_eval(sub) -> None:
     p.add_argument("--split", default=None, help="default: the run's held-out split")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--out", default=None, help="output folder (default RUN/eval)")
+    p.add_argument(
+        "--linear-probe",
+        type=int,
+        nargs="+",
+        action="extend",
+        metavar="K",
+        help="instead: few-shot linear evaluation with K labelled images per class (several: '1 5 10', or the flag "
+        "again) on frozen features, regularised least squares to {-1,+1} (ViT paper); classification and "
+        "masked_patch runs",
+    )
+    p.add_argument("--probe-split", default=None, help="the K-shot images' split (default: the run's train split)")
+    p.add_argument("--probe-seeds", type=int, default=3, help="draws of the K-shot images, averaged (default 3)")
+    p.add_argument("--probe-l2", type=float, default=2.0**10, help="least-squares regularisation (default 2**10)")
     p.set_defaults(func=cmd_eval)
 
 

@@ -225,8 +225,8 @@ def load_checkpoint(
         path: checkpoint file, or a folder holding one (see :func:`resolve_checkpoint_file`).
         checkpoint_filter: the family's ``(state_dict, model) -> state_dict`` converter.
         drop_classifier: True leaves the classifier freshly initialised; None does so only where the
-            checkpoint's classifier does not fit the model (fine-tuning to another label set); False
-            treats a misfit like any other mismatch.
+            checkpoint's classifier does not fit the model (fine-tuning to another label set) or the checkpoint
+            has none (headless or self-supervised weights); False treats a misfit like any other mismatch.
 
     Raises:
         RuntimeError: summarising missing and unexpected keys and mismatched shapes.
@@ -261,7 +261,8 @@ def load_state_dict_into(
     if classifier and drop_classifier is not False:
         prefix = classifier + "."
         ckpt_head = [k for k in sd if k.startswith(prefix)]
-        misfit = any(k not in own or own[k].shape != sd[k].shape for k in ckpt_head)
+        # a checkpoint without a classifier (headless weights, a self-supervised backbone) leaves the model's fresh
+        misfit = not ckpt_head or any(k not in own or own[k].shape != sd[k].shape for k in ckpt_head)
         if drop_classifier or misfit:
             sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}
             skip_missing = {k for k in own if k.startswith(prefix)}

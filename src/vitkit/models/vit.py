@@ -12,6 +12,7 @@ loaded or, with ``dynamic_img_size=True``, per input size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -127,13 +128,19 @@ class VisionTransformer(VitkitModel):
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Image -> tokens with prefix and position embedding. Returns tokens and the patch grid."""
+    def _embed(self, x: torch.Tensor, corrupt: Callable | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Image -> tokens with prefix and position embedding. Returns tokens and the patch grid.
+
+        ``corrupt`` maps the patch embeddings ``(B, N, C)`` before the prefix tokens and the position embedding are
+        added: where masked patch prediction (:mod:`vitkit.tasks.masked_patch`) corrupts them, as the paper does.
+        """
         r = self.patch_embed.reduction
         fixed = None if self.dynamic_img_size else self.patch_embed.img_size
         self.check_input(x, r, fixed)
         grid = (x.shape[-2] // r[0], x.shape[-1] // r[1])
         x = self.patch_embed(x)  # (B, N, C)
+        if corrupt is not None:
+            x = corrupt(x)
         pos_embed = self.pos_embed
         if self.dynamic_img_size and grid != self.patch_embed.grid_size:
             pos_embed = resample_abs_pos_embed(pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
@@ -206,13 +213,40 @@ def hf_to_vitkit(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return rename(transformer_layers(sd, r"(?:encoder\.layer|layers)", "blocks"), _HF_RULES)
 
 
+# A masked-patch-prediction run (vitkit.tasks.masked_patch.MaskedPatchViT) saves the ViT under ``backbone.`` and its
+# self-supervision parts (the [mask] embedding, the per-patch colour classifier) under ``mpp.``.
+MPP_BACKBONE, MPP_PARTS = "backbone.", "mpp."
+
+
+def masked_patch_backbone(state_dict: dict[str, torch.Tensor], name: str = "ViT") -> dict[str, torch.Tensor]:
+    """The ViT inside a masked-patch-prediction state dict (``backbone.*``, prefix stripped; ``mpp.*`` dropped).
+
+    A state dict without ``mpp.*`` keys is returned as it is. One with ``mpp.*`` keys and keys outside the two
+    prefixes is not one vitkit wrote: an error naming them, rather than a guess.
+    """
+    if not any(k.startswith(MPP_PARTS) for k in state_dict):
+        return state_dict
+    other = [k for k in state_dict if not k.startswith((MPP_BACKBONE, MPP_PARTS))]
+    if other or not any(k.startswith(MPP_BACKBONE) for k in state_dict):
+        shown = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+        raise ValueError(
+            f"{name}: the checkpoint holds masked-patch-prediction parts ({MPP_PARTS}*) but "
+            + (f"also keys outside {MPP_BACKBONE}* ({shown})" if other else f"no {MPP_BACKBONE}* weights")
+            + "; a vitkit masked_patch run saves exactly those two prefixes"
+        )
+    n = len(MPP_BACKBONE)
+    return {k[n:]: v for k, v in state_dict.items() if k.startswith(MPP_BACKBONE)}
+
+
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
     """Adapt a timm/vitkit ViT state dict to ``model``: resample the position embedding to its grid.
 
     A transformers checkpoint (recognised by ``embeddings.patch_embeddings``) is converted first, and the model's
     LayerNorms take transformers' epsilon (1e-12, ``ViTConfig.layer_norm_eps`` of google/vit-*) instead of
-    timm's 1e-6, which the weights were trained with.
+    timm's 1e-6, which the weights were trained with. A masked-patch-prediction run gives its backbone (see
+    :func:`masked_patch_backbone`); it has no classifier, so a model built with ``num_classes`` keeps a fresh one.
     """
+    state_dict = masked_patch_backbone(state_dict, getattr(model, "model_name", "") or type(model).__name__)
     if any("embeddings.patch_embeddings.projection" in k for k in state_dict):
         state_dict = hf_to_vitkit(state_dict)
         for m in model.modules():

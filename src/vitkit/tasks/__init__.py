@@ -1,6 +1,6 @@
 """Tasks: what differs between classification, detection, segmentation, generation and self-supervision.
 
-One folder per task (``classification/``, later ``detection/``, ``segmentation/`` ...) holds its
+One folder per task (``classification/``, ``detection/``, ``segmentation/``, ``masked_patch/`` ...) holds its
 :class:`Task` subclass and its heads, losses, data pieces and metrics. The loop in :mod:`vitkit.train` is the
 same for all of them. :func:`build_task` picks the task for a config: ``task.name`` when set (a registered name
 or a ``package.module:Class`` path), else the one the model declares (a detector implies detection), and
@@ -16,6 +16,7 @@ from vitkit.models import get_model_entry
 from vitkit.tasks.base import EvalContext, Task
 from vitkit.tasks.classification import ClassificationTask
 from vitkit.tasks.detection.task import DetectionTask
+from vitkit.tasks.masked_patch import MaskedPatchTask
 from vitkit.tasks.segmentation import SegmentationTask
 
 TASKS: dict[str, type[Task]] = {}
@@ -32,6 +33,7 @@ def register_task(cls: type[Task]) -> type[Task]:
 register_task(ClassificationTask)
 register_task(SegmentationTask)
 register_task(DetectionTask)
+register_task(MaskedPatchTask)
 
 
 def task_class(name: str) -> type[Task]:
@@ -81,6 +83,7 @@ __all__ = [
     "ClassificationTask",
     "DetectionTask",
     "EvalContext",
+    "MaskedPatchTask",
     "SegmentationTask",
     "Task",
     "build_task",

@@ -10,7 +10,8 @@ owns the rest, built from the run's config:
 * **training**: :meth:`prepare` (batch-level augmentation such as mixup) and :meth:`losses` (a dict of named
   loss terms whose sum is minimised);
 * **evaluation**: :meth:`evaluate` (metrics from one pass over held-out batches, summed over DDP ranks),
-  :meth:`write_eval` (``eval.json`` and figures) and :meth:`format_eval`;
+  :meth:`write_eval` (``eval.json`` and figures) and :meth:`format_eval`; :meth:`features` (the frozen
+  representation the few-shot linear probe reads);
 * **prediction**: :meth:`predict_batch` (per-image outputs), :meth:`format_prediction` and
   :meth:`save_predictions`.
 
@@ -178,6 +179,14 @@ class Task:
             with ctx.autocast():
                 out = model(x)
             yield y, out
+
+    def features(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """The frozen image representation ``(B, D)`` that the few-shot linear probe reads: the model's pooled
+        features before its classifier (``forward_head(..., pre_logits=True)``)."""
+        if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+            name = getattr(model, "model_name", type(model).__name__)
+            raise ValueError(f"task {self.name!r}: model {name!r} gives no pooled image features for a linear probe")
+        return model.forward_head(model.forward_features(inputs), pre_logits=True)
 
     def write_eval(self, results: dict, folder: Path, title: str) -> list[Path]:
         """``eval.json`` (and any figures) in ``folder``; returns the files written."""

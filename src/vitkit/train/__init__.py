@@ -2,7 +2,7 @@
 
 from vitkit.config import TrainConfig, load_config
 from vitkit.train.engine import Trainer, TrainingAborted, train
-from vitkit.train.evaluate import evaluate
+from vitkit.train.evaluate import evaluate, linear_probe
 from vitkit.train.inference import LoadedRun, load_run, predict
 from vitkit.train.step import StepResult, TrainStep
 
@@ -14,6 +14,7 @@ __all__ = [
     "Trainer",
     "TrainingAborted",
     "evaluate",
+    "linear_probe",
     "load_config",
     "load_run",
     "predict",
