@@ -51,13 +51,15 @@ class TransformView(Dataset):
 
 
 def collate_skip(batch: list):
-    """Stack the good samples; return ``(x, y, failures)``. ``x`` is None when every sample failed."""
+    """Stack the good samples; return ``(x, y, failures)``. ``x`` is None when every sample failed. Targets that
+    are tensors (masks, per-patch classes) are stacked; others (class indices) become an int64 vector."""
     good = [b for b in batch if not isinstance(b, Failed)]
     failed = [b for b in batch if isinstance(b, Failed)]
     if not good:
         return None, None, failed
     x = torch.stack([b[0] for b in good])
-    y = torch.as_tensor([b[1] for b in good], dtype=torch.long)
+    targets = [b[1] for b in good]
+    y = torch.stack(targets) if isinstance(targets[0], torch.Tensor) else torch.as_tensor(targets, dtype=torch.long)
     return x, y, failed
 
 

@@ -27,7 +27,6 @@ from torch import nn
 
 from vitkit.config import value_range
 from vitkit.data.datasets import DATASETS, build_dataset
-from vitkit.data.loader import Failed
 from vitkit.data.transforms import EvalTransform, TrainTransform
 from vitkit.models import create_model, get_model_entry
 from vitkit.runtime import all_reduce_sum
@@ -149,15 +148,6 @@ class MaskedPatchTask(Task):
         c = data_config["input_size"][0]
         tf = EvalTransform.from_data_config(dict(data_config, mean=[0.0] * c, std=[1.0] * c))
         return _ColourTargets(tf, data_config["mean"], data_config["std"], data_config["patch_size"])
-
-    @staticmethod
-    def collate(samples: list):
-        """``(images, colour classes (B, N), failures)``."""
-        good = [s for s in samples if not isinstance(s, Failed)]
-        bad = [s for s in samples if isinstance(s, Failed)]
-        if not good:
-            return None, None, bad
-        return torch.stack([s[0] for s in good]), torch.stack([s[1] for s in good]), bad
 
     # ---- training -----------------------------------------------------------------------------------
 

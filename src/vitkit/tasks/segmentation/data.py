@@ -24,7 +24,6 @@ from torch.utils.data import Dataset
 from vitkit.data.canvas import make_canvases
 from vitkit.data.datasets import parse_split, split_bound
 from vitkit.data.images import BadAnnotation, Split, load_image
-from vitkit.data.loader import Failed
 from vitkit.data.transforms import interpolation, photometric, to_tensor
 
 IGNORE = 255
@@ -187,15 +186,6 @@ class SegEvalTransform:
             return to_tensor(img.resize((w, h), interpolation("bilinear")), self.dc["mean"], self.dc["std"]), None
         img, mask = _resize_pair(img, mask, w, h, "bilinear")
         return to_tensor(img, self.dc["mean"], self.dc["std"]), torch.from_numpy(mask)
-
-
-def seg_collate(batch: list):
-    """``(images [B, C, H, W], masks [B, H, W] int64, failures)``."""
-    good = [b for b in batch if not isinstance(b, Failed)]
-    failed = [b for b in batch if isinstance(b, Failed)]
-    if not good:
-        return None, None, failed
-    return torch.stack([b[0] for b in good]), torch.stack([b[1] for b in good]), failed
 
 
 # ---- MNIST canvases in the VOC layout -----------------------------------------------------------------

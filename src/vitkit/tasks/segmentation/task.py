@@ -26,7 +26,6 @@ from vitkit.tasks.segmentation.data import (
     SegEvalTransform,
     SegTrainTransform,
     build_seg_dataset,
-    seg_collate,
     voc_palette,
 )
 from vitkit.tasks.segmentation.metrics import SegmentationCounter, upsample_logits
@@ -60,8 +59,6 @@ class SegmentationTask(Task):
 
     def eval_transform(self, data_config: dict):
         return SegEvalTransform(data_config)
-
-    collate = staticmethod(seg_collate)
 
     def losses(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = upsample_logits(model(inputs), tuple(targets.shape[-2:]))
