@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from vitkit._io import atomic_write
+from vitkit.models._registry import _REGISTRY, get_model_entry, split_model_name
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
@@ -106,12 +107,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:  # one open: tensors and metadata
             meta = f.metadata() or {}
-        return load_file(str(path), device="cpu"), meta.get("vitkit.model") or None
+            return {k: f.get_tensor(k) for k in f.keys()}, meta.get("vitkit.model") or None
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file (truncated or corrupt?): {e}")
 
@@ -341,7 +341,7 @@ def _fits(raw: dict[str, torch.Tensor], name: str) -> tuple[bool, float]:
     model = _meta_model(name)
     if model is None:
         return False, 0.0
-    entry_filter = _entry(name).checkpoint_filter
+    entry_filter = get_model_entry(name).checkpoint_filter
     try:
         sd = entry_filter(dict(raw), model) if entry_filter is not None else raw
     except Exception:  # noqa: BLE001 - a filter for another family may not understand these keys
@@ -352,19 +352,11 @@ def _fits(raw: dict[str, torch.Tensor], name: str) -> tuple[bool, float]:
     return ours == theirs, shared
 
 
-def _entry(name: str):
-    from vitkit.models._registry import get_model_entry
-
-    return get_model_entry(name)
-
-
 def fitting_models(raw: dict[str, torch.Tensor], task: str = "classification", first: str | None = None) -> list[str]:
     """Registered models (of ``task``) whose parameter shapes the checkpoint ``raw`` fits, classifier aside.
 
     ``first`` (e.g. the name the file records) is tried first and listed first when it fits.
     """
-    from vitkit.models._registry import _REGISTRY, split_model_name
-
     families: dict[str, list[str]] = {}
     for n, e in _REGISTRY.items():
         if e.default_cfg.get("task", "classification") == task:
