@@ -5,6 +5,7 @@ linear evaluation of any classification or masked_patch run (``vitkit eval RUN -
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 
@@ -37,6 +38,17 @@ def batches(
         yield x, y, failed
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model`` in eval mode for the block, back in the mode it was in afterwards (also on an error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def evaluate(
     task: Task,
     model: nn.Module,
@@ -52,12 +64,8 @@ def evaluate(
     size = tuple(data_config["input_size"][1:])
     view = TransformView(dataset, task.eval_transform(data_config), 0, joint=True)
     plan = eval_plan(len(dataset), batch_size, size, ctx.dist.world_size, ctx.dist.rank)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return task.evaluate(model, batches(view, plan, task.collate, ctx.device, channels_last, num_workers), ctx)
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -70,16 +78,12 @@ def image_features(
     size = tuple(data_config["input_size"][1:])
     view = TransformView(dataset, EvalTransform.from_data_config(data_config), 0)  # (image tensor, label)
     feats, labels, failures = [], [], []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for x, y, failed in batches(view, eval_plan(len(dataset), batch_size, size), collate_skip, device):
             failures += failed
             if x is not None:
                 feats.append(task.features(model, x).float().cpu())
                 labels.append(y.cpu())
-    finally:
-        model.train(was_training)
     if not feats:
         raise ValueError(f"linear probe: none of the {len(dataset)} images could be read")
     return torch.cat(feats), torch.cat(labels), failures
