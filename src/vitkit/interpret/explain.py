@@ -22,7 +22,7 @@ from vitkit.interpret.attention import (
     mean_attention_distance,
     pos_embed_similarity,
 )
-from vitkit.interpret.cam import class_activation_map, grad_cam, gradcat, patch_embed_pca
+from vitkit.interpret.cam import CamResult, class_activation_map, grad_cam, gradcat, patch_embed_pca
 from vitkit.interpret.geometry import attention_to_image, mean_attention_distance_image
 from vitkit.interpret.similarity import attention_similarity_matrix
 
@@ -52,6 +52,35 @@ def _vit_grid(model: nn.Module, x: torch.Tensor) -> tuple[tuple[int, int], int]:
         raise ValueError(f"{type(model).__name__}: this method reads ViT tokens (a ViT with patch_embed and blocks)")
     p = pe.patch_size[0]
     return (x.shape[-2] // p, x.shape[-1] // p), p
+
+
+def rollout_map(model: nn.Module, x: torch.Tensor, records: list) -> torch.Tensor:
+    """Attention rollout of a ViT's first token over its patch grid, ``(gh, gw)``, from the ``records`` of one
+    image ``x`` (``(1, C, H, W)``) captured by :func:`vitkit.interpret.capture_attention`."""
+    grid, _ = _vit_grid(model, x)
+    roll = attention_rollout([r.probs for r in records])[0, 0, model.num_prefix_tokens :]
+    return roll.reshape(grid)
+
+
+def attention_distances(model: nn.Module, x: torch.Tensor, records: list) -> torch.Tensor:
+    """Mean attention distance in pixels per layer and head, ``(layers, heads)`` (NaN where a layer has fewer
+    heads): ViT tokens exactly (token centres), every other family through the image-coordinate maps."""
+    try:
+        grid, p = _vit_grid(model, x)
+    except ValueError:  # not ViT tokens: every other family, through the image-coordinate maps
+        dist = [mean_attention_distance_image(model, r, tuple(x.shape[-2:])) for r in records]
+    else:  # ViT tokens: exact, token centres
+        dist = [mean_attention_distance(r.probs, grid, p, model.num_prefix_tokens) for r in records]
+    heads = max(len(d) for d in dist)
+    return torch.stack([F.pad(d.float(), (0, heads - len(d)), value=float("nan")) for d in dist])
+
+
+def cam_map(model: nn.Module, x: torch.Tensor, target=None) -> tuple[CamResult, str]:
+    """Exact CAM where the head is global average pooling + linear, Grad-CAM otherwise; and which one ran."""
+    try:
+        return class_activation_map(model, x, target), "CAM"
+    except ValueError:
+        return grad_cam(model, x, target), "Grad-CAM"
 
 
 def explain(
@@ -120,23 +149,14 @@ def explain(
             if sim.shape[0] <= 12:
                 axes[1].legend(fontsize=6)
         elif method == "rollout":
-            grid, _ = _vit_grid(model, x)
-            roll = attention_rollout([r.probs for r in records])[0, 0, model.num_prefix_tokens :]
-            heat = roll.reshape(grid)
+            heat = rollout_map(model, x, records)
             save("map", heat)
             fig, axes = plt.subplots(1, 2, figsize=(6, 3))
             _show_image(axes[0], x[0])
             _show_image(axes[1], x[0])
             axes[1].imshow(_upsample(heat, x.shape[-2:]), cmap="jet", alpha=0.5)
         else:
-            try:
-                grid, p = _vit_grid(model, x)
-            except ValueError:  # not ViT tokens: every other family, through the image-coordinate maps
-                dist = [mean_attention_distance_image(model, r, tuple(x.shape[-2:])) for r in records]
-            else:  # ViT tokens: exact, token centres
-                dist = [mean_attention_distance(r.probs, grid, p, model.num_prefix_tokens) for r in records]
-            heads = max(len(d) for d in dist)
-            dist = torch.stack([F.pad(d.float(), (0, heads - len(d)), value=float("nan")) for d in dist])
+            dist = attention_distances(model, x, records)
             save("pixels", dist)  # (layers, heads)
             fig, ax = plt.subplots(figsize=(5, 4))
             for layer, d in enumerate(dist):
@@ -144,10 +164,7 @@ def explain(
             ax.set_xlabel("layer")
             ax.set_ylabel("mean attention distance (pixels)")
     elif method == "cam":
-        try:
-            res, kind = class_activation_map(model, x, target), "CAM"
-        except ValueError:
-            res, kind = grad_cam(model, x, target), "Grad-CAM"
+        res, kind = cam_map(model, x, target)
         save("map", res.maps[0])
         fig, axes = plt.subplots(1, 2, figsize=(6, 3))
         _show_image(axes[0], x[0])
