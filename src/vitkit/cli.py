@@ -10,6 +10,7 @@
     vitkit export NAME --format F            ONNX / torch.export / TorchScript, verified against eager
     vitkit explain NAME|RUN --image I --method M   attention maps, rollout, CAM, GradCAT, distances (PNG + .npy)
     vitkit data mnist-segmentation|mnist-detection OUT   offline datasets of real MNIST digits on canvases
+    vitkit serve RUN|NAME [--host H --port P]  a local web explorer: predictions, attention, CAM, boxes, masks
 
 Each subcommand lives in its own function and registers its parser in ``_SUBCOMMANDS``; training,
 evaluation, benchmarking, export and explanation commands plug in the same way.
@@ -359,6 +360,22 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from vitkit.serve import Explorer, Limits, serve
+    except ImportError as e:
+        raise ImportError(f"vitkit serve needs the serve extra (pip install 'vitkit[serve]'): {e}") from None
+
+    limits = Limits(max_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels, max_waiting=args.max_waiting)
+    kwargs = dict(checkpoint=args.checkpoint, img_size=args.img_size, num_classes=args.num_classes)
+    explorer = Explorer.load(args.model, which=args.which, ema=args.ema, limits=limits, **kwargs)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"vitkit: warning: serving on {args.host}, reachable from other machines", file=sys.stderr)
+    name = explorer.name
+    serve(explorer, args.host, args.port, announce=lambda url: print(f"vitkit serve: {name} at {url}", flush=True))
+    return 0
+
+
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help="write an offline dataset built from the real MNIST digits")
     p.add_argument("kind", choices=["mnist-segmentation", "mnist-detection"], help="what to write")
@@ -519,6 +536,22 @@ def _add_explain(sub) -> None:
     p.set_defaults(func=cmd_explain)
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="a local web explorer of a run or model (needs: pip install 'vitkit[serve]')")
+    p.add_argument("model", help="a run folder from vitkit train, or a registered model name")
+    p.add_argument("--checkpoint", default=None, help="weights for a model name (vitkit or timm format)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (0: any free one; the URL is printed)")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--which", default="best", choices=["best", "last"])
+    p.add_argument("--ema", action="store_true")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload accepted (MiB)")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest decoded image (width x height)")
+    p.add_argument("--max-waiting", type=int, default=4, help="requests queued behind the one computing; more: 503")
+    p.set_defaults(func=cmd_serve)
+
+
 _SUBCOMMANDS: list[Callable] = [
     _add_models,
     _add_info,
@@ -529,6 +562,7 @@ _SUBCOMMANDS: list[Callable] = [
     _add_export,
     _add_explain,
     _add_data,
+    _add_serve,
 ]
 
 
