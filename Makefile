@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 		|| $(PY) -m pip install "torch>=2.3"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q -e ".[export]" || echo "optional ONNX export extra not installed: its tests will skip"
+	$(PY) -m pip install -q -e ".[serve]" || echo "optional serve extra not installed: the vitkit serve tests will skip"
 	touch $(STAMP)
 
 run: $(STAMP)
