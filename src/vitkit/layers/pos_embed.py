@@ -22,7 +22,8 @@ def resample_abs_pos_embed(
     interpolation: str = "bicubic",
     antialias: bool = True,
 ) -> torch.Tensor:
-    """Resample ``posemb`` [1, prefix + Ho*Wo, C] to [1, prefix + Hn*Wn, C].
+    """Resample ``posemb`` [P, prefix + Ho*Wo, C] to [P, prefix + Hn*Wn, C] (P = 1 but for ViT's per-layer
+    embeddings, ``pos_embed_every_layer='every'``, where each of the P is resampled on its own).
 
     Args:
         posemb: the position embedding, prefix tokens first.
@@ -44,7 +45,21 @@ def resample_abs_pos_embed(
         return posemb
     prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
     dim, dtype = posemb.shape[-1], posemb.dtype
-    grid = grid.float().reshape(1, old_size[0], old_size[1], dim).permute(0, 3, 1, 2)  # (1, C, Ho, Wo)
+    p = posemb.shape[0]
+    grid = grid.float().reshape(p, old_size[0], old_size[1], dim).permute(0, 3, 1, 2)  # (P, C, Ho, Wo)
     grid = F.interpolate(grid, size=tuple(new_size), mode=interpolation, antialias=antialias)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(dtype)  # (1, Hn*Wn, C)
+    grid = grid.permute(0, 2, 3, 1).reshape(p, -1, dim).to(dtype)  # (P, Hn*Wn, C)
     return torch.cat([prefix, grid], dim=1)
+
+
+def resample_axis_pos_embed(posemb: torch.Tensor, new_len: int) -> torch.Tensor:
+    """Resample a per-axis embedding ``[P, L_old, C]`` (ViT's 2-D X or Y embedding) to ``[P, new_len, C]``.
+
+    Linear interpolation in float32 with ``align_corners=False`` (each entry is the centre of one patch row or
+    column): the 1-D counterpart of the bilinear/bicubic grid resampling above.
+    """
+    if posemb.shape[1] == new_len:
+        return posemb
+    x = posemb.float().transpose(1, 2)  # (P, C, L_old)
+    x = F.interpolate(x, size=new_len, mode="linear", align_corners=False)
+    return x.transpose(1, 2).to(posemb.dtype)

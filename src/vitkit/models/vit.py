@@ -8,6 +8,24 @@ timm checkpoints load unchanged; see ``../shared/golden`` parity tests).
 Deviations from the reference: none in the forward pass. vitkit adds input checks that name the model,
 and position embeddings are resampled bicubically (antialiased) when a checkpoint for another grid is
 loaded or, with ``dynamic_img_size=True``, per input size.
+
+Position-embedding study (the ViT paper's appendix D.4 ablation; the default is the paper's and timm's model,
+unchanged): ``pos_embed`` is one of
+
+* ``"learn1d"`` (default): one learned D-vector per token, class token included (``pos_embed`` (P, 1 + N, D));
+* ``"none"``: no position information;
+* ``"learn2d"``: the patch at row y, column x gets ``concat(X[x], Y[y])``, two learned tables of D/2
+  (``pos_embed_x`` (P, W, D/2), ``pos_embed_y`` (P, H, D/2)), X first. The class token gets no position
+  embedding (ours: the paper does not say; it is itself a learned vector);
+* ``"relative"``: 1-D relative attention over the flattened patch sequence, a learned query-dependent logit per
+  head per offset in every block (:mod:`vitkit.layers.rel_pos`, which documents our choices: per-head per-block
+  tables, three class-token entries, offsets clipped at other sizes).
+
+and ``pos_embed_every_layer`` (learned 1-D / 2-D only, as in the paper's table) one of ``"input"`` (default: added
+once, after the patch embedding), ``"every"`` (a separate learned embedding added to the input of each block,
+P = depth) or ``"every_shared"`` (one embedding added to the input of each block, P = 1). The per-block additions
+get no dropout (ours). At another grid size the 1-D embedding is resampled as above, the 2-D X and Y tables
+linearly along their axis.
 """
 
 from __future__ import annotations
@@ -21,13 +39,19 @@ from torch import nn
 
 from vitkit.layers import Block, PatchEmbed, drop_path_schedule, resample_abs_pos_embed
 from vitkit.layers.attention import token_attention_cells
-from vitkit.models._base import FeatureInfo, VitkitModel, check_img_size
+from vitkit.layers.pos_embed import resample_axis_pos_embed
+from vitkit.layers.rel_pos import RelPosAttention, resize_relative_table
+from vitkit.models._base import FeatureInfo, ModelArgError, VitkitModel, check_img_size
 from vitkit.models._hf import rename, strip_prefix, transformer_layers
 from vitkit.models._registry import INCEPTION_MEAN, INCEPTION_STD, PretrainedCfg, default_cfg, register_variant
 
 if TYPE_CHECKING:
     from vitkit.interpret import AttentionRecord
     from vitkit.interpret.geometry import ImageQuery
+
+
+POS_EMBEDS = ("learn1d", "learn2d", "relative", "none")
+POS_EMBED_EVERY_LAYER = ("input", "every", "every_shared")
 
 
 class VisionTransformer(VitkitModel):
@@ -51,6 +75,8 @@ class VisionTransformer(VitkitModel):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         embed_layer=PatchEmbed,
+        pos_embed: str = "learn1d",
+        pos_embed_every_layer: str = "input",
     ):
         """
         Args:
@@ -61,12 +87,33 @@ class VisionTransformer(VitkitModel):
                 the position embedding per call.
             drop_rate: dropout after position embedding, in MLPs and attention outputs, before the head.
             embed_layer: patch embedding module (``PatchEmbed``, or a ``HybridEmbed`` with a CNN stem).
+            pos_embed: 'learn1d' (default), 'learn2d', 'relative' or 'none' (module docstring).
+            pos_embed_every_layer: 'input' (default), 'every' or 'every_shared'; the last two with 'learn1d' and
+                'learn2d' only.
         """
         super().__init__()
         if global_pool not in ("token", "avg", ""):
             raise ValueError(f"VisionTransformer: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
         if global_pool == "token" and not class_token:
             raise ValueError("VisionTransformer: global_pool='token' needs class_token=True")
+        if pos_embed not in POS_EMBEDS:
+            raise ModelArgError("VisionTransformer", f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
+        if pos_embed_every_layer not in POS_EMBED_EVERY_LAYER:
+            raise ModelArgError(
+                "VisionTransformer",
+                f"pos_embed_every_layer must be one of {POS_EMBED_EVERY_LAYER}, got {pos_embed_every_layer!r}",
+            )
+        if pos_embed_every_layer != "input" and pos_embed not in ("learn1d", "learn2d"):
+            raise ModelArgError(
+                "VisionTransformer",
+                f"pos_embed_every_layer={pos_embed_every_layer!r} needs pos_embed 'learn1d' or 'learn2d' (the paper's "
+                f"ablation adds only learned absolute embeddings per layer), got pos_embed={pos_embed!r}",
+            )
+        if pos_embed == "learn2d" and embed_dim % 2:
+            raise ModelArgError(
+                "VisionTransformer",
+                f"pos_embed='learn2d' needs an even embed_dim (D/2 for X, D/2 for Y), got {embed_dim}",
+            )
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -81,14 +128,34 @@ class VisionTransformer(VitkitModel):
         self.img_size = check_img_size(self.name, img_size, self.patch_embed.reduction, rule)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
+        self.pos_embed_type, self.pos_embed_every_layer = pos_embed, pos_embed_every_layer
+        n_pos = depth if pos_embed_every_layer == "every" else 1  # P: one embedding per block, or one
+        self.pos_embed = self.pos_embed_x = self.pos_embed_y = None
+        if pos_embed == "learn1d":
+            self.pos_embed = nn.Parameter(torch.zeros(n_pos, num_patches + self.num_prefix_tokens, embed_dim))
+        elif pos_embed == "learn2d":
+            gh, gw = self.patch_embed.grid_size
+            self.pos_embed_x = nn.Parameter(torch.zeros(n_pos, gw, embed_dim // 2))
+            self.pos_embed_y = nn.Parameter(torch.zeros(n_pos, gh, embed_dim // 2))
         self.pos_drop = nn.Dropout(drop_rate)
 
         dpr = drop_path_schedule(drop_path_rate, depth)
+        attn_layer = {}
+        if pos_embed == "relative":
+            rel = partial(RelPosAttention, max_patches=num_patches, num_prefix_tokens=self.num_prefix_tokens)
+            attn_layer = dict(attn_layer=rel)
         self.blocks = nn.Sequential(
             *[
                 Block(
-                    embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], norm_layer=norm_layer
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio,
+                    qkv_bias,
+                    drop_rate,
+                    attn_drop_rate,
+                    dpr[i],
+                    norm_layer=norm_layer,
+                    **attn_layer,
                 )
                 for i in range(depth)
             ]
@@ -108,7 +175,9 @@ class VisionTransformer(VitkitModel):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for pe in (self.pos_embed, self.pos_embed_x, self.pos_embed_y):
+            if pe is not None:
+                nn.init.trunc_normal_(pe, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         for m in self.modules():
@@ -118,7 +187,9 @@ class VisionTransformer(VitkitModel):
                     nn.init.zeros_(m.bias)
 
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        names = {"pos_embed", "pos_embed_x", "pos_embed_y", "cls_token"}
+        rel = {n for n, _ in self.named_parameters() if n.endswith(".rel_table")}
+        return {n for n in names if getattr(self, n) is not None} | rel
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         if global_pool is not None:
@@ -141,16 +212,46 @@ class VisionTransformer(VitkitModel):
         x = self.patch_embed(x)  # (B, N, C)
         if corrupt is not None:
             x = corrupt(x)
-        pos_embed = self.pos_embed
+        if self.pos_embed is None:  # 'learn2d' (patch tokens only), 'relative' (in the blocks) or 'none'
+            if self.cls_token is not None:
+                x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+            return self.pos_drop(self._add_pos(x, 0, grid)), grid
+        pos_embed = self.pos_embed[:1]
         if self.dynamic_img_size and grid != self.patch_embed.grid_size:
             pos_embed = resample_abs_pos_embed(pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + pos_embed), grid
 
+    def _add_pos(self, x: torch.Tensor, i: int, grid: tuple[int, int]) -> torch.Tensor:
+        """``x`` plus the learned position embedding of block ``i``'s input (entry i of P, or the one shared)."""
+        if self.pos_embed is not None:  # learn1d: class token included
+            j = min(i, self.pos_embed.shape[0] - 1)
+            pe = self.pos_embed[j : j + 1]
+            if grid != self.patch_embed.grid_size:
+                pe = resample_abs_pos_embed(pe, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
+            return x + pe
+        if self.pos_embed_x is None:  # 'none', 'relative'
+            return x
+        j = min(i, self.pos_embed_x.shape[0] - 1)
+        ex = resample_axis_pos_embed(self.pos_embed_x[j : j + 1], grid[1])  # (1, W, D/2)
+        ey = resample_axis_pos_embed(self.pos_embed_y[j : j + 1], grid[0])  # (1, H, D/2)
+        pe = torch.cat([ex[:, None].expand(-1, grid[0], -1, -1), ey[:, :, None].expand(-1, -1, grid[1], -1)], dim=-1)
+        pe = pe.reshape(1, grid[0] * grid[1], -1)  # (1, N, D), row-major as the patch tokens
+        return torch.cat([x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :] + pe], dim=1)
+
+    def _run_block(self, i: int, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if i > 0 and self.pos_embed_every_layer != "input":
+            x = self._add_pos(x, i, grid)
+        return self.run_blocks([self.blocks[i]], x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, _ = self._embed(x)
-        x = self.run_blocks(self.blocks, x)
+        x, grid = self._embed(x)
+        if self.pos_embed_every_layer == "input":
+            x = self.run_blocks(self.blocks, x)
+        else:
+            for i in range(len(self.blocks)):
+                x = self._run_block(i, x, grid)
         return self.norm(x)  # (B, prefix + N, C)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,7 +278,7 @@ class VisionTransformer(VitkitModel):
         return self._embed(x)  # tokens, and the patch grid the outputs are reshaped to
 
     def _stage_forward(self, i: int, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        return self.run_blocks([self.blocks[i]], x)
+        return self._run_block(i, x, grid)
 
     def _stage_output(self, i: int, x: torch.Tensor, grid: tuple[int, int], norm: bool, output_fmt: str):
         """A block's tokens as an NCHW map of patch tokens, or as 'NLC' tokens with the prefix."""
@@ -253,10 +354,17 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VisionTrans
             if isinstance(m, nn.LayerNorm):
                 m.eps = 1e-12
     pe = state_dict.get("pos_embed")
-    if pe is not None and pe.shape != model.pos_embed.shape:
+    if pe is not None and model.pos_embed is not None and pe.shape != model.pos_embed.shape:
         state_dict["pos_embed"] = resample_abs_pos_embed(
             pe, model.patch_embed.grid_size, num_prefix_tokens=model.num_prefix_tokens
         )
+    gh, gw = model.patch_embed.grid_size
+    for key, n in (("pos_embed_x", gw), ("pos_embed_y", gh)):  # 'learn2d': each axis on its own
+        if key in state_dict and getattr(model, key) is not None:
+            state_dict[key] = resample_axis_pos_embed(state_dict[key], n)
+    for key, table in state_dict.items():  # 'relative': the offset range follows the grid (clipped / extended)
+        if key.endswith(".attn.rel_table"):
+            state_dict[key] = resize_relative_table(table, gh * gw, model.num_prefix_tokens)
     return state_dict
 
 
