@@ -29,6 +29,8 @@ ONE_PER_FAMILY = [
     "lavit_tiny",
     "mobilevit_xxs",
     "halonet26t",
+    "swin_tiny_patch4_window7_224",
+    "pvt_tiny",
 ]
 
 

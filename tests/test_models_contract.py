@@ -198,7 +198,7 @@ def _unfit_img_size(name: str) -> tuple[int, str]:
         return model.min_input_size - 1, f"at least {model.min_input_size} pixels, got"
     if family in ("vit", "vit_hybrid"):  # the position embedding has one entry per patch
         m = model.patch_embed.reduction[0]
-    elif family in ("nest", "lavit"):  # block sizes / attention maps follow the token grid of every stage
+    elif family in ("nest", "lavit", "pvt", "swin"):  # block sizes / attention maps follow every stage's grid
         m = model.input_multiple
     else:
         pytest.fail(f"{name}: no img_size rule for family {family!r} in this test; add one")

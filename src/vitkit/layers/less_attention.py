@@ -156,7 +156,15 @@ class LessAttention(nn.Module):
         a = (a.transpose(-2, -1) @ self.psi + self.psi_bias).transpose(-2, -1)  # Psi on the transposed: queries
         return a + prev if self.residual else a
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int], prev: torch.Tensor):
+    def forward(
+        self, x: torch.Tensor, grid: tuple[int, int], prev: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Output, the scores to carry on, and the attention probabilities.
+
+        Args:
+            mask: an additive term for the softmax only, broadcastable to ``[B, heads, N, M]`` (Swin's shifted-window
+                mask); the carried scores stay unmasked, so a later layer can use them under its own mask.
+        """
         B, N, C = x.shape
         if prev.shape[-2:] != (self.psi.shape[-1], self.theta.shape[-1]):
             raise ValueError(
@@ -164,7 +172,7 @@ class LessAttention(nn.Module):
                 f"{self.psi.shape[-1]} queries x {self.theta.shape[-1]} keys (fixed by the model's img_size)"
             )
         scores = self.transform(prev)
-        probs = self.attn_probs(scores.softmax(dim=-1))
+        probs = self.attn_probs((scores if mask is None else scores + mask).softmax(dim=-1))
         v = self.v(self.reduce(x, grid)).reshape(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
         out = (probs @ v).transpose(1, 2).reshape(B, N, C)
         carried = scores if self.carry == "pre" else probs
