@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import vitkit
 from conftest import slow_except
@@ -216,86 +215,6 @@ def test_fuse_conv_bn_keeps_outputs_and_removes_batchnorm(name):
     assert n == pairs > 0
     assert not any(isinstance(m.bn, torch.nn.BatchNorm2d) for m in model.modules() if isinstance(m, ConvNormAct))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
-
-
-@pytest.mark.parametrize("act", [torch.nn.ReLU, torch.nn.SiLU, torch.nn.Hardswish, None])
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_folded_conv_act_is_one_onednn_conv_with_the_plain_values(act, layout):
-    from vitkit.layers import fuse_conv_bn
-    from vitkit.layers.conv_bn import ConvNormAct, conv_act
-
-    torch.manual_seed(0)
-    fused_available = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-    for k, stride, groups in ((3, 1, 1), (3, 2, 1), (1, 1, 1), (3, 1, 16)):
-        m = ConvNormAct(16, 32 if groups == 1 else 16, k, stride, groups, act_layer=act).eval()
-        torch.nn.init.normal_(m.bn.running_mean), torch.nn.init.normal_(m.bn.bias)  # a bias that shows
-        fuse_conv_bn(m)
-        x = torch.randn(2, 16, 13, 11).contiguous(memory_format=layout)
-        plain = m.act(m.conv(x)).detach()  # the modules one by one
-        with torch.no_grad():
-            if fused_available:
-                assert conv_act(m.conv, m.act, x) is not None  # the fused convolution is what runs below
-            out = m(x)
-            exact = act in (None, torch.nn.ReLU)  # max(0, .) and identity commute with the epilogue
-            torch.testing.assert_close(out, plain, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-5)
-            assert out.is_contiguous(memory_format=layout)
-            m16, x16 = copy.deepcopy(m).bfloat16(), x.bfloat16()
-            c16 = m16.conv
-            ref16 = m16.act(  # fp32 math on the bf16 weights and input, one final rounding
-                F.conv2d(x16.float(), c16.weight.float(), c16.bias.float(), c16.stride, c16.padding, 1, c16.groups)
-            )
-            ref16 = ref16.bfloat16().float()
-            torch.testing.assert_close(m16(x16).float(), ref16, rtol=2**-7, atol=2**-7 * ref16.abs().max().item())
-    # autograd records: the plain path, with gradients
-    xg = x.clone().requires_grad_(True)
-    assert conv_act(m.conv, m.act, xg) is None
-    m(xg).sum().backward()
-    assert xg.grad is not None and xg.grad.abs().sum() > 0
-    # an observed module runs as a module
-    seen = []
-    m.conv.register_forward_hook(lambda mod, a, o: seen.append(o))
-    with torch.no_grad():
-        assert conv_act(m.conv, m.act, x) is None
-        m(x)
-    assert len(seen) == 1
-
-
-@pytest.mark.parametrize("with_act", [True, False])
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_residual_conv_add_act_fused_equals_the_plain_block_end(layout, with_act, monkeypatch):
-    from vitkit.layers import fuse_conv_bn
-    from vitkit.layers.conv_bn import ConvNormAct, conv_residual_act
-
-    torch.manual_seed(0)
-    cna = ConvNormAct(24, 32, 1, act_layer=None).eval()
-    torch.nn.init.normal_(cna.bn.running_mean), torch.nn.init.normal_(cna.bn.bias)
-    fuse_conv_bn(cna)
-    act, drop = (torch.nn.ReLU() if with_act else None), torch.nn.Identity()
-    y = torch.randn(2, 24, 9, 7).contiguous(memory_format=layout)
-    shortcut = torch.randn(2, 32, 9, 7).contiguous(memory_format=layout)
-    plain = (cna.conv(y) + shortcut).detach()
-    plain = torch.relu(plain) if with_act else plain
-    fused_available = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-    shortcut_before = shortcut.clone()
-    with torch.no_grad():
-        with monkeypatch.context() as mp:
-            if fused_available:  # the fused op must not fall back to calling the module
-                mp.setattr(ConvNormAct, "forward", lambda self, x: pytest.fail("plain path taken at inference"))
-            out = conv_residual_act(cna, y, shortcut, drop, act)
-        torch.testing.assert_close(out, plain, rtol=0, atol=0)  # fp32: the same sums, the same rounding
-        c16 = copy.deepcopy(cna).bfloat16()
-        out16 = conv_residual_act(c16, y.bfloat16(), shortcut.bfloat16(), drop, act).float()
-        torch.testing.assert_close(out16, plain, rtol=0.02, atol=0.05)
-        assert torch.equal(shortcut, shortcut_before)  # the fused op leaves its residual input alone
-    # training / autograd and an observed module: the plain path, gradients flow to both inputs
-    yg, sg = y.clone().requires_grad_(True), shortcut.clone().requires_grad_(True)
-    conv_residual_act(cna, yg, sg, drop, act).sum().backward()
-    assert yg.grad.abs().sum() > 0 and sg.grad.abs().sum() > 0
-    seen = []
-    cna.register_forward_hook(lambda m, a, o: seen.append(o))
-    with torch.no_grad():
-        torch.testing.assert_close(conv_residual_act(cna, y, shortcut, drop, act), plain, rtol=0, atol=0)
-    assert len(seen) == 1
 
 
 @pytest.mark.parametrize("dtype", ["fp32", pytest.param("bf16", marks=needs_native_bf16)])

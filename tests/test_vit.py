@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import vitkit
 from conftest import small_model
@@ -196,52 +195,3 @@ def test_in_chans_one():
     model = small_model("vit_tiny_patch16_224", in_chans=1)
     assert model(torch.randn(2, 1, 64, 64)).shape == (2, 1000)
     assert vitkit.resolve_data_config(model)["input_size"] == (1, 64, 64)
-
-
-def test_fused_linear_gelu_matches_the_plain_path():
-    from vitkit.layers import Mlp
-    from vitkit.layers.mlp import _onednn_linear_ok
-
-    torch.manual_seed(0)
-    for approximate in ("none", "tanh"):
-        mlp = Mlp(24, 96, act_layer=lambda a=approximate: torch.nn.GELU(approximate=a)).eval()
-        x = torch.randn(3, 7, 24)
-        plain = mlp.fc2(mlp.act(mlp.fc1(x)))  # grad mode on: the plain path
-        with torch.no_grad():
-            if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-                assert _onednn_linear_ok(x, mlp.fc1.weight, (mlp.fc1, mlp.act))  # the fused path is under test
-            fused = mlp(x)
-            torch.testing.assert_close(fused, plain.detach(), rtol=1e-5, atol=1e-6)
-            mlp_bf16 = mlp.to(torch.bfloat16)
-            torch.testing.assert_close(mlp_bf16(x.bfloat16()).float(), plain.detach(), rtol=0.05, atol=0.05)
-
-
-def test_bias_fused_linear_matches_f_linear_and_keeps_autograd_and_hooks():
-    from vitkit.layers.mlp import _linear_pointwise, _onednn_linear_ok, apply_linear, linear
-
-    torch.manual_seed(0)
-    fc = torch.nn.Linear(40, 56)
-    torch.nn.init.normal_(fc.bias, std=1.0)  # a bias large enough that dropping or doubling it shows
-    x = torch.randn(2, 9, 40)
-    with torch.no_grad():
-        ref = F.linear(x, fc.weight, fc.bias)
-        if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-            assert _onednn_linear_ok(x, fc.weight, (fc,))
-            assert _linear_pointwise(x, fc.weight, fc.bias, "none", "") is not None  # the fused op is what runs
-        torch.testing.assert_close(linear(x, fc.weight, fc.bias), ref, rtol=1e-5, atol=1e-5)
-        w16, b16 = fc.weight.bfloat16(), fc.bias.bfloat16()
-        torch.testing.assert_close(
-            linear(x.bfloat16(), w16, b16).float(), F.linear(x.bfloat16(), w16, b16).float(), rtol=0.02, atol=0.05
-        )
-    # training: the plain, differentiable path
-    xg = x.clone().requires_grad_(True)
-    assert not _onednn_linear_ok(xg, fc.weight, (fc,))
-    (gx,) = torch.autograd.grad(linear(xg, fc.weight, fc.bias).square().sum(), xg)
-    (gx_ref,) = torch.autograd.grad(F.linear(xg, fc.weight, fc.bias).square().sum(), xg)
-    torch.testing.assert_close(gx, gx_ref)
-    # a hooked module is called as a module
-    seen = []
-    fc.register_forward_hook(lambda m, a, out: seen.append(out))
-    with torch.no_grad():
-        out = apply_linear(fc, x)
-    assert len(seen) == 1 and seen[0] is out

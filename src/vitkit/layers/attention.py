@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.layers.mlp import apply_linear
-
 if TYPE_CHECKING:  # the interpret side of attention_geometry (type only: layers never import interpret)
     from vitkit.interpret.geometry import ImageQuery
 
@@ -72,11 +70,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        qkv = apply_linear(self.qkv, x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
         x = attend(q, k, v, self.scale, self.attn_drop, self.attn_probs, self.use_fused())
         x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(apply_linear(self.proj, x))
+        return self.proj_drop(self.proj(x))
 
 
 class MultiQueryAttention(nn.Module):

@@ -6,8 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.layers.helpers import apply_act
-
 
 class GroupNormAct(nn.GroupNorm):
     """GroupNorm followed by an optional activation (ReLU by default), keeping GroupNorm's parameter names."""
@@ -24,7 +22,7 @@ class GroupNormAct(nn.GroupNorm):
         self.act = act_layer() if apply_act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_act(self.act, F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
+        return self.act(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
 
 
 class LayerNorm2d(nn.LayerNorm):

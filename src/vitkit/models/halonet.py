@@ -32,8 +32,6 @@ import torch
 from torch import nn
 
 from vitkit.layers import ConvNormAct, DropPath, HaloAttention, drop_path_schedule, make_divisible
-from vitkit.layers.conv_bn import conv_residual_act
-from vitkit.layers.helpers import apply_act
 from vitkit.models._base import ConvStagesModel, FeatureInfo, check_img_size
 from vitkit.models._registry import PretrainedCfg, default_cfg, register_variant
 
@@ -46,7 +44,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         self.act = act_layer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_act(self.act, super().forward(x))
+        return self.act(super().forward(x))
 
 
 class SEModule(nn.Module):
@@ -104,7 +102,7 @@ class BottleneckBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.attn(self.conv2_kxk(self.conv1_1x1(x)))
-        return conv_residual_act(self.conv3_1x1, y, self.shortcut(x), self.drop_path, self.act)
+        return self.act(self.drop_path(self.conv3_1x1(y)) + self.shortcut(x))
 
 
 @dataclass(frozen=True)
@@ -151,7 +149,7 @@ class SelfAttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.attn(self.post_attn(self.self_attn(self.conv1_1x1(x))))
-        return conv_residual_act(self.conv3_1x1, y, self.shortcut(x), self.drop_path, self.act)
+        return self.act(self.drop_path(self.conv3_1x1(y)) + self.shortcut(x))
 
 
 def make_stem(in_chans: int, stem: str, pool: bool, act: type[nn.Module]) -> nn.Sequential:

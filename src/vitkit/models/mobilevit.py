@@ -32,8 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitkit.layers import Block, ConvNormAct, DropPath, drop_path_schedule, make_divisible
-from vitkit.layers.conv_bn import conv_residual_act
-from vitkit.layers.helpers import apply_act
 from vitkit.models._base import ConvStagesModel, FeatureInfo, check_img_size
 from vitkit.models._hf import rename, strip_prefix, transformer_layers
 from vitkit.models._registry import PretrainedCfg, default_cfg, register_variant
@@ -105,8 +103,8 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv2_kxk(self.conv1_1x1(x))
-        if self.has_residual:  # x + drop_path(conv3(y)), one fused convolution at inference once BN is folded
-            return conv_residual_act(self.conv3_1x1, y, x, self.drop_path, None)
+        if self.has_residual:
+            return self.drop_path(self.conv3_1x1(y)) + x
         return self.conv3_1x1(y)
 
 
@@ -191,7 +189,7 @@ class ConvMlp(nn.Module):
         self.fc2 = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(apply_act(self.act, self.fc1(x)))))
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class LinearTransformerBlock(nn.Module):
