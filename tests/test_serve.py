@@ -207,9 +207,60 @@ def test_a_real_server_refuses_raw_traversal_and_answers_a_burst_with_503(explor
                 time.sleep(0.01)
             ask()  # a third: refused at once
             assert answers == [(503, "1")]
+            # an upload refused while busy still hears why (its body is read first, not cut off by a reset)
+            req = urllib.request.Request(url + "api/images", data=b"\0" * 2**20, method="POST")
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(req, timeout=30)
+            assert refused.value.code == 503 and "busy" in json.loads(refused.value.read())["error"]
         for t in threads:
             t.join(30)
         assert sorted(answers) == [(200, None), (200, None), (503, "1")]
         assert json.loads(urllib.request.urlopen(url + "api/info", timeout=10).read())["held_out"] == 50
     finally:
         stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["detection", "segmentation"])
+def test_dense_runs_send_the_tasks_boxes_and_mask(task, tmp_path):
+    """A two-step run of the shipped recipe on real MNIST canvases: the boxes the page draws are the task's
+    predictions (``vitkit predict``) mapped into the model input, and the mask is its label map."""
+    from conftest import MNIST, REPO
+    from vitkit.data.mnist import MNIST as MnistDigits
+    from vitkit.tasks.detection.data import write_mnist_detection
+    from vitkit.tasks.segmentation.data import voc_palette, write_mnist_segmentation
+    from vitkit.train import Trainer, load_config
+
+    if not any(MNIST.glob("t10k-images*")):
+        pytest.skip(f"the real MNIST digits are not at {MNIST}")
+    digits = MnistDigits(MNIST, "test")
+    write, name, recipe = {
+        "detection": (write_mnist_detection, "coco", "det_ssdlite_mobilevit.yaml"),
+        "segmentation": (write_mnist_segmentation, "voc", "seg_deeplabv3_mobilevit.yaml"),
+    }[task]
+    root = write(digits.images[:300], digits.labels[:300], tmp_path / "data", n_train=8, n_val=4, train_digits=200)
+    sets = [f"data.dataset={name}", f"data.root={root}", "data.train_split=train", "data.val_split=val",
+            "data.batch_size=4", "model.img_size=128", "train.max_steps=2", "train.progress=false",
+            f"train.output={tmp_path / 'run'}"]  # fmt: skip
+    Trainer(load_config(REPO / "configs" / recipe, sets)).fit()
+    explorer = Explorer.load(str(tmp_path / "run"))
+    assert explorer.info()["task"] == task and explorer.info()["held_out"] == 4
+    assert "attention" in explorer.info()["methods"] and "cam" in explorer.info()["unavailable"]
+    canvas = explorer.held_out[0][0].resize((200, 160))  # not the input's shape: boxes must be mapped
+    path = tmp_path / "canvas.png"
+    canvas.save(path)
+    body = TestClient(create_app(explorer)).post("/api/images", content=path.read_bytes()).json()
+    run = load_run(tmp_path / "run")
+    if task == "detection":
+        ref = predict(run, [str(path)], score=0.05)[0]["detections"]
+        scale = min(128 / 160, 128 / 200)
+        assert len(body["boxes"]) == len(ref) > 0
+        for sent, d in zip(body["boxes"], ref):
+            assert sent["label"] == d["label"] and sent["score"] == d["score"]
+            assert sent["box"] == pytest.approx([v * scale for v in d["box"]], abs=0.06)
+    else:
+        labels = predict(run, [str(path)])[0]["_labels"]
+        mask = _decode(body["mask"])
+        assert mask.shape == (128, 128, 4) and np.array_equal(mask[..., 3] > 0, labels > 0)
+        pal = np.asarray(voc_palette(), dtype=np.uint8).reshape(-1, 3)
+        assert np.array_equal(mask[..., :3][labels > 0], pal[labels[labels > 0]])

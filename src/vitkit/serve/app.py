@@ -46,14 +46,20 @@ class Gate:
         self.lock = threading.Lock()
         self.admitted = 0
 
+    def busy(self) -> bool:
+        return self.admitted > self.max_waiting
+
+    def refusal(self) -> RequestError:
+        return RequestError(
+            503,
+            f"the server is busy ({self.admitted} requests in hand); try again in {self.retry_after_s} s",
+            {"Retry-After": str(self.retry_after_s)},
+        )
+
     @contextlib.asynccontextmanager
     async def slot(self):
-        if self.admitted > self.max_waiting:
-            raise RequestError(
-                503,
-                f"the server is busy ({self.admitted} requests in hand); try again in {self.retry_after_s} s",
-                {"Retry-After": str(self.retry_after_s)},
-            )
+        if self.busy():
+            raise self.refusal()
         self.admitted += 1
         try:
             yield
@@ -68,17 +74,24 @@ class Gate:
         return await run_in_threadpool(locked)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+async def _read_body(request: Request, limit: int, keep: bool = True) -> bytes:
+    """The request body (``keep=False``: read and dropped), 413 when it exceeds ``limit`` bytes.
+
+    A body is read to its end before any answer, up to ``2 * limit`` bytes, so that a client still sending gets the
+    answer (a 503, a 413) instead of a connection reset; a body declared larger than that is refused unread.
+    """
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isdigit() and int(declared) > 2 * limit:
         raise RequestError(413, f"the upload is {int(declared)} bytes; this server takes at most {limit}")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"the upload is over {limit} bytes, the most this server takes")
-        chunks.append(chunk)
+        if size > 2 * limit:
+            break
+        if keep and size <= limit:
+            chunks.append(chunk)
+    if size > limit:
+        raise RequestError(413, f"the upload is over {limit} bytes; this server takes at most {limit}")
     return b"".join(chunks)
 
 
@@ -108,6 +121,9 @@ def create_app(explorer: Explorer) -> FastAPI:
 
     @app.post("/api/images")
     async def upload(request: Request):
+        if gate.busy():  # refused, but the body is read first so the client hears why (see _read_body)
+            await _read_body(request, limits.max_bytes, keep=False)
+            raise gate.refusal()
         async with gate.slot():
             data = await _read_body(request, limits.max_bytes)
             return await gate.run(explorer.add_upload, data)
@@ -150,6 +166,7 @@ def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(2048)  # listening before the URL is announced: early connections wait in the backlog, not refused
     return sock
 
 

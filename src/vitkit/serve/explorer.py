@@ -254,10 +254,10 @@ class Explorer:
         while len(self.images) > self.limits.cache_images:
             self.images.popitem(last=False)
         res = {"id": image_id, "size": list(x.shape[-2:]), "input": _png(self._display(x[0])),
-               "prediction": {k: v for k, v in out.items() if not k.startswith("_")}}  # fmt: skip
-        if "detections" in out:  # boxes in the model input's pixels (the task maps them back to the original)
+               "prediction": {k: v for k, v in out.items() if not k.startswith("_") and k != "detections"}}  # fmt: skip
+        if "detections" in out:  # boxes in the model input's pixels (the task maps them to the original image's)
             s = float(meta["scale"])
-            res["boxes"] = [dict(d, box=[v * s for v in d["box"]]) for d in out["detections"]]
+            res["boxes"] = [dict(d, box=[round(v * s, 1) for v in d["box"]]) for d in out["detections"]]
         if "_labels" in out:
             res["mask"] = _png(self._mask(out["_labels"]))
         return res
@@ -325,6 +325,9 @@ class Explorer:
         for method, check in checks.items():
             if method == "rollout" and "attention" in unavailable:
                 unavailable[method] = unavailable["attention"]
+                continue
+            if method in ("cam", "gradcat") and self.task.name != "classification":
+                unavailable[method] = f"it explains one class score, and this is a {self.task.name} model"
                 continue
             try:
                 check()

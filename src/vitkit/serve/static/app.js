@@ -241,6 +241,11 @@ async function show(res) {
 
 async function upload(file) {
   if (!file) return;
+  const most = state.info.limits.max_bytes;
+  if (file.size > most) {
+    message(`${file.name}: ${file.size} bytes; this server takes at most ${most}`, true);
+    return;
+  }
   message(`uploading ${file.name}...`);
   try {
     await show(await call("/api/images", { method: "POST", body: file }));
