@@ -31,6 +31,7 @@ ONE_PER_FAMILY = [
     "halonet26t",
     "swin_tiny_patch4_window7_224",
     "pvt_tiny",
+    "axial_vit_tiny_patch16_224",
     "deepvit_tiny",
 ]
 

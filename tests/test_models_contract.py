@@ -200,6 +200,8 @@ def _unfit_img_size(name: str) -> tuple[int, str]:
         m = model.patch_embed.reduction[0]
     elif family in ("nest", "lavit", "pvt", "swin"):  # block sizes / attention maps follow every stage's grid
         m = model.input_multiple
+    elif family == "axial":  # Axial-ViT: the patch grid; Axial-ResNet: the relative tables of every stage
+        m = model.input_multiple
     else:
         pytest.fail(f"{name}: no img_size rule for family {family!r} in this test; add one")
     return 2 * m + m // 2, f" = {m}, got"

@@ -1,6 +1,6 @@
 """Model families, the registry and the builder."""
 
-from vitkit.models import deepvit, halonet, lavit, mobilevit, nest, pvt, swin, vit, vit_hybrid  # noqa: F401  (registers the models)
+from vitkit.models import axial, deepvit, halonet, lavit, mobilevit, nest, pvt, swin, vit, vit_hybrid  # noqa: F401  (registers the models)
 from vitkit.models._base import FeatureInfo, ModelArgError, VitkitModel, feature_take_indices
 from vitkit.models._builder import create_model
 from vitkit.models._checkpoint import load_checkpoint, read_state_dict, save_state_dict
