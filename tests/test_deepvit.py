@@ -203,6 +203,10 @@ def test_column_similarity_is_deepvits_definition():
     rows = attention_similarity_matrix([a, b], axis="row")[:, 0, 1]
     assert not torch.allclose(rows, sim[:, 0, 1])  # the two definitions differ on non-symmetric maps
     assert attention_similarity([a, a], axis="column") == pytest.approx([1.0])
+    # centred (a correlation): a norm's per-head shift and scale leave it at 1; the plain cosine drops
+    shifted = 3.0 * a - 0.5
+    assert attention_similarity([a, shifted], axis="column", center=True) == pytest.approx([1.0])
+    assert attention_similarity([a, shifted], axis="column")[0] < 0.9
     with pytest.raises(ValueError, match="axis must be one of"):
         attention_similarity([a, b], axis="diag")
 

@@ -38,7 +38,14 @@ def _dim(axis: str) -> int:
     return _AXES[axis]
 
 
-def attention_similarity(maps: list[torch.Tensor], axis: str = "row") -> list[float]:
+def _cosine(a: torch.Tensor, b: torch.Tensor, dim: int, center: bool) -> torch.Tensor:
+    a, b = a.float(), b.float()
+    if center:  # Pearson correlation: blind to a constant added along the compared axis (a norm's shift)
+        a, b = a - a.mean(dim, keepdim=True), b - b.mean(dim, keepdim=True)
+    return F.cosine_similarity(a, b, dim=dim)
+
+
+def attention_similarity(maps: list[torch.Tensor], axis: str = "row", center: bool = False) -> list[float]:
     """Mean cosine similarity between the attention maps of consecutive layers.
 
     Args:
@@ -46,26 +53,29 @@ def attention_similarity(maps: list[torch.Tensor], axis: str = "row") -> list[fl
             (a stage boundary) are skipped.
         axis: 'row' (each query's attention over keys) or 'column' (each key's attention from all queries:
             DeepViT's definition).
+        center: subtract each row's (column's) mean first, so the similarity is a correlation (see
+            :func:`attention_similarity_matrix`).
 
     Returns:
         One value per consecutive same-shape pair, averaged over rows (or columns), heads and images
         (1.0 means the later layer attends exactly like the earlier).
     """
     dim = _dim(axis)
-    return [
-        F.cosine_similarity(a.float(), b.float(), dim=dim).mean().item()
-        for a, b in zip(maps, maps[1:])
-        if a.shape == b.shape
-    ]
+    return [_cosine(a, b, dim, center).mean().item() for a, b in zip(maps, maps[1:]) if a.shape == b.shape]
 
 
-def attention_similarity_matrix(maps: list[torch.Tensor], axis: str = "row") -> torch.Tensor:
+def attention_similarity_matrix(maps: list[torch.Tensor], axis: str = "row", center: bool = False) -> torch.Tensor:
     """Per head, the cosine similarity between the attention maps of every pair of layers: ``(heads, L, L)``.
 
     ``maps[l]`` is ``[B, heads, N, M]`` (dimension 1 is the head). Entry ``[h, i, j]`` is the cosine similarity
     of head ``h``'s rows (``axis='row'``: each query's attention) or columns (``axis='column'``: each key's
     attention from every query, DeepViT's ``M^{i,j}_{h,t}``) in layers ``i`` and ``j``, averaged over them and
     over images; NaN where the two layers' maps differ in shape (a stage boundary) or layer ``i`` has fewer heads.
+
+    ``center=True`` subtracts each row's (column's) mean before the cosine (a Pearson correlation). Re-attention's
+    BatchNorm shifts every entry of a head's map by a constant, which the plain cosine counts as (dis)similarity;
+    the centred one does not, so it compares re-attended and softmax maps on an equal footing. A uniform row or
+    column centres to zero and counts as similarity 0.
     """
     dim = _dim(axis)
     heads = max(m.shape[1] for m in maps)
@@ -73,7 +83,7 @@ def attention_similarity_matrix(maps: list[torch.Tensor], axis: str = "row") -> 
     for i, a in enumerate(maps):
         for j, b in enumerate(maps):
             if a.shape == b.shape:
-                sim = F.cosine_similarity(a.float(), b.float(), dim=dim)  # (B, heads, N or M)
+                sim = _cosine(a, b, dim, center)  # (B, heads, N or M)
                 out[: a.shape[1], i, j] = sim.transpose(0, 1).reshape(a.shape[1], -1).mean(1).cpu()
     return out
 
@@ -85,6 +95,7 @@ class CollapseResult:
     layers: list[str]  # the attention modules, in call order
     matrix: torch.Tensor  # (heads, L, L): per-head similarity, mean over images (NaN: not comparable)
     axis: str
+    center: bool
     threshold: float
     images: int
     adjacent: torch.Tensor = field(init=False)  # (L - 1,): mean over heads of similarity(layer l, layer l + 1)
@@ -104,6 +115,7 @@ class CollapseResult:
         return dict(
             layers=self.layers,
             axis=self.axis,
+            center=self.center,
             threshold=self.threshold,
             images=self.images,
             adjacent=[None if math.isnan(v) else round(v, 5) for v in self.adjacent.tolist()],
@@ -129,13 +141,19 @@ def saturation_layer(adjacent: torch.Tensor, threshold: float) -> int | None:
 
 
 def attention_collapse(
-    model: nn.Module, images: torch.Tensor, axis: str = "column", threshold: float = 0.9, batch_size: int = 64
+    model: nn.Module,
+    images: torch.Tensor,
+    axis: str = "column",
+    center: bool = False,
+    threshold: float = 0.9,
+    batch_size: int = 64,
 ) -> CollapseResult:
     """Cross-layer attention similarity of ``model`` over ``images`` (any model :func:`capture_attention` works on).
 
     Args:
         images: ``(B, C, H, W)``, preprocessed as the model expects.
         axis: 'column' (DeepViT's definition, the default) or 'row' (see the module docstring).
+        center: correlate instead of the plain cosine (see :func:`attention_similarity_matrix`).
         threshold: similarity from which two adjacent layers count as alike; DeepViT's analysis uses high values
             (its figure marks layers more than 90% alike), hence 0.9.
         batch_size: images per forward; the matrix is the mean over all images either way.
@@ -150,12 +168,12 @@ def attention_collapse(
         for chunk in images.split(batch_size):
             with torch.no_grad(), capture_attention(model) as records:
                 model(chunk)
-            sim = attention_similarity_matrix([r.probs for r in records], axis) * len(chunk)
+            sim = attention_similarity_matrix([r.probs for r in records], axis, center) * len(chunk)
             total = sim if total is None else total + sim
             layers, n = [r.layer for r in records], n + len(chunk)
     finally:
         model.train(was_training)
-    return CollapseResult(layers, total / n, axis, threshold, n)
+    return CollapseResult(layers, total / n, axis, center, threshold, n)
 
 
 def plot_attention_collapse(results: dict[str, CollapseResult], path: str | Path, title: str = "") -> Path:
@@ -170,14 +188,17 @@ def plot_attention_collapse(results: dict[str, CollapseResult], path: str | Path
         (line,) = ax.plot(range(len(r.adjacent)), r.adjacent.numpy(), marker=".", lw=1.2, label=label)
         if r.saturated_from is not None:
             ax.axvline(r.saturated_from, color=line.get_color(), ls=":", lw=1)
-    ax.axhline(next(iter(results.values())).threshold, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("layer l (0-based): similarity of layers l and l + 1")
-    ax.set_ylabel(f"cosine similarity ({next(iter(results.values())).axis}s)")
+    first = next(iter(results.values()))
+    ax.axhline(first.threshold, color="grey", lw=0.8, ls="--")
+    ax.set_ylabel(f"{'correlation' if first.center else 'cosine similarity'} ({first.axis}s)")
     ax.set_ylim(min(0.0, min(float(r.adjacent.nan_to_num(1).min()) for r in results.values())), 1.02)
     ax.legend(fontsize=7)
     ax.set_title(title or "adjacent-layer attention similarity (dotted: saturated from)", fontsize=8)
     for k, (label, r) in enumerate(results.items()):
-        im = axes[0][k + 1].imshow(r.matrix.nanmean(0).numpy(), vmin=0, vmax=1, cmap="viridis")
+        mean = r.matrix.nanmean(0)
+        low = min(0.0, float(mean.nan_to_num(1).min()))
+        im = axes[0][k + 1].imshow(mean.numpy(), vmin=low, vmax=1, cmap="viridis")
         axes[0][k + 1].set_title(f"{label}: layer x layer", fontsize=8)
         axes[0][k + 1].set_xlabel("layer")
     fig.colorbar(im, ax=axes[0][-1], fraction=0.046)
