@@ -76,12 +76,19 @@ def _png(img: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _heat(m: torch.Tensor) -> dict:
-    """A non-negative map ``(H, W)`` as an 8-bit grey PNG scaled to its maximum, and that maximum."""
-    m = m.detach().float().cpu().clamp_min(0)
+def _heat(m: torch.Tensor, relative: bool = False) -> dict:
+    """A map ``(H, W)`` as an 8-bit grey PNG, with the values its ends stand for (``min``, ``max``).
+
+    Attention (``relative=False``): 0 to the maximum, and 0 only where the map is 0, so the page leaves exactly
+    the unattended pixels clear. Scores such as CAM (``relative=True``): the minimum to the maximum, as
+    ``vitkit explain`` draws them.
+    """
+    m = m.detach().float().cpu()
+    low = float(m.min()) if relative else 0.0
+    m = (m - low).clamp_min(0)
     top = float(m.max())
-    grey = (m / top * 255).round() if top > 0 else torch.zeros_like(m)
-    return {"png": _png(Image.fromarray(grey.to(torch.uint8).numpy(), mode="L")), "max": top}
+    grey = torch.where(m > 0, (m / top * 255).round().clamp_min(1), 0) if top > 0 else torch.zeros_like(m)
+    return {"png": _png(Image.fromarray(grey.to(torch.uint8).numpy(), mode="L")), "min": low, "max": low + top}
 
 
 def _finite(values) -> list:
@@ -211,7 +218,10 @@ class Explorer:
         e = self._entry(image_id)
         heat = rollout_map(self.model, e.x, self._records(e))
         return {
-            "map": _heat(F.interpolate(heat[None, None].float(), size=tuple(e.x.shape[-2:]), mode="bilinear")[0, 0])
+            "map": _heat(
+                F.interpolate(heat[None, None].float(), size=tuple(e.x.shape[-2:]), mode="bilinear")[0, 0],
+                relative=True,
+            )
         }
 
     def cam(self, image_id: str, target: int | None = None) -> dict:
@@ -219,7 +229,7 @@ class Explorer:
         e = self._entry(image_id)
         res, kind = cam_map(self.model, e.x, self._target(target))
         t = int(res.target[0])
-        return {"kind": kind, "target": t, "class": self._class(t), "map": _heat(res.maps[0]),
+        return {"kind": kind, "target": t, "class": self._class(t), "map": _heat(res.maps[0], relative=True),
                 "peak": res.peaks[0].tolist()}  # fmt: skip
 
     def gradcat(self, image_id: str, target: int | None = None) -> dict:
@@ -230,7 +240,7 @@ class Explorer:
         t = int(res.target[0])
         fine = F.interpolate(res.scores[0][:1, None].float(), size=tuple(e.x.shape[-2:]), mode="nearest")[0, 0]
         return {"target": t, "class": self._class(t), "boxes": [list(b) for b in res.boxes[0]],
-                "peak": res.peaks[0].tolist(), "map": _heat(fine)}  # fmt: skip
+                "peak": res.peaks[0].tolist(), "map": _heat(fine, relative=True)}  # fmt: skip
 
     def distance(self, image_id: str) -> dict:
         """Mean attention distance in pixels per layer and head (null where a layer has fewer heads)."""

@@ -36,15 +36,16 @@ function loadImage(src) {
 }
 
 // a grey map (0..255 = 0..max) coloured with a jet-like ramp, as an offscreen canvas at the input's size;
-// zero stays clear, so a family's geometry (a NesT block, a HaloNet window) shows as the painted area
+// for attention, zero stays clear, so a family's geometry (a NesT block, a HaloNet window) shows as the painted area
 function jet(v) {
   const t = v / 255;
   const c = (x) => Math.round(255 * Math.max(0, Math.min(1, 1.5 - Math.abs(4 * t - x))));
   return [c(3), c(2), c(1)];
 }
 
-async function colour(png) {
-  if (state.heat.has(png)) return state.heat.get(png);
+async function colour(png, clearZero) {
+  const key = `${clearZero}:${png}`;
+  if (state.heat.has(key)) return state.heat.get(key);
   const img = await loadImage(png);
   const cv = document.createElement("canvas");
   cv.width = img.width; cv.height = img.height;
@@ -53,12 +54,12 @@ async function colour(png) {
   const d = ctx.getImageData(0, 0, cv.width, cv.height);
   for (let i = 0; i < d.data.length; i += 4) {
     const [r, g, b] = jet(d.data[i]);
-    d.data[i + 3] = d.data[i] === 0 ? 0 : 255; // where a map is exactly 0 (not attended), the image shows
+    d.data[i + 3] = clearZero && d.data[i] === 0 ? 0 : 255; // exactly 0: not attended, the image shows
     d.data[i] = r; d.data[i + 1] = g; d.data[i + 2] = b;
   }
   ctx.putImageData(d, 0, 0);
   if (state.heat.size > 64) state.heat.clear();
-  state.heat.set(png, cv);
+  state.heat.set(key, cv);
   return cv;
 }
 
@@ -93,7 +94,7 @@ async function draw() {
   }
   if (o && o.map) {
     ctx.globalAlpha = alpha;
-    ctx.drawImage(await colour(o.map.png), 0, 0, w * s, h * s);
+    ctx.drawImage(await colour(o.map.png, o.kind === "attention"), 0, 0, w * s, h * s);
     ctx.globalAlpha = 1;
     drawn = o.kind;
   }
