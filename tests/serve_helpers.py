@@ -19,7 +19,10 @@ TINY_NEST = (
 def need_serve_extra() -> None:
     missing = [m for m in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None]
     if missing:
-        pytest.skip(f"the serve extra is not installed ({', '.join(missing)} missing): pip install -e '.[serve]'")
+        pytest.skip(
+            f"the serve extra is not installed ({', '.join(missing)} missing): pip install -e '.[serve]'",
+            allow_module_level=True,
+        )
 
 
 def tiny_mnist_run(base: Path) -> Path:
