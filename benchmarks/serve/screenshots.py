@@ -4,7 +4,8 @@ Short real runs on MNIST digits (one epoch of ``configs/mnist_nest.yaml`` and of
 on 2,000 digits; reused when present) are served in-process; the page picks a held-out digit, clicks a pixel on
 it and shows that pixel's attention (NesT: level 0, whose attention stays inside the query's block; MobileViT: a
 transformer layer of its last stage, whose attention runs along the patch sequence of the pixel's position in
-each 2x2 patch); the NesT page is also shown with GradCAT's path.
+each 2x2 patch); the NesT page is also shown with GradCAT's path and the attention distance plot, the
+MobileViT page with its CAM.
 
     python benchmarks/serve/screenshots.py       # needs Chromium + chromedriver (Debian: chromium chromium-driver)
 """
@@ -81,7 +82,10 @@ def shoot(run: Path, index: int, pixel: tuple[int, int], layer: int, out: Path, 
         print(f"wrote {out}")
         for method, path in extra:
             Select(driver.find_element(By.ID, "method")).select_by_value(method)
-            wait.until(lambda d, m=method: view.get_attribute("data-overlay") == m)
+            if method == "distance":  # a plot beside the image, no overlay
+                wait.until(lambda d: d.find_element(By.ID, "plot").get_attribute("data-points"))
+            else:
+                wait.until(lambda d, m=method: view.get_attribute("data-overlay") == m)
             driver.save_screenshot(str(path))
             print(f"wrote {path}")
     finally:
@@ -100,7 +104,8 @@ def main() -> None:
     torch.set_num_threads(1)
     nest = train("mnist_nest.yaml", args.work / "nest", args.mnist)
     mobilevit = train("mnist_mobilevit.yaml", args.work / "mobilevit", args.mnist)
-    shoot(nest, 3, (9, 22), 0, args.out / "nest_attention.png", [("gradcat", args.out / "nest_gradcat.png")])
+    extra = [("gradcat", args.out / "nest_gradcat.png"), ("distance", args.out / "nest_distance.png")]
+    shoot(nest, 3, (9, 22), 0, args.out / "nest_attention.png", extra)
     shoot(mobilevit, 3, (18, 44), 4, args.out / "mobilevit_attention.png", [("cam", args.out / "mobilevit_cam.png")])
 
 
