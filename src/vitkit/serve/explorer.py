@@ -5,8 +5,8 @@ Every number comes from code the CLI already runs: images are decoded by :func:`
 (the guarded decoder the loaders use), prepared by the task's eval transform, predicted by the task's
 ``predict_batch``, and explained by :mod:`vitkit.interpret` (``attention_to_image`` for a query pixel in each
 family's geometry, ``rollout_map``, ``cam_map``, ``gradcat``, ``attention_distances``). This module only turns
-their tensors into what a browser draws: PNG maps normalised to their maximum (the maximum is sent beside them),
-boxes in the model input's pixels, and a colour mask.
+their tensors into what a browser draws: 8-bit PNG maps with the values their ends stand for sent beside them
+(attention from 0, scores from their minimum), boxes in the model input's pixels, and a colour mask.
 
 Nothing here is thread-safe: the web layer (:mod:`vitkit.serve.app`) calls one method at a time.
 """
