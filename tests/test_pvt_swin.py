@@ -18,6 +18,7 @@ import torch
 
 import vitkit
 from conftest import load_golden, rel_err
+from vitkit.bench import count_macs
 from vitkit.layers.attention import use_fused_attn
 from vitkit.layers.less_attention import LessAttention, VanillaAttention
 from vitkit.models._checkpoint import load_state_dict_into
@@ -43,6 +44,21 @@ def test_parameter_count_within_one_percent_of_the_table(name):
         model = vitkit.create_model(name)
     n = sum(p.numel() for p in model.parameters()) / 1e6
     assert abs(n / TABLE_PARAMS_M[name] - 1) < 0.01, (name, n)
+
+
+@pytest.mark.parametrize(
+    "name,gmacs",
+    [
+        ("swin_tiny_patch4_window7_224", 4.51),
+        pytest.param("swin_small_patch4_window7_224", 8.77, marks=pytest.mark.slow),
+        pytest.param("swin_base_patch4_window7_224", 15.47, marks=pytest.mark.slow),
+    ],
+)
+def test_swin_macs_within_one_percent_of_timm(name, gmacs):
+    """[timm-bench] GMACs at 224 px (ARCHITECTURES.md §6); ours count matmuls and convs only (0.3-0.4% lower)."""
+    with torch.device("meta"):
+        model = vitkit.create_model(name)
+    assert abs(count_macs(model) / 1e9 / gmacs - 1) < 0.01
 
 
 # ---- Swin: relative positions, the shift mask, window attention ----------------------------------------------
