@@ -8,7 +8,9 @@ owns the rest, built from the run's config:
   :meth:`train_transform` / :meth:`eval_transform` (``(image, target, rng, size) -> (input, target)``), and
   :meth:`collate` (samples -> ``(inputs, targets, failures)``);
 * **training**: :meth:`prepare` (batch-level augmentation such as mixup) and :meth:`losses` (a dict of named
-  loss terms whose sum is minimised);
+  loss terms whose sum is minimised); :meth:`optim_phases` (a step in several phases, each with its own optimizer,
+  such as a GAN's discriminator and generator steps; one phase by default) and :meth:`after_step` (periodic work
+  after an optimizer step, such as sample grids);
 * **evaluation**: :meth:`evaluate` (metrics from one pass over held-out batches, summed over DDP ranks),
   :meth:`write_eval` (``eval.json`` and figures) and :meth:`format_eval`; :meth:`features` (the frozen
   representation the few-shot linear probe reads);
@@ -37,6 +39,15 @@ from vitkit.config import TrainConfig, check_range, coerce_value
 from vitkit.data.loader import collate_skip
 from vitkit.models import create_model, resolve_data_config
 from vitkit.runtime import DistInfo, autocast
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One phase of a training step: the module whose parameters its optimizer steps, and its learning rate as a
+    multiple of the schedule's."""
+
+    module: nn.Module
+    lr_scale: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +165,19 @@ class Task:
         return inputs, targets
 
     def losses(self, model: nn.Module, inputs: torch.Tensor, targets) -> dict[str, torch.Tensor]:
-        """Named loss terms for one batch (the loop minimises their sum)."""
+        """Named loss terms for one batch (the loop minimises their sum). A task with :meth:`optim_phases` also
+        takes ``phase=<name>``: the terms that phase's optimizer minimises."""
         raise NotImplementedError
+
+    def optim_phases(self, model: nn.Module) -> dict[str, Phase] | None:
+        """The phases of a training step in the order they run, each stepping its own parameters with its own
+        optimizer on the same micro-batches (names must be unique across phases' loss terms); None (the default):
+        one optimizer over the whole model."""
+        return None
+
+    def after_step(self, model: nn.Module, ema: nn.Module | None, step: int, run_dir: Path) -> None:
+        """Called on the main process after every optimizer step (``step`` counts from 1), e.g. to write sample
+        images into the run folder. It must not draw from the global random generators (exact resume)."""
 
     def example_targets(self, inputs: torch.Tensor):
         """Valid targets for a batch of ``inputs`` (for timing the training step without a dataset)."""

@@ -25,7 +25,7 @@ from vitkit.machine import bf16_note
 from vitkit.runtime import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, resolve_device
 from vitkit.tasks import EvalContext, build_task
 from vitkit.train.evaluate import evaluate
-from vitkit.train.optim import ModelEma, build_optimizer, lr_at
+from vitkit.train.optim import ModelEma, build_optimizers, lr_at
 from vitkit.train.records import EpochRecorder, RunLog
 from vitkit.train.rundir import resolve_run_dir, write_run_files
 from vitkit.train.state import load_checkpoint_dir, rng_state, save_checkpoint, set_rng_state
@@ -59,8 +59,8 @@ class Trainer:
         self.data_config = self.task.data_config(self.model)
         self.size = tuple(self.data_config["input_size"][1:])
         self.ema = ModelEma(self.model, run.ema_decay) if run.ema_decay > 0 else None
-        self.step = TrainStep(self.model, self.task, build_optimizer(self.model, cfg.optim), run, cfg.optim,
-                              self.device, self.dist, ema=self.ema)  # fmt: skip
+        self.step = TrainStep(self.model, self.task, build_optimizers(self.model, self.task, cfg.optim), run,
+                              cfg.optim, self.device, self.dist, ema=self.ema)  # fmt: skip
         self.steps_per_epoch = len(self._plan(0)) // cfg.optim.accum_steps
         if self.steps_per_epoch == 0:
             raise ValueError("an epoch holds fewer micro-batches than optim.accum_steps")
@@ -113,7 +113,7 @@ class Trainer:
             "global_step": self.global_step,
             "best": dict(self.best),
             "counters": dict(self.counters),
-            "optimizer": self.step.optimizer.state_dict(),
+            "optimizer": self.step.optimizer_state(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": self._rng_snapshot or rng_state(),
             "config": self.cfg.to_dict(),
@@ -135,7 +135,7 @@ class Trainer:
             if ema is None:
                 raise ValueError(f"{ckpt}: the run uses EMA weights but the checkpoint has none")
             self.ema.module.load_state_dict(ema)
-        self.step.optimizer.load_state_dict(state["optimizer"])
+        self.step.load_optimizer_state(state["optimizer"])
         if self.step.scaler is not None and state.get("scaler"):
             self.step.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
@@ -206,6 +206,9 @@ class Trainer:
                         self.counters["images_seen"] += images
                         rec.step(out, images, self.global_step)
                     rec.tick()
+                    if self.dist.is_main:  # the task's periodic work (e.g. sample grids); must not touch the RNG
+                        ema = self.ema.module if self.ema else None
+                        self.task.after_step(self.model, ema, self.global_step, self.run_dir)
                     every = cfg.train.checkpoint_every
                     if every and self.global_step % every == 0 and self.step_in_epoch < self.steps_per_epoch:
                         self.save("last")

@@ -32,6 +32,20 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     raise ValueError(f"optim.name must be 'adamw' or 'sgd', got {cfg.name!r}")
 
 
+def build_optimizers(model: nn.Module, task, cfg: OptimConfig):
+    """The optimizer of a run: one over the whole model, or one per phase of a task that declares phases
+    (:meth:`vitkit.tasks.Task.optim_phases`), each phase's learning rate scaled by its ``lr_scale``."""
+    phases = task.optim_phases(model)
+    if phases is None:
+        return build_optimizer(model, cfg)
+    out = {}
+    for name, phase in phases.items():
+        out[name] = opt = build_optimizer(phase.module, cfg)
+        for g in opt.param_groups:
+            g["lr_scale"] = phase.lr_scale
+    return out
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, sched: ScheduleConfig) -> float:
     """Linear warm-up from ``warmup_lr`` to ``base_lr``, then cosine decay to ``min_lr`` at ``total_steps``.
 
