@@ -3,6 +3,7 @@ sits), less attention on re-attention, equivalence with ViT, parameter counts, a
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -251,3 +252,15 @@ def test_collapse_compares_only_same_shape_maps_across_stages():
     assert torch.isnan(m[0, 2]) and torch.isnan(m[1, 2])  # stage 1 vs stage 2 maps: not compared
     assert not torch.isnan(m[0, 1]) and not torch.isnan(m[2, 3])
     assert F.mse_loss(m[0, 1].expand(1), torch.ones(1)) < 1  # finite, in range
+
+
+def test_explain_similarity_writes_deepvits_column_matrix(tmp_path):
+    from vitkit.interpret import explain
+
+    model = _small_deepvit(num_reattn=2)
+    written = explain(model, torch.randn(1, 3, 32, 32), "similarity", tmp_path)
+    col = torch.from_numpy(np.load(written["matrix_column"]))
+    assert col.shape == (HEADS, 4, 4)
+    torch.testing.assert_close(col, col.transpose(1, 2))
+    torch.testing.assert_close(col.diagonal(dim1=1, dim2=2), torch.ones(HEADS, 4))
+    assert written["figure"].is_file()

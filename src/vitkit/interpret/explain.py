@@ -4,7 +4,8 @@ Methods: ``attention`` (the last layer's attention of one query pixel, painted o
 (ViT), ``cam`` (exact CAM where the head is GAP + linear, Grad-CAM otherwise), ``gradcat`` (NesT),
 ``distance`` (mean attention distance per layer and head; ViT tokens exactly, other families through the
 image-coordinate maps), ``posembed`` (ViT position-embedding similarity and patch-filter principal
-components), ``similarity`` (attention cosine similarity between layers, per head).
+components), ``similarity`` (attention cosine similarity between layers, per head: of rows, and of columns as
+DeepViT defines it, with the layer from which adjacent layers stay 0.9 alike marked).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from vitkit.interpret.attention import (
 )
 from vitkit.interpret.cam import CamResult, class_activation_map, grad_cam, gradcat, patch_embed_pca
 from vitkit.interpret.geometry import attention_to_image, mean_attention_distance_image
-from vitkit.interpret.similarity import attention_similarity_matrix
+from vitkit.interpret.similarity import attention_similarity_matrix, saturation_layer
 
 METHODS = ("attention", "rollout", "cam", "gradcat", "distance", "posembed", "similarity")
 
@@ -134,6 +135,8 @@ def explain(
         elif method == "similarity":
             sim = attention_similarity_matrix([r.probs for r in records])  # (heads, L, L)
             save("matrix", sim)
+            column = attention_similarity_matrix([r.probs for r in records], axis="column")  # DeepViT's definition
+            save("matrix_column", column)
             fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
             im = axes[0].imshow(sim.nanmean(0).numpy(), vmin=0, vmax=1, cmap="viridis")
             axes[0].set_xlabel("layer")
@@ -143,9 +146,15 @@ def explain(
             steps = torch.arange(1, sim.shape[1])
             for h in range(sim.shape[0]):
                 axes[1].plot(steps.numpy(), sim[h, steps - 1, steps].numpy(), marker=".", lw=1, label=f"head {h}")
+            adjacent = column.nanmean(0)[steps - 1, steps]
+            axes[1].plot(steps.numpy(), adjacent.numpy(), "k--", lw=1.5, label="columns (DeepViT), mean")
+            sat = saturation_layer(adjacent, 0.9)
+            if sat is not None:  # from this layer on, every layer's columns are >= 0.9 alike its predecessor's
+                axes[1].axvline(int(steps[sat]), color="k", ls=":", lw=1)
             axes[1].set_xlabel("layer l")
             axes[1].set_ylabel("similarity to layer l-1")
-            axes[1].set_ylim(0, 1.02)
+            low = min(0.0, float(sim.nan_to_num(1).min()), float(adjacent.nan_to_num(1).min()))
+            axes[1].set_ylim(low, 1.02)
             if sim.shape[0] <= 12:
                 axes[1].legend(fontsize=6)
         elif method == "rollout":
