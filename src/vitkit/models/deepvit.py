@@ -28,9 +28,13 @@ identity at init) and re-attends the softmax of the result
 (:class:`~vitkit.layers.re_attention.LessReAttention`). Their N x N maps fix the token count, so such a model
 takes one input size (``img_size``).
 
-Paper numbers (DeepViT Table; quoted in surveys): DeepViT-S 27M params, 6.2 GMACs, 82.3% top-1; DeepViT-L 55M,
-12.5 GMACs, 83.1%. The official code's DeepViT-L arguments (width 420, 32 blocks) give 58.9M parameters, not 55M:
-vitkit follows the code (see ``tests/test_deepvit.py``). timm has no DeepViT; no pretrained weights are registered.
+Paper numbers (DeepViT's comparison table, as quoted in a survey; the paper itself was not available to us):
+DeepViT-S 27M params, 6.2 GMACs, 82.3% top-1; DeepViT-L 55M, 12.5 GMACs, 83.1%. vitkit's counts at 224 px:
+deepvit_s 27.31M and 6.36 GMACs (the table's 27M within its two digits); deepvit_l, with the official code's
+arguments (width 420, 32 blocks), 58.88M and 13.15 GMACs, 7% above the table. Width 408 would give 55.64M and
+12.48 GMACs, close to the table; which width the paper's DeepViT-L has could not be checked, so vitkit keeps the
+code's 420 (``create_model("deepvit_l", embed_dim=408)`` builds the other). timm has no DeepViT; no pretrained
+weights are registered.
 
 Attention paths: plain blocks keep ViT's fused/eager attention; re-attention and less-attention blocks are eager
 only (the mix needs the probabilities). Every block's map (after the mix and norm) is captured by
