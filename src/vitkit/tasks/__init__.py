@@ -16,6 +16,7 @@ from vitkit.models import get_model_entry
 from vitkit.tasks.base import EvalContext, Task
 from vitkit.tasks.classification import ClassificationTask
 from vitkit.tasks.detection.task import DetectionTask
+from vitkit.tasks.generation import GanTask
 from vitkit.tasks.masked_patch import MaskedPatchTask
 from vitkit.tasks.segmentation import SegmentationTask
 
@@ -34,6 +35,7 @@ register_task(ClassificationTask)
 register_task(SegmentationTask)
 register_task(DetectionTask)
 register_task(MaskedPatchTask)
+register_task(GanTask)
 
 
 def task_class(name: str) -> type[Task]:
@@ -83,6 +85,7 @@ __all__ = [
     "ClassificationTask",
     "DetectionTask",
     "EvalContext",
+    "GanTask",
     "MaskedPatchTask",
     "SegmentationTask",
     "Task",
