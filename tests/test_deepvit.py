@@ -245,7 +245,8 @@ def test_collapse_of_uniform_attention_is_total_and_of_a_deepvit_is_a_proper_mat
 
 
 def test_collapse_compares_only_same_shape_maps_across_stages():
-    model = vitkit.create_model("lavit_tiny", img_size=64, num_classes=3)
+    narrow = dict(embed_dims=(16, 32, 32, 32), num_heads=(1, 2, 2, 2), mlp_ratios=(2, 2, 2, 2))
+    model = vitkit.create_model("lavit_tiny", img_size=64, num_classes=3, **narrow)
     res = attention_collapse(model, torch.randn(2, 3, 64, 64), axis="row")
     assert len(res.layers) == 8
     m = res.matrix.nanmean(0)
