@@ -94,7 +94,8 @@ def window_reverse(windows: torch.Tensor, window: tuple[int, int], grid: tuple[i
 class WindowAttention(nn.Module):
     """Multi-head attention inside each window, with a relative position bias (timm's parameter layout).
 
-    ``forward(x, mask, keep_scores)`` on windows ``[B * nW, N, C]``; ``mask`` is ``[nW, N, N]`` (or None). With
+    ``forward(x, mask, keep_scores)`` on windows ``[B * nW, N, C]``; ``mask`` broadcasts to ``[B * nW, heads, N, N]``
+    (or is None). With
     ``keep_scores`` the eager path runs and the unmasked scores ``QK^T / sqrt(d) + B`` come back too (for
     less-attention layers); otherwise the fused path runs when selected (see :mod:`vitkit.layers.attention`).
     """
@@ -132,8 +133,6 @@ class WindowAttention(nn.Module):
         Bw, N, C = x.shape
         q, k, v = self.qkv(x).reshape(Bw, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         bias = self.rel_pos_bias()[None]  # (1, heads, N, N)
-        if mask is not None:  # windows are batch-major: window w of image b is row b * nW + w
-            mask = mask[None, :, None].expand(Bw // mask.shape[0], -1, -1, -1, -1).reshape(Bw, 1, N, N)
         scores = None
         if self.use_fused() and not keep_scores:
             attn_mask = bias if mask is None else bias + mask
@@ -178,13 +177,12 @@ class SwinBlock(nn.Module):
             y = torch.roll(y, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
         y = F.pad(y, (0, 0, 0, self.padded[1] - W, 0, self.padded[0] - H))  # timm pads after the shift
         windows = window_partition(y, self.window).reshape(-1, self.window[0] * self.window[1], C)  # (B * nW, N, C)
+        # windows are batch-major (window w of image b is row b * nW + w): the mask repeats per image
+        mask = None if self.attn_mask is None else self.attn_mask.repeat(B, 1, 1)[:, None]  # (B * nW, 1, N, N)
         if self.less:
-            mask = self.attn_mask
-            if mask is not None:
-                mask = mask.repeat(B, 1, 1)[:, None]  # (B * nW, 1, N, N)
             windows, scores, probs = self.attn(windows, self.window, prev, mask)
         else:
-            windows, scores = self.attn(windows, self.attn_mask, self.keep_scores)
+            windows, scores = self.attn(windows, mask, self.keep_scores)
             probs = None
         y = window_reverse(windows.reshape(-1, *self.window, C), self.window, self.padded)[:, :H, :W]
         if any(self.shift):
