@@ -11,6 +11,7 @@ from vitkit.models import (
     resolve_data_config,
     save_state_dict,
 )
+from vitkit.routes import optimize
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "list_families",
     "list_models",
     "load_checkpoint",
+    "optimize",
     "register_model",
     "resolve_data_config",
     "save_state_dict",

@@ -141,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from vitkit.train import evaluate, load_run
 
-    run = load_run(args.run, args.which, ema=args.ema)
+    run = load_run(args.run, args.which, ema=args.ema, compile=args.compile)
     if args.dataset:
         run.cfg.set("data.dataset", args.dataset)
     if args.data_root:
@@ -172,7 +172,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from vitkit.train import load_run, predict
 
-    run = load_run(args.run, args.which, ema=args.ema)
+    run = load_run(args.run, args.which, ema=args.ema, compile=args.compile)
     options = {"classification": {"topk": args.topk}, "detection": {"score": args.score}}.get(run.task.name, {})
     results = predict(run, args.images, **options)
     failed = [r for r in results if "error" in r]
@@ -450,6 +450,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--probe-split", default=None, help="the K-shot images' split (default: the run's train split)")
     p.add_argument("--probe-seeds", type=int, default=3, help="draws of the K-shot images, averaged (default 3)")
     p.add_argument("--probe-l2", type=float, default=2.0**10, help="least-squares regularisation (default 2**10)")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (checked against eager first: vitkit.optimize)"
+    )
     p.set_defaults(func=cmd_eval)
 
 
@@ -463,6 +466,9 @@ def _add_predict(sub) -> None:
     p.add_argument("--which", default="best", choices=["best", "last"])
     p.add_argument("--ema", action="store_true")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (checked against eager first: vitkit.optimize)"
+    )
     p.set_defaults(func=cmd_predict)
 
 

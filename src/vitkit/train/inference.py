@@ -30,8 +30,12 @@ class LoadedRun:
     run_dir: Path
 
 
-def load_run(path: str | Path, which: str = "best", ema: bool = False) -> LoadedRun:
-    """A run's model with its ``which`` checkpoint's weights (``ema=True``: the EMA weights), in eval mode."""
+def load_run(path: str | Path, which: str = "best", ema: bool = False, compile: bool = False) -> LoadedRun:
+    """A run's model with its ``which`` checkpoint's weights (``ema=True``: the EMA weights), in eval mode.
+
+    ``compile``: the model through :func:`vitkit.optimize` (``torch.compile`` with freezing, checked against eager
+    on an input of the run's data config before it is used; an error if it differs).
+    """
     run_dir, ckpt = locate(path, which)
     cfg = read_run_config(run_dir, ckpt)
     task = build_task(cfg)
@@ -40,7 +44,13 @@ def load_run(path: str | Path, which: str = "best", ema: bool = False) -> Loaded
     if not weights.is_file():
         raise FileNotFoundError(f"{str(weights)!r} not found" + (" (the run kept no EMA weights)" if ema else ""))
     load_state_dict_into(model, read_state_dict(weights))
-    return LoadedRun(model.eval(), task, cfg, task.data_config(model), weights, run_dir)
+    data_config = task.data_config(model)
+    if compile:
+        from vitkit.routes import optimize
+
+        example = torch.randn(2, *data_config["input_size"], generator=torch.Generator().manual_seed(0))
+        model = optimize(model, example, route="compile")
+    return LoadedRun(model.eval(), task, cfg, data_config, weights, run_dir)
 
 
 def image_files(paths: list[str]) -> list[Path]:

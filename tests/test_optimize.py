@@ -1,0 +1,101 @@
+"""vitkit.optimize: the compile-first inference route, verified against eager; graph breaks and dynamic-batch export.
+
+The compiler's own runs (Inductor compiles for tens of seconds a model on 2 cores) are in the slow run; the default
+run checks the verification logic and, for two families, that Dynamo captures the whole forward in one graph.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vitkit
+import vitkit.routes as opt
+from conftest import ONE_PER_FAMILY, input_size_for, slow_except, small_model
+
+
+def _model_and_input(name: str, batch: int = 2):
+    torch.manual_seed(0)
+    return small_model(name, num_classes=5).eval(), torch.randn(batch, *input_size_for(name))
+
+
+@pytest.mark.parametrize("name", slow_except(ONE_PER_FAMILY, {"halonet26t"}))
+def test_every_family_compiles_in_one_graph(name):
+    """``fullgraph=True`` makes any graph break an error; the eager backend keeps this to Dynamo's capture."""
+    model, x = _model_and_input(name)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ONE_PER_FAMILY)
+def test_every_family_exports_with_a_dynamic_batch(name):
+    model, x = _model_and_input(name)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    x3 = torch.randn(3, *x.shape[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x3), model(x3), rtol=1e-4, atol=1e-5)
+
+
+def test_a_compiled_form_that_differs_from_eager_is_never_returned(monkeypatch):
+    """Verification, not trust: a compiled function whose output is off by 1e-3 (relative) is refused: 'auto'
+    keeps eager and says why, 'compile' raises."""
+    model, x = _model_and_input("vit_tiny_patch16_224")
+    monkeypatch.setattr(opt, "compile_frozen", lambda m: lambda inp: m(inp) * (1 + 1e-3))
+    out = vitkit.optimize(model, x, route="auto")
+    assert out.report.route == "eager" and "differs from eager" in out.report.note
+    assert out.fn is model
+    with pytest.raises(ValueError, match="differs from eager by 0.001"):
+        vitkit.optimize(model, x, route="compile")
+    # within the tolerance it is taken (route 'compile' skips nothing but the speed comparison's choice)
+    monkeypatch.setattr(opt, "compile_frozen", lambda m: lambda inp: m(inp) * (1 + 1e-6))
+    out = vitkit.optimize(model, x, route="compile")
+    assert out.report.route == "compile" and 0 < out.report.max_rel_err < 1e-4
+    assert out.report.eager_ms > 0 and out.report.optimized_ms > 0
+
+
+def test_bad_arguments_are_named():
+    model, x = _model_and_input("vit_tiny_patch16_224")
+    with pytest.raises(ValueError, match="route must be one of"):
+        vitkit.optimize(model, x, route="fast")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        vitkit.optimize(model, x, dtype="fp16")
+    with pytest.raises(ValueError, match="route='int8' takes fp32"):
+        vitkit.optimize(model, x, dtype="bf16", route="int8")
+
+
+def test_the_wrapper_keeps_the_model_contract():
+    model, x = _model_and_input("nest_tiny")
+    out = vitkit.optimize(model, x, route="eager")
+    assert out.pretrained_cfg == model.pretrained_cfg and out.num_classes == 5
+    with torch.no_grad():
+        assert torch.equal(out(x), model(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "halonet26t"])
+def test_compiled_model_matches_eager_at_other_batch_sizes(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model, x = _model_and_input(name)
+    out = vitkit.optimize(model, x, route="compile")
+    assert out.report.route == "compile" and out.report.max_rel_err < 1e-4 and out.report.compile_s > 0
+    x5 = torch.randn(5, *x.shape[1:])
+    with torch.no_grad():
+        ref = model(x5)
+    assert opt.rel_err(out(x5), ref) < 1e-4
+    assert any((tmp_path / "inductor").iterdir())  # the compile cache is written where it was asked to be
+
+
+@pytest.mark.slow
+def test_int8_route_runs_in_onnxruntime_and_reports_its_error():
+    pytest.importorskip("onnxruntime", reason="int8 needs the export extra (onnxruntime)")
+    model, x = _model_and_input("vit_tiny_patch16_224")
+    calib = [torch.randn(4, *x.shape[1:]) for _ in range(4)]
+    out = vitkit.optimize(model, x, route="int8", calibration=calib)
+    assert out.report.route == "int8" and out.report.max_rel_err is not None
+    y = out(torch.randn(3, *x.shape[1:]))
+    assert y.shape == (3, 5) and torch.isfinite(y).all()
