@@ -99,3 +99,13 @@ def test_int8_route_runs_in_onnxruntime_and_reports_its_error():
     assert out.report.route == "int8" and out.report.max_rel_err is not None
     y = out(torch.randn(3, *x.shape[1:]))
     assert y.shape == (3, 5) and torch.isfinite(y).all()
+
+
+@pytest.mark.slow
+def test_bench_reports_eager_and_compiled_side_by_side(tmp_path, monkeypatch):
+    from vitkit.bench.speed import bench_model
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    row = bench_model("vit_tiny_patch16_224", img_size=32, batch=2, compile=True, repeats=2, memory=False,
+                      patch_size=8, depth=2)  # fmt: skip
+    assert row.compiled and row.compile_s > 0 and row.eager_img_per_s > 0 and row.img_per_s > 0

@@ -256,6 +256,8 @@ _BENCH_COLS = [
     ("peak_mem_mb", 11),
     ("mfu", 6),
     ("train_img_per_s", 9),
+    ("eager_img_per_s", 9),  # --compile: eager and compiled side by side
+    ("compile_s", 9),
 ]
 
 

@@ -83,10 +83,11 @@ def compile_cache_dir() -> Path:
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
-def compile_frozen(model: nn.Module) -> nn.Module:
-    """``torch.compile`` for inference: Inductor with freezing, a dynamic batch after the first new shape."""
+def compile_frozen(model: nn.Module, dynamic: bool | None = None) -> nn.Module:
+    """``torch.compile`` for inference: Inductor with freezing; ``dynamic`` as torch.compile takes it (None: a
+    dynamic batch after the first new shape; False: one specialised program per shape, for benchmarks)."""
     compile_cache_dir()
-    return torch.compile(model, options={"freezing": True})
+    return torch.compile(model, dynamic=dynamic, options={"freezing": True})
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
