@@ -207,6 +207,8 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
+    """Patch merging (stages after the first), then blocks alternating unshifted and shifted windows."""
+
     def __init__(self, in_dim, dim, grid, depth, num_heads, window, num_va, mlp_ratio, qkv_bias, drop, dpr, la_kwargs):
         super().__init__()
         self.downsample = PatchMerging(in_dim, dim) if in_dim != dim else nn.Identity()
@@ -224,7 +226,7 @@ class SwinStage(nn.Module):
                 dpr[j],
                 j >= num_va,
                 la_kwargs,
-            )  # fmt: skip
+            )
             for j in range(depth)
         )
         self.source = []  # for each LA block, the block whose scores it transforms: the latest one with its shift
