@@ -16,7 +16,7 @@ For each: held-out top-1, and the cross-layer attention similarity (:func:`vitki
 DeepViT's column definition, as is and centred, and the row definition) on 500 held-out digits, at initialisation
 and trained. Trained weights go to runs/attention_collapse/ (not committed).
 
-    OMP_NUM_THREADS=1 python benchmarks/attention_collapse/run.py            # writes results.json + collapse.png
+    OMP_NUM_THREADS=1 python benchmarks/attention_collapse/run.py   # 800 steps x 32: results.json, 2 PNGs; ~11 CPU-min
     OMP_NUM_THREADS=1 python benchmarks/attention_collapse/run.py --steps 3 --out /tmp/collapse   # smoke
 """
 
@@ -121,8 +121,8 @@ def train(label: str, data, steps: int, batch: int, seed: int, probe, save: Path
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(HERE.parents[2] / "shared" / "data" / "mnist"))
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--probe", type=int, default=500, help="held-out digits the similarity is measured on")
     ap.add_argument("--models", default=",".join(MODELS))
