@@ -111,7 +111,7 @@ def table(results: dict) -> str:
     runs = results.get("pos_embed", {}).get("runs", [])
     seeds = sorted({r.get("seed", 0) for r in runs})
     head = "| pos_embed | pos_embed_every_layer | params | " + " | ".join(f"top-1 seed {s}" for s in seeds)
-    lines = [head + " | mean |", "|---" * (4 + len(seeds)) + "|"]
+    lines = [head + " | mean | min-max |", "|---" * (5 + len(seeds)) + "|"]
     for pe, every in VARIANTS:
         rs = {r.get("seed", 0): r for r in runs if (r["pos_embed"], r["pos_embed_every_layer"]) == (pe, every)}
         if not rs:
@@ -119,7 +119,8 @@ def table(results: dict) -> str:
         cells = [f"{rs[s]['top1']:.4f}" if s in rs else "-" for s in seeds]
         mean = sum(r["top1"] for r in rs.values()) / len(rs)
         params = next(iter(rs.values()))["params"]
-        lines.append(f"| {pe} | {every} | {params:,} | " + " | ".join(cells) + f" | {mean:.4f} |")
+        spread = max(r["top1"] for r in rs.values()) - min(r["top1"] for r in rs.values())
+        lines.append(f"| {pe} | {every} | {params:,} | " + " | ".join(cells) + f" | {mean:.4f} | {spread:.4f} |")
     cost_rows = results.get("axial_cost", {}).get("models", [])
     if cost_rows:
         lines += ["", "| model | params | GMACs | img/s (batch 8) |", "|---|---|---|---|"]

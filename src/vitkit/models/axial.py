@@ -6,7 +6,8 @@ attention"; Ho et al., "Axial Attention in Multidimensional Transformers" (arXiv
 Layout reference for Axial-ResNet: ``csrhddlam/axial-deeplab`` ``lib/models/axialnet.py`` (read for the layout;
 parameter names here are vitkit's, so its checkpoints do not load unchanged).
 
-* **Axial-ViT** (``axial_vit_base_patch16_224``, ``axial_vit_base_patch32_224``, ``axial_vit_tiny_patch16_224``):
+* **Axial-ViT** (``axial_vit_base_patch16_224``, ``axial_vit_base_patch32_224``; ``axial_vit_tiny_patch16_224``, ours:
+  ViT-Ti's width with 6 axial blocks, i.e. ViT-Ti's 12 Transformer blocks and parameter count):
   ViT with each Transformer block replaced by an axial block: row self-attention + MLP, then column
   self-attention + MLP (two pre-norm ViT blocks, the first over each row of the patch grid, the second over each
   column). Ours, where the paper is not specific: no class token (a row or column attention has no place for
@@ -317,9 +318,11 @@ class AxialResNet(ConvStagesModel):
 
 
 # ---- variants ------------------------------------------------------------------------------------------------------
-# Axial-ViT: name: (patch, embed_dim, depth, heads)   [ViT-B (ARCHITECTURES.md §1.1); Ti for tests]
+# Axial-ViT: name: (patch, embed_dim, depth in axial blocks, heads)   [ViT-B (ARCHITECTURES.md §1.1), the paper's
+# Axial-ViT-B; Ti (ours, the small variant for tests): ViT-Ti's width and heads, 6 axial blocks = ViT-Ti's 12
+# Transformer blocks and about its parameter count (5.7M)]
 AXIAL_VIT_VARIANTS = {
-    "axial_vit_tiny_patch16_224": (16, 192, 12, 3),
+    "axial_vit_tiny_patch16_224": (16, 192, 6, 3),
     "axial_vit_base_patch16_224": (16, 768, 12, 12),
     "axial_vit_base_patch32_224": (32, 768, 12, 12),
 }
