@@ -14,7 +14,7 @@ from vitkit.interpret import attention_collapse, capture_attention, plot_attenti
 from vitkit.interpret.similarity import attention_similarity, attention_similarity_matrix, saturation_layer
 from vitkit.layers import Attention
 from vitkit.layers.re_attention import LessReAttention, ReAttention
-from vitkit.models.deepvit import DeepViT
+from vitkit.models.deepvit import ConvStemEmbed, DeepViT
 from vitkit.models.vit import VisionTransformer
 
 DIM, HEADS, N = 24, 4, 7
@@ -153,10 +153,25 @@ def test_scale_adjustment_scales_the_residual_branches():
         torch.testing.assert_close(half(x), one(x), rtol=1e-4, atol=1e-5)
 
 
-def _expected_params(d, depth, heads, n_re, n_less=0, mlp=3, patch=16, tokens=197, classes=1000, stem=64):
+def test_conv_stem_is_equivariant_to_shifts_by_a_patch():
+    torch.manual_seed(0)
+    stem = ConvStemEmbed(img_size=64, patch_size=8, embed_dim=DIM).eval()
+    assert stem.reduction == (8, 8) and stem.num_patches == 64
+    x = torch.randn(1, 3, 64, 64)
+    shifted = torch.roll(x, shifts=(8, 8), dims=(2, 3))  # one patch down and right
+    with torch.no_grad():
+        a, b = (stem(t).reshape(1, 8, 8, DIM) for t in (x, shifted))
+    # away from the borders (the 7x7 conv's padding reaches 3 px in), token (i, j) moves to (i + 1, j + 1)
+    torch.testing.assert_close(b[:, 2:7, 2:7], a[:, 1:6, 1:6], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="patch_size must be even"):
+        ConvStemEmbed(patch_size=7)
+
+
+def _expected_params(d, depth, heads, n_re, n_less=0, mlp=3, patch=16, tokens=197, classes=1000, conv=True):
     """Closed form, written from the architecture (not from the modules)."""
-    conv_stem = 3 * stem * 49 + 2 * stem + stem * stem * 9 + 2 * stem + stem * d * (patch // 2) ** 2 + d
-    embed = conv_stem + d + tokens * d  # + class token, position embedding
+    w = 64  # the conv stem's width
+    conv_stem = 3 * w * 49 + 2 * w + w * w * 9 + 2 * w + w * d * (patch // 2) ** 2 + d
+    embed = (conv_stem if conv else 3 * patch * patch * d + d) + d + tokens * d  # + class token, position embedding
     block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (2 * mlp * d * d + mlp * d + d)
     mix = heads * heads + heads + 2 * heads  # Theta, its bias, BatchNorm affine
     less = -(2 * d * d + 2 * d) + 2 * tokens * tokens + 2 * tokens  # no q/k; LaViT's Theta, Psi and biases
@@ -165,11 +180,12 @@ def _expected_params(d, depth, heads, n_re, n_less=0, mlp=3, patch=16, tokens=19
 
 def test_parameter_counts():
     with torch.device("meta"):
-        models = {n: vitkit.create_model(n) for n in ("deepvit_s", "deepvit_l", "deepvit_s_lavit")}
+        models = {n: vitkit.create_model(n) for n in ("deepvit_s", "deepvit_l", "deepvit_s_lavit", "deepvit_tiny")}
     counts = {n: count_params(m) for n, m in models.items()}
     assert counts["deepvit_s"] == _expected_params(396, 16, 12, 5)
     assert counts["deepvit_l"] == _expected_params(420, 32, 12, 12)
     assert counts["deepvit_s_lavit"] == _expected_params(396, 16, 12, 5, n_less=4)
+    assert counts["deepvit_tiny"] == _expected_params(192, 12, 6, 4, conv=False)
     # the paper's table: DeepViT-S 27M (2 digits: within rounding); DeepViT-L 55M, where the official code's
     # width 420 gives 58.9M (documented in deepvit.py)
     assert abs(counts["deepvit_s"] - 27e6) < 0.5e6

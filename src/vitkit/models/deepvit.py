@@ -14,8 +14,8 @@ deepvit_s   16     396    12     3          last 5 (11 plain)     maps x head_di
 deepvit_l   32     420    12     3          last 12 (20 plain)
 ==========  =====  =====  =====  =========  ====================  ===================================
 
-``deepvit_tiny`` (ours, not the paper's: ViT-Ti's width and depth with 6 heads, re-attention in the last 4 of 12
-blocks, 5.5M parameters) is the family's small model for tests and quick runs.
+``deepvit_tiny`` (ours, not the paper's: ViT-Ti's width, depth and single-conv patch embedding with 6 heads,
+re-attention in the last 4 of 12 blocks, 5.5M parameters) is the family's small model for tests and quick runs.
 
 Both use the official code's 3-conv patch embedding (T2T-style: 7x7/2 conv + BN + ReLU, 3x3 conv + BN + ReLU,
 then a (p/2)x(p/2) projection), BatchNorm as the re-attention norm, and ``scale_adjustment = 0.5``: every residual
@@ -218,8 +218,8 @@ class DeepViT(VisionTransformer):
 
 # ---- variants [official code's deepvit_S / deepvit_L; see the module docstring] -------------------------------
 _VARIANTS = {
-    # ours, for tests and small runs: ViT-Ti's width and depth, 6 heads, re-attention in the last third
-    "deepvit_tiny": dict(embed_dim=192, depth=12, num_heads=6, num_reattn=4),
+    # ours, for tests and small runs: ViT-Ti's width, depth and patch embedding, 6 heads, re-attention in the last third
+    "deepvit_tiny": dict(embed_dim=192, depth=12, num_heads=6, num_reattn=4, conv_stem=False),
     "deepvit_s": dict(embed_dim=396, depth=16, num_heads=12, num_reattn=5, reattn_scale=True),
     "deepvit_l": dict(embed_dim=420, depth=32, num_heads=12, num_reattn=12),
     # ours: DeepViT-S whose re-attention blocks after the first are less-attention blocks (LaViT on re-attention)
