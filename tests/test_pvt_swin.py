@@ -19,6 +19,8 @@ import torch
 import vitkit
 from conftest import load_golden, rel_err
 from vitkit.bench import count_macs
+from vitkit.interpret import capture_attention
+from vitkit.interpret.geometry import ImageQuery
 from vitkit.layers.attention import use_fused_attn
 from vitkit.layers.less_attention import LessAttention, VanillaAttention
 from vitkit.models._checkpoint import load_state_dict_into
@@ -109,10 +111,11 @@ def test_shift_mask_blocks_exactly_the_cross_window_pairs(grid, window, shift):
     assert (mask != 0).any()  # the last window row/column mixes sub-windows
 
 
-def _plain_block_reference(blk: SwinBlock, x: torch.Tensor) -> torch.Tensor:
-    """The block as plain attention over every token of the map, restricted by a mask to the pairs that share a
-    window of the (shifted) partition of the original map, with the bias looked up from each pair's offset."""
-    B, H, W, C = x.shape
+def _plain_probs(blk: SwinBlock, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over every token of the map ``y`` (B, H, W, C), restricted by a mask to the pairs that share a
+    window of the (shifted) partition of the original map, with the bias looked up from each pair's offset.
+    Returns the probabilities (B, heads, HW, HW) and the values (B, heads, HW, d)."""
+    B, H, W, C = y.shape
     attn: WindowAttention = blk.attn
     heads, d = attn.num_heads, attn.head_dim
     (wh, ww), (sh, sw) = blk.window, blk.shift
@@ -122,12 +125,16 @@ def _plain_block_reference(blk: SwinBlock, x: torch.Tensor) -> torch.Tensor:
     allowed = win[:, None] == win[None, :]
     table_row = (ys[:, None] - ys[None, :] + wh - 1) * (2 * ww - 1) + (xs[:, None] - xs[None, :] + ww - 1)
     bias = attn.relative_position_bias_table[table_row.clamp(0, attn.relative_position_bias_table.shape[0] - 1)]
-    y = blk.norm1(x).reshape(B, H * W, C)
-    q, k, v = attn.qkv(y).reshape(B, H * W, 3, heads, d).permute(2, 0, 3, 1, 4)
+    q, k, v = attn.qkv(y.reshape(B, H * W, C)).reshape(B, H * W, 3, heads, d).permute(2, 0, 3, 1, 4)
     logits = q @ k.transpose(-2, -1) * d**-0.5 + bias.permute(2, 0, 1)
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    out = attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(B, H * W, C)).reshape(B, H, W, C)
-    x = x + out
+    return logits.masked_fill(~allowed, float("-inf")).softmax(-1), v
+
+
+def _plain_block_reference(blk: SwinBlock, x: torch.Tensor) -> torch.Tensor:
+    """The whole block with :func:`_plain_probs` as its attention."""
+    B, H, W, C = x.shape
+    probs, v = _plain_probs(blk, blk.norm1(x))
+    x = x + blk.attn.proj((probs @ v).transpose(1, 2).reshape(B, H * W, C)).reshape(B, H, W, C)
     return x + blk.mlp(blk.norm2(x))
 
 
@@ -143,6 +150,21 @@ def test_window_attention_block_equals_plain_attention_restricted_to_each_window
         ours, _, _ = blk(x)
         ref = _plain_block_reference(blk, x)
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_attention_geometry_places_each_window_row_where_its_keys_are_in_the_image():
+    """What ``vitkit explain`` paints: the query token's attention over the stage's token grid, which must be the
+    row of the plain whole-map reference (zeros outside the query's shifted window)."""
+    torch.manual_seed(0)
+    blk = SwinBlock(32, 4, (8, 12), (4, 4), (2, 2), 2.0, True, 0.0, 0.0, False, {}).eval()
+    x = torch.randn(2, 8, 12, 32)
+    with torch.no_grad(), capture_attention(blk) as records:
+        blk(x)
+        ref, _ = _plain_probs(blk, blk.norm1(x))
+    (record,) = records
+    for ty, tx in [(0, 0), (7, 11), (1, 10), (6, 1), (3, 5)]:  # token cells; 4 x 4 pixels each on a 32 x 48 image
+        cells = blk.attn.attention_geometry(record, ImageQuery((ty * 4 + 1, tx * 4 + 2), (32, 48)))
+        torch.testing.assert_close(cells, ref[:, :, ty * 12 + tx].reshape(2, 4, 8, 12), atol=1e-6, rtol=1e-5)
 
 
 def test_a_map_no_larger_than_the_window_is_one_unshifted_window():

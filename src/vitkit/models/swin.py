@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,10 @@ from vitkit.layers.attention import Attention
 from vitkit.layers.less_attention import LessAttention, dp_loss
 from vitkit.models._base import ConvStagesModel, FeatureInfo, ModelArgError, VitkitModel, check_img_size
 from vitkit.models._registry import PretrainedCfg, default_cfg, register_variant
+
+if TYPE_CHECKING:  # the interpret side of attention_geometry (type only)
+    from vitkit.interpret import AttentionRecord
+    from vitkit.interpret.geometry import ImageQuery
 
 MASK_VALUE = -100.0  # what timm adds to blocked pairs (the original code's value; exp(-100) underflows to ~0)
 
@@ -91,6 +96,29 @@ def window_reverse(windows: torch.Tensor, window: tuple[int, int], grid: tuple[i
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
 
 
+def window_attention_geometry(module: nn.Module, record: AttentionRecord, query: ImageQuery) -> torch.Tensor:
+    """(B * nW, heads, N, N) window attention as an ``attention_geometry`` (see :mod:`vitkit.interpret.geometry`):
+    the query token's row placed on the stage's token grid, zeros outside its (shifted) window. ``module.layout``
+    is the block's ``(grid, window, shift, padded grid)``; keys on padding fall outside the image and are dropped."""
+    (H, W), (wh, ww), (sh, sw), (Hp, Wp) = module.layout
+    qy, qx = query.cell((H, W))
+    sy, sx = (qy - sh) % H, (qx - sw) % W  # where the cyclic shift moved the query token
+    nw = (Hp // wh) * (Wp // ww)
+    p = record.probs.reshape(-1, nw, *record.probs.shape[1:])  # (B, nW, heads, N, N)
+    row = p[:, (sy // wh) * (Wp // ww) + sx // ww, :, (sy % wh) * ww + sx % ww, :]  # (B, heads, N)
+    cells = row.new_zeros(row.shape[0], row.shape[1], Hp, Wp)
+    y0, x0 = sy // wh * wh, sx // ww * ww
+    cells[:, :, y0 : y0 + wh, x0 : x0 + ww] = row.reshape(*row.shape[:2], wh, ww)
+    return torch.roll(cells[:, :, :H, :W], shifts=(sh, sw), dims=(2, 3))  # back to image positions
+
+
+class WindowLessAttention(LessAttention):
+    """:class:`~vitkit.layers.less_attention.LessAttention` on Swin windows: the same layer, with the window
+    geometry for attention maps (its probabilities are per window, like :class:`WindowAttention`'s)."""
+
+    attention_geometry = window_attention_geometry
+
+
 class WindowAttention(nn.Module):
     """Multi-head attention inside each window, with a relative position bias (timm's parameter layout).
 
@@ -121,6 +149,7 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     use_fused = Attention.use_fused
+    attention_geometry = window_attention_geometry
 
     def rel_pos_bias(self) -> torch.Tensor:
         """``[heads, N, N]``: the table row of each pair's offset."""
@@ -160,9 +189,10 @@ class SwinBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         n = self.window[0] * self.window[1]
         if less:
-            self.attn = LessAttention(dim, num_heads, n, n, qkv_bias=qkv_bias, proj_drop=drop, **la_kwargs)
+            self.attn = WindowLessAttention(dim, num_heads, n, n, qkv_bias=qkv_bias, proj_drop=drop, **la_kwargs)
         else:
             self.attn = WindowAttention(dim, num_heads, self.window, qkv_bias, proj_drop=drop)
+        self.attn.layout = (tuple(grid), self.window, self.shift, self.padded)  # for attention_geometry
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
