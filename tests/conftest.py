@@ -41,6 +41,15 @@ ONE_PER_FAMILY = [
 ESTABLISHED_FAMILIES = {"vit", "vit_hybrid", "nest", "lavit", "mobilevit", "halonet"}
 
 
+def _family(name: str) -> str:
+    return vitkit.get_model_entry(name).family
+
+
+# the representatives whose heavier per-family checks (export, float64, checkpointing, bad input) run in the default
+# run; the later families' representatives run them in the slow run, and their lighter contract tests by default
+HEAVY_DEFAULT = [n for n in ONE_PER_FAMILY if _family(n) in ESTABLISHED_FAMILIES]
+
+
 def slow_except(names, fast) -> list:
     """``names`` as test parameters, all but those in ``fast`` marked ``slow`` (the default run keeps a
     representative of each kind; ``make test-slow`` runs the rest)."""

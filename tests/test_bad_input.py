@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import vitkit
-from conftest import ONE_PER_FAMILY, input_size_for, small_model
+from conftest import HEAVY_DEFAULT, ONE_PER_FAMILY, input_size_for, slow_except, small_model
 
 
-@pytest.mark.parametrize("name", ONE_PER_FAMILY)
+@pytest.mark.parametrize("name", slow_except(ONE_PER_FAMILY, HEAVY_DEFAULT))
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
 def test_integer_pixels_are_refused_with_what_to_do(name, dtype):
     model = small_model(name).eval()
@@ -24,7 +24,7 @@ def test_integer_pixels_are_refused_with_what_to_do(name, dtype):
         assert "EvalTransform.from_data_config(model.data_config)" in msg
 
 
-@pytest.mark.parametrize("name", ONE_PER_FAMILY)
+@pytest.mark.parametrize("name", slow_except(ONE_PER_FAMILY, HEAVY_DEFAULT))
 def test_float64_input_needs_float64_weights(name):
     model = small_model(name).eval()
     x = torch.randn(1, *input_size_for(name), dtype=torch.float64)

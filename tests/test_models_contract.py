@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import vitkit
-from conftest import ESTABLISHED_FAMILIES, ONE_PER_FAMILY, input_size_for, slow_except, small_model
+from conftest import ESTABLISHED_FAMILIES, HEAVY_DEFAULT, ONE_PER_FAMILY, input_size_for, slow_except, small_model
 from vitkit.bench import count_params
 from vitkit.models import VitkitModel
 from vitkit.tasks import model_task
@@ -118,7 +118,7 @@ def test_features_only(name):
     assert all(p.grad is not None for p in backbone.parameters())
 
 
-@pytest.mark.parametrize("name", slow_except(RUNNABLE, ONE_PER_FAMILY))  # the generic writer: one model a family
+@pytest.mark.parametrize("name", slow_except(RUNNABLE, HEAVY_DEFAULT))  # the generic writer: one model a family
 def test_safetensors_round_trip(name, tmp_path):
     model = small_model(name).eval()
     path = vitkit.save_state_dict(model, tmp_path / "m.safetensors")
@@ -132,7 +132,7 @@ def test_safetensors_round_trip(name, tmp_path):
         assert torch.equal(model(x), loaded(x))
 
 
-@pytest.mark.parametrize("name", slow_except(RUNNABLE, ONE_PER_FAMILY))  # float64 forwards: one model a family
+@pytest.mark.parametrize("name", slow_except(RUNNABLE, HEAVY_DEFAULT))  # float64 forwards: one model a family
 def test_batch_independence(name):
     # float64: deep random-init networks (e.g. halonet_h5) amplify fp32 rounding differences between the batch-1
     # and batch-3 kernels far beyond any tolerance; in float64 a leak across the batch would still show
@@ -144,7 +144,7 @@ def test_batch_independence(name):
     torch.testing.assert_close(single, full[1:2], rtol=1e-7, atol=1e-7 * float(full.abs().max()))
 
 
-@pytest.mark.parametrize("name", slow_except(RUNNABLE, ONE_PER_FAMILY))  # ~3.5 s a model: the rest in the slow run
+@pytest.mark.parametrize("name", slow_except(RUNNABLE, HEAVY_DEFAULT))  # ~3.5 s a model: the rest in the slow run
 def test_torch_export(name):
     model = small_model(name).eval()
     x = _input(name)
@@ -259,7 +259,7 @@ def _train_step_record(model, x) -> tuple[Counter, Counter, list[torch.Tensor]]:
     return calls["forward"], calls["backward"], [p.grad for p in model.parameters()]
 
 
-@pytest.mark.parametrize("name", ONE_PER_FAMILY)
+@pytest.mark.parametrize("name", slow_except(ONE_PER_FAMILY, HEAVY_DEFAULT))
 def test_grad_checkpointing_recomputes_blocks_and_keeps_gradients(name):
     """Checkpointed blocks run again in backward (once per forward call), they hold most of the parameters, and
     the gradients are those of the plain step. Without checkpointing no module runs in backward."""
@@ -298,7 +298,7 @@ def _memory(name: str, x: torch.Tensor, checkpointing: bool) -> tuple[float, flo
     return kept, step
 
 
-@pytest.mark.parametrize("name", ONE_PER_FAMILY)
+@pytest.mark.parametrize("name", slow_except(ONE_PER_FAMILY, HEAVY_DEFAULT))
 def test_grad_checkpointing_lowers_peak_activation_memory(name):
     """The activations a forward pass keeps for backward shrink to under a third with checkpointing (exact
     accounting, any CPU: 0.07-0.27 of the plain model's), and the peak of a training step drops. The batch is
