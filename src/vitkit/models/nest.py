@@ -167,7 +167,27 @@ class NestLevel(nn.Module):
         return cells
 
 
-class Nest(VitkitModel):
+class NestLevelsMixin:
+    """What the classifier (:class:`Nest`) and the generator (:class:`vitkit.models.nest_gen.NestGenerator`) share
+    over their ``levels`` of :class:`NestLevel`: the initialisation, and the position embeddings kept out of weight
+    decay. Mixed into an ``nn.Module`` that sets ``self.levels``."""
+
+    levels: nn.Sequential
+
+    def _init_weights(self) -> None:
+        for level in self.levels:
+            nn.init.trunc_normal_(level.pos_embed, std=0.02, a=-2, b=2)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02, a=-2, b=2)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"levels.{i}.pos_embed" for i in range(len(self.levels))}
+
+
+class Nest(NestLevelsMixin, VitkitModel):
     """Nested Transformer: local Transformers on non-overlapping blocks, aggregated level by level."""
 
     def __init__(
@@ -246,18 +266,6 @@ class Nest(VitkitModel):
             dict(num_chs=embed_dims[i], reduction=patch_size * 2**i, module=f"levels.{i}") for i in range(num_levels)
         )
         self._init_weights()
-
-    def _init_weights(self) -> None:
-        for level in self.levels:
-            nn.init.trunc_normal_(level.pos_embed, std=0.02, a=-2, b=2)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(m.weight, std=0.02, a=-2, b=2)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"levels.{i}.pos_embed" for i in range(len(self.levels))}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable

@@ -33,7 +33,7 @@ from torch import nn
 from vitkit.layers import Attention, LayerNorm2d, drop_path_schedule
 from vitkit.models._base import check_img_size
 from vitkit.models._registry import INCEPTION_MEAN, INCEPTION_STD, default_cfg, register_variant
-from vitkit.models.nest import NestLevel, blockify, unblockify
+from vitkit.models.nest import NestLevel, NestLevelsMixin, blockify, unblockify
 
 
 def deaggregate_blocks(x: torch.Tensor, grid: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
@@ -70,7 +70,7 @@ class BlockDeaggregation(nn.Module):
         return self.norm(F.pixel_shuffle(self.conv(x), 2))  # (B, C', 2H, 2W)
 
 
-class NestGenerator(nn.Module):
+class NestGenerator(NestLevelsMixin, nn.Module):
     """NesT generator: noise -> top-level block -> local Transformer levels joined by block de-aggregation -> image."""
 
     def __init__(
@@ -121,18 +121,6 @@ class NestGenerator(nn.Module):
         self.norm = LayerNorm2d(embed_dims[-1], eps=1e-6)
         self.head = nn.Conv2d(embed_dims[-1], in_chans * patch_size**2, 1)  # per token: its p x p pixels
         self._init_weights()
-
-    def _init_weights(self) -> None:
-        for level in self.levels:
-            nn.init.trunc_normal_(level.pos_embed, std=0.02, a=-2, b=2)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(m.weight, std=0.02, a=-2, b=2)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"levels.{i}.pos_embed" for i in range(len(self.levels))}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for level in self.levels:
