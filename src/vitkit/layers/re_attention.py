@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from vitkit.layers.attention import attend, fused_attn
+from vitkit.layers.attention import Attention, attend
 from vitkit.layers.less_attention import LessAttention
 
 _NORMS = ("bn", "ln", "none")
@@ -106,12 +106,13 @@ class ReAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    use_fused = Attention.use_fused  # the module's fused_attn, else the process-wide switch
+
     def forward(self, x: torch.Tensor, carried: torch.Tensor | None = None):
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.reattn is None and not self.keep_scores:  # plain attention: fused or eager, as the switch says
-            fused = fused_attn() if self.fused_attn is None else self.fused_attn
-            out, scores = attend(q, k, v, self.scale, self.attn_drop, self.attn_probs, fused), None
+            out, scores = attend(q, k, v, self.scale, self.attn_drop, self.attn_probs, self.use_fused()), None
         else:
             scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
             out = reattend(scores, v, self.attn_drop, self.reattn, self.attn_probs)
