@@ -94,8 +94,9 @@ def test_bench_json_rows_have_the_contract_keys(capsys):
     assert len(rows) == 2 and all(keys <= set(r) for r in rows)
     assert [r["img_size"] for r in rows] == [32, 64] and rows[1]["gmacs"] > rows[0]["gmacs"] > 0
     r = rows[0]
+    # mfu is rounded to 4 decimals (a slow or loaded CPU gives ~0.002: the rounding alone is 3% of it)
     assert 0 < r["mfu"] < 1 and r["mfu"] == pytest.approx(
-        2 * r["gmacs"] * 1e9 * r["img_per_s"] / (r["peak_gflops"] * 1e9), rel=0.01
+        2 * r["gmacs"] * 1e9 * r["img_per_s"] / (r["peak_gflops"] * 1e9), rel=0.01, abs=5e-5
     )
 
 

@@ -145,9 +145,12 @@ def run_exported(path: str | os.PathLike, fmt: str, x: torch.Tensor):
 def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike, calibration) -> Path:
     """Static int8 quantization of an ONNX model with ONNX Runtime's quantizer (``onnxruntime.quantization``).
 
-    QDQ format, weights int8 per output channel, activations uint8 per tensor with ranges calibrated (MinMax) on
-    ``calibration``: an iterable of input batches (tensors). The graph is pre-processed (shape inference, ONNX
-    Runtime's optimizer) first, as ONNX Runtime's documentation advises. PyTorch's own PT2E flow
+    QDQ format, weights int8 per output channel, activations int8 per tensor with symmetric ranges calibrated
+    (MinMax) on ``calibration``: an iterable of input batches (tensors). Symmetric activations, because ONNX
+    Runtime's default (asymmetric uint8) cost MobileViT-XXS trained on MNIST digits 10 points of held-out top-1
+    (98.6% -> 88.7%; MinMax, percentile and entropy calibration alike) where symmetric int8 cost 0.2 (98.4%).
+    The graph is pre-processed (shape inference, ONNX Runtime's optimizer) first, as ONNX Runtime's documentation
+    advises. PyTorch's own PT2E flow
     (``torchao.quantization.pt2e`` with the x86 Inductor quantizer) was tried first and is not used: with torch
     2.13.0 and torchao 0.18.0 Inductor's freezing pass fails on ``onednn.qconv_prepack``
     (UnsupportedOperatorException), and without freezing the int8 program took 285 s to compile.
@@ -172,7 +175,8 @@ def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike, calibrati
     try:
         quantize_static(
             str(pre), str(dst), _Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
+            extra_options={"ActivationSymmetric": True},
         )  # fmt: skip
     finally:
         pre.unlink(missing_ok=True)

@@ -1,0 +1,104 @@
+"""int8 accuracy on real data: the MNIST recipes' models, fp32 vs vitkit's int8 route, on the held-out digits.
+
+    .venv/bin/python benchmarks/peers/int8_mnist.py            # -> int8_mnist.json (trains the runs it lacks)
+
+For each recipe (configs/mnist_vit.yaml, configs/mnist_mobilevit.yaml) a run is trained with a shortened schedule
+(``--epochs``; the recipe otherwise as it is) on the first 8,000 digits of ../shared/data/mnist, or reused if its
+folder holds a finished run. The int8 model is ``vitkit.optimize(model, route="int8")``: the ONNX export quantized by
+ONNX Runtime (static, QDQ, weights per channel), calibrated on ``--calib`` training digits through the eval
+transform. Both are evaluated with the same ``vitkit.train.evaluate`` on the 2,000 held-out digits; the target is
+int8 top-1 within 0.5 points of fp32. Speed at batch 8 on these small models is recorded too (interleaved rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+
+from vitkit.config import load_config
+from vitkit.data.loader import TransformView, collate_skip, eval_plan
+from vitkit.machine import cpu_line
+from vitkit.routes import compile_frozen, optimize
+from vitkit.train import Trainer, evaluate, load_run
+from vitkit.train.evaluate import batches
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+RECIPES = {"mnist_vit": 4, "mnist_mobilevit": 2}  # recipe -> epochs
+
+
+def train(recipe: str, epochs: int, args) -> Path:
+    run = args.work / recipe
+    if (run / "eval.json").is_file():
+        return run
+    sets = [f"data.root={args.mnist}", f"sched.epochs={epochs}", f"train.output={run}",
+            f"train.threads={args.threads}", "train.progress=false"]  # fmt: skip
+    Trainer(load_config(REPO / "configs" / f"{recipe}.yaml", sets)).fit()
+    return run
+
+
+def calibration(run, n: int, batch: int) -> list[torch.Tensor]:
+    data = run.task.dataset(run.cfg.data.train_split)
+    view = TransformView(Subset(data, range(n)), run.task.eval_transform(run.data_config), 0, joint=True)
+    return [
+        x
+        for x, _, _ in batches(
+            view, eval_plan(n, batch, tuple(run.data_config["input_size"][1:])), collate_skip, torch.device("cpu")
+        )
+    ]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mnist", type=Path, default=REPO.parent / "shared" / "data" / "mnist")
+    p.add_argument("--work", type=Path, default=REPO / "runs" / "peers-int8")
+    p.add_argument("--calib", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=15)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    out = {"cpu": cpu_line(), "command": "python benchmarks/peers/int8_mnist.py", "recipes": {}}
+    for recipe, epochs in RECIPES.items():
+        run = load_run(train(recipe, epochs, args), "best")
+        held_out = run.task.dataset(run.cfg.data.val_split)
+        calib = calibration(run, args.calib, 32)
+        t0 = time.perf_counter()
+        int8 = optimize(run.model, calib[0][:2], route="int8", calibration=calib)
+        quant_s = time.perf_counter() - t0
+        fp32 = evaluate(run.task, run.model, held_out, run.data_config, 250)["top1"]
+        q8 = evaluate(run.task, int8, held_out, run.data_config, 250)["top1"]
+        x = calib[0][:8]
+        compiled = compile_frozen(run.model, dynamic=False)
+        routes = {"fp32 eager": run.model, "fp32 compiled": compiled, "int8 onnxruntime": int8}
+        times = {k: [] for k in routes}
+        with torch.no_grad():
+            for fn in routes.values():
+                fn(x), fn(x)
+            for _ in range(args.rounds):
+                for k, fn in routes.items():
+                    t = time.perf_counter()
+                    fn(x)
+                    times[k].append(time.perf_counter() - t)
+        ms = {k: round(statistics.median(v) * 1e3, 3) for k, v in times.items()}
+        out["recipes"][recipe] = {
+            "model": run.cfg.model.name, "kwargs": run.cfg.model.kwargs, "img_size": run.cfg.model.img_size,
+            "epochs": epochs, "fp32_top1": fp32, "int8_top1": q8, "drop_points": round(100 * (fp32 - q8), 2),
+            "within_0.5_points": 100 * (fp32 - q8) <= 0.5, "calibration_images": args.calib,
+            "int8_output_rel_err": int8.report.max_rel_err, "quantize_s": round(quant_s, 1),
+            "batch8_ms": ms, "int8_speedup_vs_best_fp32": round(min(ms["fp32 eager"], ms["fp32 compiled"])
+                                                                / ms["int8 onnxruntime"], 2),
+        }  # fmt: skip
+        print(recipe, json.dumps(out["recipes"][recipe]), flush=True)
+    (HERE / "int8_mnist.json").write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

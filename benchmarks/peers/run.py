@@ -1,0 +1,190 @@
+"""vitkit against timm on the same CPU, the same weights and the same torch, in one process (issue 20).
+
+Run with the throwaway venv that has timm (it needs the CUDA build of torch, which runs on the CPU) and onnxruntime,
+importing vitkit from this checkout (vitkit is pure Python; nothing is installed into the project's venv):
+
+    python3 -m venv /tmp/timmvenv
+    /tmp/timmvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm onnxruntime==1.32.0 onnx onnxscript
+    PYTHONPATH=src /tmp/timmvenv/bin/python benchmarks/peers/run.py                       # -> results.json
+    PYTHONPATH=src /tmp/timmvenv/bin/python benchmarks/peers/run.py --models vit_small_patch16_224 --batches 8
+
+For each model: timm's model with random weights, its state_dict loaded into vitkit's model (vitkit's checkpoint
+converter; outputs compared, the parity is recorded), then, at each batch size, every route timed *interleaved*
+(one call of each route per round, the median over rounds), so load from other processes falls on all routes
+alike: timm eager, timm + ``torch.compile`` (Inductor, freezing, static shapes), ONNX Runtime on timm's ONNX export,
+vitkit eager, vitkit compiled (``vitkit.routes.compile_frozen``, the same options), ONNX Runtime on vitkit's export,
+and vitkit's int8 route (ONNX Runtime static quantization; speed only here, accuracy in ``int8_mnist.py``). Every
+route's output is checked against timm's eager output first (1e-4 relative; int8 reported, not checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+MODELS = [
+    "vit_small_patch16_224",
+    "vit_base_patch16_224",
+    "mobilevit_xs",
+    "halonet26t",
+    "halonet_h1",
+    "nest_tiny_jx",
+]
+
+
+def rel(a, b) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def build_routes(name: str, x: torch.Tensor, folder: Path, notes: dict) -> dict:
+    import timm
+
+    import vitkit
+    from vitkit.export import OnnxRunner, export_onnx, quantize_onnx_int8
+    from vitkit.routes import compile_frozen
+
+    torch.manual_seed(0)
+    ref_model = timm.create_model(name, pretrained=False).eval()
+    path = folder / f"{name}.pth"
+    torch.save(ref_model.state_dict(), path)
+    ours = vitkit.create_model(name, checkpoint_path=str(path)).eval()
+    routes = {"timm eager": ref_model, "vitkit eager": ours}
+    with torch.no_grad():
+        notes["parity_rel"] = rel(ours(x), ref_model(x))
+    for label, model in (("timm", ref_model), ("vitkit", ours)):
+        t0 = time.perf_counter()
+        try:
+            fn = compile_frozen(model, dynamic=False)  # one program per batch size, each timed
+            with torch.no_grad():
+                fn(x)
+            routes[f"{label} compile"] = fn
+            notes[f"{label} compile_s"] = round(time.perf_counter() - t0, 1)
+        except Exception as e:  # noqa: BLE001 - record why a route is missing
+            notes[f"{label} compile"] = f"{type(e).__name__}: {str(e)[:300]}"
+        try:
+            onnx = export_onnx(model, folder / f"{label}-{name}.onnx", tuple(x.shape[1:]))
+            routes[f"{label} onnxruntime"] = OnnxRunner(onnx)
+            if label == "vitkit":
+                calib = [torch.randn(4, *x.shape[1:]) for _ in range(8)]
+                q = quantize_onnx_int8(onnx, folder / f"{name}-int8.onnx", calib)
+                routes["vitkit int8 (onnxruntime)"] = OnnxRunner(q)
+        except Exception as e:  # noqa: BLE001
+            notes[f"{label} onnx"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return routes
+
+
+def measure(routes: dict, x: torch.Tensor, rounds: int, ref: torch.Tensor) -> dict:
+    out = {}
+    with torch.no_grad():
+        for label, fn in list(routes.items()):
+            y = fn(x)
+            err = rel(y if isinstance(y, torch.Tensor) else y[0], ref)
+            out[label] = {"rel_err": err}
+            if "int8" not in label and err > 1e-4:
+                out[label]["refused"] = f"output differs from timm eager by {err:.3g}"
+                routes.pop(label)
+            fn(x)  # warm-up at this shape (a compiled route may specialise here)
+        times = {label: [] for label in routes}
+        for _ in range(rounds):
+            for label, fn in routes.items():
+                t0 = time.perf_counter()
+                fn(x)
+                times[label].append(time.perf_counter() - t0)
+    for label, ts in times.items():
+        out[label]["ms"] = round(statistics.median(ts) * 1e3, 2)
+    return out
+
+
+ROUTES = ["timm eager", "timm compile", "timm onnxruntime", "vitkit eager", "vitkit compile", "vitkit onnxruntime",
+          "vitkit int8 (onnxruntime)"]  # fmt: skip
+
+
+def _best(ms: dict, *routes: str) -> float | None:
+    v = [ms[r] for r in routes if ms[r]]
+    return min(v) if v else None
+
+
+def markdown_tables(results: dict) -> str:
+    """Markdown tables from results.json: ms per route and the ratios the targets are stated in."""
+    head = " | ".join(f"{r} ms" for r in ROUTES)
+    lines = []
+    for t in results.values():
+        lines += [f"### {t['cpu']}", "", f"| model | batch | {head} | vitkit best / timm best (eager or compiled) "
+                  "| the same, ONNX Runtime included |", "|" + " --- |" * (len(ROUTES) + 4)]  # fmt: skip
+        for name, m in t["models"].items():
+            for b, row in m["batches"].items():
+                ms = {r: row.get(r, {}).get("ms") for r in ROUTES}
+                ours, theirs = _best(ms, "vitkit eager", "vitkit compile"), _best(ms, "timm eager", "timm compile")
+                ours_all = _best(ms, "vitkit eager", "vitkit compile", "vitkit onnxruntime")
+                theirs_all = _best(ms, "timm eager", "timm compile", "timm onnxruntime")
+                r1 = f"{theirs / ours:.2f}x" if ours and theirs else "-"
+                r2 = f"{theirs_all / ours_all:.2f}x" if ours_all and theirs_all else "-"
+                cells = [str(ms[r]) if ms[r] else row.get(r, {}).get("refused", "-") for r in ROUTES]
+                lines.append(f"| {name} | {b} | " + " | ".join(cells) + f" | {r1} | {r2} |")
+            for k, v in m["notes"].items():
+                if isinstance(v, str):
+                    lines.append(f"| {name} | note | {k}: {v[:200]} |" + " |" * (len(ROUTES) + 1))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=MODELS)
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(HERE / "results.json"))
+    p.add_argument("--table", action="store_true", help="print the tables of --out and exit")
+    args = p.parse_args()
+    if args.table:
+        print(markdown_tables(json.loads(Path(args.out).read_text())))
+        return 0
+    torch.set_num_threads(args.threads)
+    from vitkit.allocator import tune_allocator
+    from vitkit.machine import cpu_info, cpu_line
+
+    tune_allocator()
+    out_path = Path(args.out)
+    results = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    cpu = cpu_line()
+    key = cpu.split(" (")[0]  # one table per CPU kind: never overwrite one with another
+    table = results.setdefault(key, {"cpu": cpu, "cpu_info": cpu_info(), "torch": torch.__version__, "models": {}})
+    table.update(cpu=cpu, cpu_info=cpu_info())
+    for name in args.models:
+        notes: dict = {}
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                import timm
+
+                size = timm.get_pretrained_cfg(name).input_size  # each model at its own size (halonet26t: 256)
+                notes["input_size"] = list(size)
+                x = torch.randn(max(args.batches), *size)
+                routes = build_routes(name, x[:2], Path(tmp), notes)
+                rows = {}
+                for b in args.batches:
+                    xb = x[:b].contiguous()
+                    with torch.no_grad():
+                        ref = routes["timm eager"](xb)
+                    rows[str(b)] = measure(dict(routes), xb, args.rounds, ref)
+                    print(name, b, json.dumps(rows[str(b)]), flush=True)
+        except Exception:  # noqa: BLE001
+            notes["error"] = traceback.format_exc()[-800:]
+            rows = {}
+        table["models"][name] = {"notes": notes, "batches": rows}
+        out_path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
