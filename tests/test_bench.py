@@ -218,6 +218,7 @@ def test_fuse_conv_bn_keeps_outputs_and_removes_batchnorm(name):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
+@pytest.mark.slow  # TorchScript is a deprecated runtime (torch.jit.trace is deprecated in torch 2.13)
 @pytest.mark.parametrize("dtype", ["fp32", pytest.param("bf16", marks=needs_native_bf16)])
 def test_bench_torchscript_runtime(dtype):
     row = bench_model("nest_tiny", img_size=32, batch=2, dtype=dtype, repeats=1, runtime="torchscript", memory=False)

@@ -60,7 +60,14 @@ class _Counter(torch.nn.Module):
         return x * self.calls
 
 
-@pytest.mark.parametrize("name", ["nest_tiny", "halonet26t", "mobilevit_xxs", "vit_tiny_patch16_224", "lavit_tiny"])
+@pytest.mark.parametrize(  # TorchScript is deprecated (torch 2.13): one family by default, the rest in the slow run
+    "name",
+    ["nest_tiny"]
+    + [
+        pytest.param(n, marks=pytest.mark.slow)
+        for n in ("halonet26t", "mobilevit_xxs", "vit_tiny_patch16_224", "lavit_tiny")
+    ],
+)
 def test_frozen_trace_with_onednn_graph_matches_eager(name):
     """The TorchScript runtime of ``vitkit bench --runtime torchscript``, one model per family: the oneDNN Graph
     fuser's partitions (linear/conv epilogues, residual adds) compute the eager model's outputs."""

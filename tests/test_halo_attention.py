@@ -158,7 +158,9 @@ def test_bad_arguments():
         HaloAttention(12, num_heads=8)
 
 
-@pytest.mark.parametrize("block,win", [(4, 6), (2, 6), (3, 3)])  # stride-1 and strided (smaller query block)
+@pytest.mark.parametrize(  # stride-1 and strided (smaller query block); the larger windows in the slow run
+    "block,win", [pytest.param(4, 6, marks=pytest.mark.slow), pytest.param(2, 6, marks=pytest.mark.slow), (3, 3)]
+)
 def test_relative_logits_gradcheck_for_queries_and_both_tables(block, win):
     """The relative logits' gradients for q and both tables (the table rows are gathered by relative offset)."""
     from vitkit.layers.halo_attention import PosEmbedRel

@@ -45,8 +45,12 @@ for _n in ALL:
         _seen.setdefault(_network_signature(_n), _n)
 RUNNABLE = sorted(_seen.values())
 # every established family whole, a newer family by its representative (conftest.ESTABLISHED_FAMILIES)
+# the largest HaloNets at the test resolution (their blocks are those of halonet_h0..h2) run in the slow run
+SLOW_VARIANTS = {"halonet_h3", "halonet_h4", "halonet_h5", "halo_resnet50", "halo_seresnet50"}
 RUNNABLE_DEFAULT = [
-    n for n in RUNNABLE if vitkit.get_model_entry(n).family in ESTABLISHED_FAMILIES or n in ONE_PER_FAMILY
+    n
+    for n in RUNNABLE
+    if (vitkit.get_model_entry(n).family in ESTABLISHED_FAMILIES and n not in SLOW_VARIANTS) or n in ONE_PER_FAMILY
 ]
 
 

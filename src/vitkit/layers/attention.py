@@ -118,12 +118,17 @@ def attend(
     attn_drop: nn.Dropout,
     attn_probs: nn.Module,
     fused: bool,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``softmax(q k^T * scale) v`` on ``(B, heads, N, d)`` tensors, fused or eager."""
+    """``softmax(q k^T * scale [+ bias]) v`` on ``(B, heads, N, d)`` tensors, fused or eager; ``bias`` is an
+    additive ``(B, heads, N, M)`` logit term (relative positions), the fused path's ``attn_mask``."""
     if fused:
         p = attn_drop.p if attn_drop.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=scale)
+        mask = None if bias is None else bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
     attn = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        attn = attn + bias
     attn = attn_probs(attn.softmax(dim=-1))
     return attn_drop(attn) @ v
 

@@ -32,29 +32,9 @@ result (``tests/test_pos_embed.py``).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vitkit.layers.attention import Attention
-
-
-def attend_with_bias(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: torch.Tensor,
-    scale: float,
-    attn_drop: nn.Dropout,
-    attn_probs: nn.Module,
-    fused: bool,
-) -> torch.Tensor:
-    """``softmax(q k^T * scale + bias) v`` on ``(B, heads, N, d)`` tensors, ``bias`` ``(B, heads, N, M)``."""
-    if fused:
-        p = attn_drop.p if attn_drop.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p, scale=scale)
-    attn = (q * scale) @ k.transpose(-2, -1) + bias
-    attn = attn_probs(attn.softmax(dim=-1))
-    return attn_drop(attn) @ v
+from vitkit.layers.attention import Attention, attend
 
 
 def relative_index_1d(num_patches: int, max_patches: int, num_prefix_tokens: int, device=None) -> torch.Tensor:
@@ -125,6 +105,6 @@ class RelPosAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
         bias = self.relative_logits(q)
-        x = attend_with_bias(q, k, v, bias, self.scale, self.attn_drop, self.attn_probs, self.use_fused())
+        x = attend(q, k, v, self.scale, self.attn_drop, self.attn_probs, self.use_fused(), bias=bias)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from vitkit.layers import Block, ConvNormAct, PatchEmbed, drop_path_schedule, resample_abs_pos_embed
+from vitkit.layers.helpers import trunc_normal_linears_
 from vitkit.models._base import ConvStagesModel, FeatureInfo, VitkitModel, check_img_size
 from vitkit.models._registry import INCEPTION_MEAN, INCEPTION_STD, default_cfg, register_variant
 
@@ -118,11 +119,7 @@ class AxialVisionTransformer(VitkitModel):
             dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)
         )
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears_(self)
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"}

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitkit.layers import DropPath, Mlp, drop_path_schedule
+from vitkit.layers.helpers import trunc_normal_linears_
 from vitkit.layers.less_attention import AttentionDownsample, LessAttention, VanillaAttention, dp_loss
 from vitkit.models._base import FeatureInfo, VitkitModel, check_img_size
 from vitkit.models._registry import default_cfg, register_variant
@@ -205,11 +206,7 @@ class LaViT(VitkitModel):
             if self.stages[i + 1].patch_embed is None:  # isotropic continuation: tokens flow on un-normalised
                 stage.norm = nn.Identity()
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears_(self)
 
     def no_weight_decay(self) -> set[str]:
         return {f"stages.{i}.pos_embed" for i, s in enumerate(self.stages) if s.pos_embed is not None}

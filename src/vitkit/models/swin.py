@@ -40,6 +40,7 @@ from torch import nn
 
 from vitkit.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, drop_path_schedule
 from vitkit.layers.attention import Attention
+from vitkit.layers.helpers import trunc_normal_linears_
 from vitkit.layers.less_attention import LessAttention, dp_loss
 from vitkit.models._base import ConvStagesModel, FeatureInfo, ModelArgError, VitkitModel, check_img_size
 from vitkit.models._registry import PretrainedCfg, default_cfg, register_variant
@@ -368,11 +369,7 @@ class SwinTransformer(VitkitModel):
         self.norm = nn.LayerNorm(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, drop_rate)
         self.la_record: list[torch.Tensor] = []
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears_(self)
 
     get_classifier = ConvStagesModel.get_classifier
     reset_classifier = ConvStagesModel.reset_classifier

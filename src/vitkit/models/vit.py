@@ -39,6 +39,7 @@ from torch import nn
 
 from vitkit.layers import Block, PatchEmbed, drop_path_schedule, resample_abs_pos_embed
 from vitkit.layers.attention import token_attention_cells
+from vitkit.layers.helpers import trunc_normal_linears_
 from vitkit.layers.pos_embed import resample_axis_pos_embed
 from vitkit.layers.rel_pos import RelPosAttention, resize_relative_table
 from vitkit.models._base import FeatureInfo, ModelArgError, VitkitModel, check_img_size
@@ -180,11 +181,7 @@ class VisionTransformer(VitkitModel):
                 nn.init.trunc_normal_(pe, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_linears_(self)
 
     def no_weight_decay(self) -> set[str]:
         names = {"pos_embed", "pos_embed_x", "pos_embed_y", "cls_token"}
