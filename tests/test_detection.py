@@ -204,6 +204,7 @@ def test_overfitting_a_few_canvases_recovers_their_boxes():
             assert same.any() and box_iou(p["boxes"][same][:3], box[None]).max() > 0.5, (box, label, p)
 
 
+@pytest.mark.slow  # 25 s: ONNX export and onnxruntime stay in the default run through test_bench's runtime check
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime not installed")
 def test_raw_head_exports_to_onnx_and_matches(tmp_path):
     import onnxruntime as ort

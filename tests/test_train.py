@@ -249,7 +249,7 @@ def _smoke_data(cfg: TrainConfig, tmp_path: Path) -> list[str]:
 
 
 # the ImageNet-style classification recipes take 9-13 s each: mobilevit stands for them in the default run
-SLOW_RECIPES = {"halonet", "lavit", "nest", "vit_deit"}
+SLOW_RECIPES = {"halonet", "lavit", "nest", "vit_deit", "mobilevit"}  # ImageNet-size recipes: the slow run
 
 
 @pytest.mark.parametrize(
