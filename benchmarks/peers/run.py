@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from vitkit.routes import rel_err
+
 HERE = Path(__file__).resolve().parent
 MODELS = [
     "vit_small_patch16_224",
@@ -39,10 +41,6 @@ MODELS = [
     "halonet_h1",
     "nest_tiny_jx",
 ]
-
-
-def rel(a, b) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
 def build_routes(name: str, x: torch.Tensor, folder: Path, notes: dict) -> dict:
@@ -59,7 +57,7 @@ def build_routes(name: str, x: torch.Tensor, folder: Path, notes: dict) -> dict:
     ours = vitkit.create_model(name, checkpoint_path=str(path)).eval()
     routes = {"timm eager": ref_model, "vitkit eager": ours}
     with torch.no_grad():
-        notes["parity_rel"] = rel(ours(x), ref_model(x))
+        notes["parity_rel"] = rel_err(ours(x), ref_model(x))
     for label, model in (("timm", ref_model), ("vitkit", ours)):
         t0 = time.perf_counter()
         try:
@@ -87,7 +85,7 @@ def measure(routes: dict, x: torch.Tensor, rounds: int, ref: torch.Tensor) -> di
     with torch.no_grad():
         for label, fn in list(routes.items()):
             y = fn(x)
-            err = rel(y if isinstance(y, torch.Tensor) else y[0], ref)
+            err = rel_err(y if isinstance(y, torch.Tensor) else y[0], ref)
             out[label] = {"rel_err": err}
             if "int8" not in label and err > 1e-4:
                 out[label]["refused"] = f"output differs from timm eager by {err:.3g}"

@@ -130,13 +130,7 @@ def trace_frozen(model: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
 def run_exported(path: str | os.PathLike, fmt: str, x: torch.Tensor):
     """Run an exported artefact on ``x`` (ONNX through onnxruntime): its output, or a tuple of several."""
     if fmt == "onnx":
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ImportError("checking an ONNX export needs onnxruntime: pip install 'vitkit[export]'") from None
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        outs = [torch.from_numpy(o) for o in sess.run(None, {sess.get_inputs()[0].name: x.numpy()})]
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        return OnnxRunner(path)(x)
     if fmt == "export":
         return torch.export.load(str(path)).module()(x)
     return torch.jit.load(str(path))(x)
@@ -150,10 +144,10 @@ def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike, calibrati
     Runtime's default (asymmetric uint8) cost MobileViT-XXS trained on MNIST digits 10 points of held-out top-1
     (98.6% -> 88.7%; MinMax, percentile and entropy calibration alike) where symmetric int8 cost 0.2 (98.4%).
     The graph is pre-processed (shape inference, ONNX Runtime's optimizer) first, as ONNX Runtime's documentation
-    advises. PyTorch's own PT2E flow
-    (``torchao.quantization.pt2e`` with the x86 Inductor quantizer) was tried first and is not used: with torch
-    2.13.0 and torchao 0.18.0 Inductor's freezing pass fails on ``onednn.qconv_prepack``
-    (UnsupportedOperatorException), and without freezing the int8 program took 285 s to compile.
+    advises. PyTorch's own PT2E flow (``torchao.quantization.pt2e`` with the x86 Inductor quantizer) was tried
+    first and is not used: with torch 2.13.0 and torchao 0.18.0 Inductor's freezing pass fails on
+    ``onednn.qconv_prepack`` (UnsupportedOperatorException), and without freezing the int8 program took 285 s
+    to compile.
     """
     try:
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -187,7 +181,10 @@ class OnnxRunner:
     """An ONNX file as a callable on torch tensors (ONNX Runtime's CPU provider, ``threads`` intra-op threads)."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ImportError("running an ONNX export needs onnxruntime: pip install 'vitkit[export]'") from None
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()

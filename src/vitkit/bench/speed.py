@@ -40,7 +40,7 @@ from vitkit import allocator
 from vitkit.bench.flops import count_macs, count_params
 from vitkit.config import TrainConfig
 from vitkit.layers import fuse_conv_bn
-from vitkit.routes import compile_frozen
+from vitkit.routes import TOLERANCE, compile_frozen, rel_err
 from vitkit.runtime import autocast
 from vitkit.tasks import build_task, model_task, task_class
 from vitkit.train.optim import build_optimizer
@@ -206,8 +206,6 @@ def _runner(model: nn.Module, mode: str, device: torch.device):
 
 LAYOUTS = ("auto", "nchw", "channels_last")
 RUNTIMES = ("torch", "torchscript", "onnxruntime")
-# relative output difference the TorchScript runtime may show against eager before its timing is refused
-TRACE_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
 
 
 def _in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -365,13 +363,13 @@ def _checked_trace(model: nn.Module, x: torch.Tensor, dtype: str) -> torch.jit.S
 
 
 def _check_runtime(model: nn.Module, out: torch.Tensor, ref: torch.Tensor, dtype: str, runtime: str) -> None:
-    """Refuse to time a runtime whose output differs from eager by more than ``TRACE_TOLERANCE`` (relative)."""
-    out, ref = torch.as_tensor(out).float(), ref.float()
-    err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-    if not err <= TRACE_TOLERANCE[dtype]:
+    """Refuse to time a runtime whose output differs from eager by more than ``vitkit.routes.TOLERANCE``
+    (relative, the same check :func:`vitkit.optimize` applies to a compiled model)."""
+    err = rel_err(torch.as_tensor(out), ref)
+    if not err <= TOLERANCE[dtype]:
         raise RuntimeError(
             f"{getattr(model, 'name', type(model).__name__)}: the {runtime} runtime's output differs from eager by "
-            f"{err:.2e} (relative; tolerance {TRACE_TOLERANCE[dtype]:.0e} in {dtype}); refusing to time it"
+            f"{err:.2e} (relative; tolerance {TOLERANCE[dtype]:.0e} in {dtype}); refusing to time it"
         )
 
 
@@ -399,24 +397,16 @@ def _bench_torchscript(model, x, x1, dtype: str, layouts: list[str], repeats: in
 
 
 def _bench_onnx(model: nn.Module, x: torch.Tensor, x1: torch.Tensor, repeats: int):
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ImportError(
-            "--runtime onnxruntime needs the optional export extra: pip install 'vitkit[export]'"
-        ) from None
-    from vitkit.export import export_onnx
+    from vitkit.export import OnnxRunner, export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         export_onnx(model, path, x.shape[1:], dynamic_batch=True)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
-        xb, xo = x.cpu().numpy(), x1.cpu().numpy()
+        runner = OnnxRunner(path)
         with torch.no_grad():
-            _check_runtime(model, sess.run(None, {name: xb})[0], model(x).cpu(), "fp32", "ONNX Runtime")
+            _check_runtime(model, runner(x.cpu()), model(x).cpu(), "fp32", "ONNX Runtime")
+        sess, name = runner.session, runner.input  # timed on numpy inputs: no tensor conversion in the loop
+        xb, xo = x.cpu().numpy(), x1.cpu().numpy()
         t_batch = timeit(lambda: sess.run(None, {name: xb}), repeats=repeats)
         t_one = timeit(lambda: sess.run(None, {name: xo}), repeats=max(repeats, 5))
         mem = peak_memory_mb(lambda: sess.run(None, {name: xb}))
