@@ -47,18 +47,16 @@ class PosEmbedRel(nn.Module):
         self.width_rel = nn.Parameter(torch.randn(win_size * 2 - 1, dim_head) * scale)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        """``q``: (N, blocks, bs*bs, d) -> relative logits (N, blocks, bs*bs, win*win), ``rh[ky] + rw[kx]``.
-
-        As the reference: the query times every table row (all ``2 * win - 1`` offsets), then, per query
-        position, the ``win`` offsets its window's keys are at.
-        """
+        """``q``: (N, blocks, bs*bs, d) -> relative logits (N, blocks, bs*bs, win*win), ``rh[ky] + rw[kx]``. As the
+        reference: the query times every table row (all ``2 * win - 1`` offsets), then its window keys' offsets."""
         bs, win = self.block_size, self.win_size
         pos = torch.arange(win, device=q.device)[None, :] - torch.arange(bs, device=q.device)[:, None]
         index = pos + win - 1  # (query position in the block, key position in the window) -> table row
         q = q.reshape(*q.shape[:2], bs, bs, q.shape[-1])  # (N, blocks, y, x, d)
         # every offset, then the query's: (N, blocks, y, x, ky) by its row y, (N, blocks, y, x, kx) by its column x
-        rh = torch.take_along_dim(q @ self.height_rel.t().to(q.dtype), index[None, None, :, None], dim=-1)
-        rw = torch.take_along_dim(q @ self.width_rel.t().to(q.dtype), index[None, None, None], dim=-1)
+        rh, rw = q @ self.height_rel.t().to(q.dtype), q @ self.width_rel.t().to(q.dtype)
+        rh = rh.gather(-1, index[None, None, :, None].expand(*rh.shape[:-1], win))  # (gather: a dynamic batch)
+        rw = rw.gather(-1, index[None, None, None].expand(*rw.shape[:-1], win))
         logits = rh[..., :, None] + rw[..., None, :]  # (N, blocks, y, x, ky, kx)
         return logits.reshape(*q.shape[:2], bs * bs, win * win)
 
@@ -138,14 +136,20 @@ class HaloAttention(nn.Module):
             return None
         valid = torch.ones(Hp + 2 * h, Wp + 2 * h, dtype=torch.bool, device=ref.device)
         if self.mask_padding == "all":  # every key outside the image, the outer halo included
-            valid[:h] = valid[h + H :] = False
-            valid[:, :h] = valid[:, h + W :] = False
+            valid[:h], valid[h + H :], valid[:, :h], valid[:, h + W :] = False, False, False, False
         else:  # the size padding only
             valid[h + H : h + Hp] = False
             valid[:, h + W : h + Wp] = False
-        windows = valid.unfold(0, win, b).unfold(1, win, b)  # (nh, nw, win, win)
+        windows = valid.flatten()[self._windows(Hp // b, Wp // b, ref.device)].reshape(-1, win * win)
         bias = torch.zeros(windows.shape, dtype=ref.dtype, device=ref.device)
-        return bias.masked_fill(~windows, torch.finfo(ref.dtype).min).reshape(-1, win * win)
+        return bias.masked_fill(~windows, torch.finfo(ref.dtype).min)
+
+    def _windows(self, nh: int, nw: int, device: torch.device) -> torch.Tensor:
+        """Flat positions of each block's window in the halo-padded map, (nh*nw*win*win,): a gather, not
+        ``Tensor.unfold`` (the same values; an op Core ML and OpenVINO convert)."""
+        b, r = self.block_size, torch.arange(self.win_size, device=device)
+        rows, cols = torch.arange(nh, device=device)[:, None] * b + r, torch.arange(nw, device=device)[:, None] * b + r
+        return (rows[:, None, :, None] * (nw * b + 2 * self.halo_size) + cols[None, :, None, :]).reshape(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
@@ -157,7 +161,7 @@ class HaloAttention(nn.Module):
         q = self.q(x).reshape(B * heads, dqk, nh, bs, nw, bs)
         q = q.permute(0, 2, 4, 3, 5, 1).reshape(B * heads, nh * nw, bs * bs, dqk)  # (B*heads, blocks, bs*bs, d)
         # each head's kv channels are dqk of k then dv of v; windows of win x win at step b over the halo-padded map
-        kv = F.pad(self.kv(x), (h, h, h, h)).unfold(2, win, b).unfold(3, win, b)  # (B, C, nh, nw, win, win)
+        kv = F.pad(self.kv(x), (h, h, h, h)).flatten(2)[:, :, self._windows(nh, nw, x.device)]
         kv = kv.reshape(B * heads, dqk + dv, nh * nw, win * win).permute(0, 2, 3, 1)  # (B*heads, blocks, win², d)
         k, v = kv.split([dqk, dv], dim=-1)
 
