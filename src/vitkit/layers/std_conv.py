@@ -14,9 +14,10 @@ from vitkit.layers.padding import pad_same
 
 
 def standardize_weight(weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # mean and biased variance as two reductions (torch.var_mean is one op that Core ML and ExecuTorch reject)
     w = weight.reshape(weight.shape[0], -1)
-    var, mean = torch.var_mean(w, dim=1, unbiased=False, keepdim=True)
-    return ((w - mean) * torch.rsqrt(var + eps)).reshape_as(weight)
+    centred = w - w.mean(dim=1, keepdim=True)
+    return (centred * torch.rsqrt(centred.square().mean(dim=1, keepdim=True) + eps)).reshape_as(weight)
 
 
 class StdConv2d(nn.Conv2d):
