@@ -230,21 +230,38 @@ def test_bench_torchscript_runtime(dtype):
         bench_model("nest_tiny", img_size=32, runtime="tvm")
 
 
-@needs_ort
-def test_bench_onnxruntime_checks_the_export_against_eager(monkeypatch):
-    """The ONNX Runtime row is timed only after its output matched eager; a wrong export is refused."""
-    import vitkit.export as export
+RUNTIME_EXTRA = {"onnxruntime": ("onnxruntime", "export"), "openvino": ("openvino", "openvino")}
 
-    row = bench_model("vit_tiny_patch16_224", img_size=32, batch=2, repeats=1, runtime="onnxruntime", memory=False)
-    assert row.runtime == "onnxruntime" and row.img_per_s > 0
-    real = export.export_onnx
+
+@pytest.mark.parametrize(
+    "runtime",
+    [
+        pytest.param(
+            r, marks=pytest.mark.skipif(importlib.util.find_spec(m) is None, reason=f"the {x} extra is absent")
+        )
+        for r, (m, x) in RUNTIME_EXTRA.items()
+    ],
+)
+def test_bench_exported_runtime_checks_the_artefact_against_eager(runtime, monkeypatch):
+    """An exported runtime's row is timed only after its output matched eager; a wrong artefact is refused.
+    (ExecuTorch takes the same path, ``_bench_exported``; its lowering is too slow for the default run.)"""
+    import dataclasses
+
+    import vitkit.export as export
+    from vitkit.bench.speed import EXPORTED
+
+    kw = dict(img_size=32, batch=2, repeats=1, runtime=runtime, memory=False, depth=1)
+    row = bench_model("vit_tiny_patch16_224", **kw)
+    assert row.runtime == runtime and row.img_per_s > 0
+    fmt = EXPORTED[runtime][0]
+    real = export.REGISTRY[fmt]
 
     def wrong_weights(model, path, *args, **kwargs):
         broken = copy.deepcopy(model)
         with torch.no_grad():
             broken.head.weight.neg_()  # (a constant shift would cancel: the pooled features sum to ~0)
-        return real(broken, path, *args, **kwargs)
+        return real.write(broken, path, *args, **kwargs)
 
-    monkeypatch.setattr(export, "export_onnx", wrong_weights)
-    with pytest.raises(RuntimeError, match="ONNX Runtime runtime's output differs from eager by"):
-        bench_model("vit_tiny_patch16_224", img_size=32, batch=2, repeats=1, runtime="onnxruntime", memory=False)
+    monkeypatch.setitem(export.REGISTRY, fmt, dataclasses.replace(real, write=wrong_weights))
+    with pytest.raises(RuntimeError, match=f"the {EXPORTED[runtime][1]} runtime's output differs from eager by"):
+        bench_model("vit_tiny_patch16_224", **kw)

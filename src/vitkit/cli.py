@@ -7,7 +7,7 @@
     vitkit eval RUN --linear-probe 1 5 10    few-shot linear evaluation on the run's frozen features
     vitkit predict RUN IMAGE|FOLDER ...      top-k classes with names
     vitkit bench NAME ... [--img-size S ...]  params, GMACs, images/s, latency, peak memory, MFU vs matmul peak
-    vitkit export NAME --format F            ONNX / torch.export / TorchScript, verified against eager
+    vitkit export NAME|RUN --format F        ONNX, torch.export, ExecuTorch, OpenVINO, Core ML; verified vs eager
     vitkit explain NAME|RUN --image I --method M   attention maps, rollout, CAM, GradCAT, distances (PNG + .npy)
     vitkit data mnist-segmentation|mnist-detection OUT   offline datasets of real MNIST digits on canvases
     vitkit serve RUN|NAME [--host H --port P]  a local web explorer: predictions, attention, CAM, boxes, masks
@@ -294,18 +294,36 @@ def _plot_sweep(rows: list[dict], path: str) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from vitkit.export import SUFFIX, export_model
 
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
-    if args.num_classes is not None:
-        kwargs["num_classes"] = args.num_classes
-    model = vitkit.create_model(args.name, checkpoint_path=args.checkpoint, **kwargs).eval()
-    out = args.output or f"{args.name}{SUFFIX[args.format]}"
-    res = export_model(model, out, args.format, dynamic_batch=args.dynamic_batch)
-    diffs = ", ".join(f"batch {b}: {d:.2e}" for b, d in res["max_abs_diff"].items())
-    print(f"wrote {res['path']} ({args.format}); max |exported - eager| {diffs}")
-    if max(res["max_abs_diff"].values()) > args.tolerance:
-        print(f"vitkit: error: the export differs from the eager model by more than {args.tolerance}", file=sys.stderr)
+    if Path(args.name).is_dir():  # a training run: its model, weights and input size
+        from vitkit.train import load_run
+
+        run = load_run(args.name, args.which, ema=args.ema)
+        model, chw, stem = run.model, run.data_config["input_size"], run.run_dir.name
+    else:
+        kwargs = {"img_size": args.img_size} if args.img_size else {}
+        if args.num_classes is not None:
+            kwargs["num_classes"] = args.num_classes
+        model = vitkit.create_model(args.name, checkpoint_path=args.checkpoint, **kwargs).eval()
+        chw, stem = model.pretrained_cfg["input_size"], args.name
+    out = args.output or f"{stem}{SUFFIX[args.format]}"
+    res = export_model(
+        model, out, args.format, dynamic_batch=args.dynamic_batch, sizes=args.sizes, precision=args.precision,
+        input_chw=chw,
+    )  # fmt: skip
+    errs = [f"batch {b}: {e:.2e}" for b, e in res["max_rel_err"].items()]
+    errs += [f"{s}x{s}: {e:.2e}" for s, e in res["size_rel_err"].items()]
+    print(f"wrote {res['path']} ({args.format}, {args.precision}); ran {res['ran']}")
+    print(f"max |exported - eager| / max |eager|: {', '.join(errs)}")
+    if "coreml" in res:
+        print(f"Core ML inputs: {res['coreml']['inputs']}; ops: {', '.join(res['coreml']['ops'])}")
+    tol = args.tolerance if args.tolerance is not None else res["tolerance"]
+    worst = max([*res["max_rel_err"].values(), *res["size_rel_err"].values()])
+    if worst > tol:
+        print(f"vitkit: error: the export differs from the eager model by {worst:.2e} > {tol:.0e}", file=sys.stderr)
         return 1
     return 0
 
@@ -494,8 +512,9 @@ def _add_bench(sub) -> None:
     p.add_argument(
         "--runtime",
         default="torch",
-        choices=["torch", "torchscript", "onnxruntime"],
-        help="torch: eager (add --compile for torch.compile); onnxruntime: fp32 ONNX, checked against eager; "
+        choices=["torch", "torchscript", "onnxruntime", "openvino", "executorch"],
+        help="torch: eager (add --compile for torch.compile); onnxruntime, openvino (CPU plugin), executorch "
+        "(XNNPACK): the fp32 export in that runtime, checked against eager first; "
         "torchscript: traced, frozen, oneDNN Graph fuser (deprecated: torch.jit.trace is deprecated in torch 2.13)",
     )
     p.add_argument("--repeats", type=int, default=5)
@@ -506,21 +525,28 @@ def _add_bench(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="export a model (ONNX, torch.export; TorchScript deprecated) and verify it")
-    p.add_argument("name")
+    p = sub.add_parser("export", help="export a model or a run for deployment and verify it against eager")
+    p.add_argument("name", help="a registered model name, or a training run's folder")
     p.add_argument(
         "--format",
         required=True,
-        choices=["onnx", "export", "torchscript"],
-        help="onnx (verified in onnxruntime), export (torch.export .pt2, the supported route), torchscript "
-        "(deprecated with torch.jit.trace in torch 2.13; kept while it works)",
+        choices=["onnx", "export", "torchscript", "executorch", "openvino", "coreml"],
+        help="onnx (run in onnxruntime), export (torch.export .pt2), executorch (.pte with the XNNPACK delegate, "
+        "run in ExecuTorch), openvino (IR, run on OpenVINO's CPU plugin), coreml (.mlpackage; runs on macOS only, "
+        "so here the converted program's shapes and ops are checked), torchscript (deprecated)",
     )
+    p.add_argument("--which", default="best", help="for a run: best or last checkpoint")
+    p.add_argument("--ema", action="store_true", help="for a run: its EMA weights")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="other square input sizes the artefact must take")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="fp16: coreml and openvino")
     p.add_argument("--checkpoint", default=None, help="weights to load (vitkit or timm format)")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch axis (ONNX / torch.export)")
+    p.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch axis")
     p.add_argument("--output", default=None)
-    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument(
+        "--tolerance", type=float, default=None, help="relative error allowed (default 1e-4 fp32, 1e-2 fp16)"
+    )
     p.set_defaults(func=cmd_export)
 
 

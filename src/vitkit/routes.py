@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitkit.export import OnnxRunner, export_onnx, quantize_onnx_int8
+from vitkit.export import OnnxRunner, export_onnx, quantize_onnx_int8, rel_err
 from vitkit.runtime import autocast
 
 ROUTES = ("auto", "eager", "compile", "int8")
@@ -88,12 +88,6 @@ def compile_frozen(model: nn.Module, dynamic: bool | None = None) -> nn.Module:
     dynamic batch after the first new shape; False: one specialised program per shape, for benchmarks)."""
     compile_cache_dir()
     return torch.compile(model, dynamic=dynamic, options={"freezing": True})
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``max |out - ref| / max |ref|``: the error measure every verified route uses."""
-    ref = ref.float()
-    return float((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
 
 
 def _int8_runner(model: nn.Module, calibration) -> OnnxRunner:

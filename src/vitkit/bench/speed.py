@@ -205,7 +205,12 @@ def _runner(model: nn.Module, mode: str, device: torch.device):
 
 
 LAYOUTS = ("auto", "nchw", "channels_last")
-RUNTIMES = ("torch", "torchscript", "onnxruntime")
+RUNTIMES = ("torch", "torchscript", "onnxruntime", "openvino", "executorch")
+EXPORTED = {
+    "onnxruntime": ("onnx", "ONNX Runtime"),
+    "openvino": ("openvino", "OpenVINO"),
+    "executorch": ("executorch", "ExecuTorch"),
+}
 
 
 def _in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -235,8 +240,9 @@ def bench_model(
     :func:`vitkit.allocator.tune_allocator`'s policy first (reported in ``allocator``). ``fuse_bn``: fold
     BatchNorm into the preceding convolutions for inference (:func:`vitkit.layers.fuse_conv_bn`; reported in
     ``fused_bn``, the number of folded pairs). ``runtime``: 'torch' (eager PyTorch), 'torchscript' (the model
-    traced and frozen, run with TorchScript's oneDNN Graph fuser; its output is checked against eager first) or
-    'onnxruntime' (fp32).
+    traced and frozen, run with TorchScript's oneDNN Graph fuser; its output is checked against eager first), or
+    an exported artefact in its own runtime, fp32, checked against eager first: 'onnxruntime', 'openvino' (CPU
+    plugin) or 'executorch' (XNNPACK delegate); see :mod:`vitkit.export`.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
@@ -259,11 +265,11 @@ def bench_model(
     peak = matmul_peak(dtype, device=device)
     bf16_mode = compile_s = eager_ips = None
     layouts = ["nchw", "channels_last"] if layout == "auto" else [layout]
-    if runtime == "onnxruntime":
+    if runtime in EXPORTED:
         if dtype != "fp32" or compile or train:
-            raise ValueError("--runtime onnxruntime measures fp32 inference only")
+            raise ValueError(f"--runtime {runtime} measures fp32 inference only")
         layout = "nchw"
-        t_batch, t_one, mem = _bench_onnx(model, x, x1, repeats)
+        t_batch, t_one, mem = _bench_exported(model, x, x1, repeats, runtime)
     elif runtime == "torch":
         modes = ["autocast", "weights"] if dtype == "bf16" else ["fp32"]
         best = None
@@ -396,18 +402,19 @@ def _bench_torchscript(model, x, x1, dtype: str, layouts: list[str], repeats: in
     return t_batch, (mode if dtype == "bf16" else None), layout, t_one, mem
 
 
-def _bench_onnx(model: nn.Module, x: torch.Tensor, x1: torch.Tensor, repeats: int):
-    from vitkit.export import OnnxRunner, export_onnx
+def _bench_exported(model: nn.Module, x: torch.Tensor, x1: torch.Tensor, repeats: int, runtime: str):
+    """The model exported (:mod:`vitkit.export`) and run in ``runtime``, timed after its output matched eager."""
+    from vitkit import export
 
+    fmt, label = EXPORTED[runtime]
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        export_onnx(model, path, x.shape[1:], dynamic_batch=True)
-        runner = OnnxRunner(path)
+        path = Path(tmp) / f"model{export.SUFFIX[fmt]}"
+        export.get_format(fmt).write(model, path, tuple(x.shape[1:]), dynamic_batch=True, max_batch=x.shape[0])
+        runner = export.load(path, fmt)
+        xb, xo = x.cpu(), x1.cpu()
         with torch.no_grad():
-            _check_runtime(model, runner(x.cpu()), model(x).cpu(), "fp32", "ONNX Runtime")
-        sess, name = runner.session, runner.input  # timed on numpy inputs: no tensor conversion in the loop
-        xb, xo = x.cpu().numpy(), x1.cpu().numpy()
-        t_batch = timeit(lambda: sess.run(None, {name: xb}), repeats=repeats)
-        t_one = timeit(lambda: sess.run(None, {name: xo}), repeats=max(repeats, 5))
-        mem = peak_memory_mb(lambda: sess.run(None, {name: xb}))
+            _check_runtime(model, runner(xb), model(x).cpu(), "fp32", label)
+        t_batch = timeit(lambda: runner(xb), repeats=repeats)
+        t_one = timeit(lambda: runner(xo), repeats=max(repeats, 5))
+        mem = peak_memory_mb(lambda: runner(xb))
     return t_batch, t_one, mem

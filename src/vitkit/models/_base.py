@@ -172,7 +172,7 @@ class VitkitModel(nn.Module):
                 f"{self.name}: expected {self.in_chans} input channels (in_chans={self.in_chans}), "
                 f"got {x.shape[1]} in input of shape {tuple(x.shape)}"
             )
-        h, w = int(x.shape[2]), int(x.shape[3])
+        h, w = x.shape[2], x.shape[3]  # (not int(): that would fix an exported program to one input size)
         if fixed is not None and (h, w) != tuple(fixed):
             raise ValueError(
                 f"{self.name}: expected input size {fixed[0]}x{fixed[1]} (img_size), got {h}x{w}; "

@@ -1,0 +1,92 @@
+"""ONNX: the dynamo exporter, ONNX Runtime to run it, and ONNX Runtime's static int8 quantizer."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitkit.export.common import ExportError, MissingExtra, dynamic_shapes, exportable, model_name, trace_input
+
+
+def export_onnx(
+    model: nn.Module, path: str | os.PathLike, input_chw, dynamic_batch: bool = True, sizes: Sequence[int] | None = None
+) -> Path:
+    """Write ``model`` as ONNX (opset of the dynamo exporter) with an optional dynamic batch axis and, with
+    ``sizes``, a flexible square input side."""
+    model = exportable(model)
+    try:
+        program = torch.onnx.export(
+            model.eval(),
+            (trace_input(input_chw, sizes),),
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes(dynamic_batch, input_chw, sizes),
+            verbose=False,
+        )
+        program.save(str(path))
+    except Exception as e:  # noqa: BLE001 - the exporter raises many types; report them as one
+        raise ExportError(f"{model_name(model)}: ONNX export failed: {type(e).__name__}: {str(e)[:500]}") from e
+    return Path(path)
+
+
+class OnnxRunner:
+    """An ONNX file as a callable on torch tensors (ONNX Runtime's CPU provider, ``threads`` intra-op threads)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise MissingExtra("running an ONNX export (onnxruntime)", "export") from None
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor):
+        outs = [torch.from_numpy(o) for o in self.session.run(None, {self.input: x.detach().float().numpy()})]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike, calibration) -> Path:
+    """Static int8 quantization of an ONNX model with ONNX Runtime's quantizer (``onnxruntime.quantization``).
+
+    QDQ format, weights int8 per output channel, activations int8 per tensor with symmetric ranges calibrated
+    (MinMax) on ``calibration``: an iterable of input batches (tensors). Symmetric activations, because ONNX
+    Runtime's default (asymmetric uint8) cost MobileViT-XXS trained on MNIST digits 10 points of held-out top-1
+    (98.6% -> 88.7%; MinMax, percentile and entropy calibration alike) where symmetric int8 cost 0.2 (98.4%).
+    The graph is pre-processed (shape inference, ONNX Runtime's optimizer) first, as ONNX Runtime's documentation
+    advises. PyTorch's own PT2E flow (``torchao.quantization.pt2e`` with the x86 Inductor quantizer) was tried
+    first and is not used: with torch 2.13.0 and torchao 0.18.0 Inductor's freezing pass fails on
+    ``onednn.qconv_prepack`` (UnsupportedOperatorException), and without freezing the int8 program took 285 s
+    to compile.
+    """
+    try:
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError:
+        raise MissingExtra("int8 quantization (onnxruntime)", "export") from None
+
+    class _Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(calibration)
+
+        def get_next(self):
+            x = next(self.batches, None)
+            return None if x is None else {"x": x.numpy().astype("float32")}
+
+    src, dst = Path(src), Path(dst)
+    pre = dst.with_suffix(".pre.onnx")
+    quant_pre_process(str(src), str(pre))
+    try:
+        quantize_static(
+            str(pre), str(dst), _Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+            weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
+            extra_options={"ActivationSymmetric": True},
+        )  # fmt: skip
+    finally:
+        pre.unlink(missing_ok=True)
+    return dst
