@@ -25,11 +25,12 @@ def need_serve_extra() -> None:
         )
 
 
-def tiny_mnist_run(base: Path) -> Path:
-    """The run folder, trained on the first call in this session's temporary folder."""
+def tiny_mnist_run(base: Path, images: int = 256, epochs: int = 1, name: str = "serve-run") -> Path:
+    """The run folder, trained on the first call in this session's temporary folder (``images`` training digits
+    for ``epochs``; the defaults are the serve tests' run)."""
     if not any(MNIST.glob("t10k-images*")):
         pytest.skip(f"the real MNIST digits are not at {MNIST} (they live in ../shared beside a CI clone)")
-    run = base / "serve-run"
+    run = base / name
     if (run / "checkpoints" / "best" / "model.safetensors").is_file():
         return run
     from vitkit.train import Trainer, load_config
@@ -37,9 +38,9 @@ def tiny_mnist_run(base: Path) -> Path:
     sets = [
         TINY_NEST,
         f"data.root={MNIST}",
-        "data.train_split=test[:256]",
+        f"data.train_split=test[:{images}]",
         "data.val_split=test[9950:]",
-        "sched.epochs=1",
+        f"sched.epochs={epochs}",
         "sched.warmup_epochs=0",
         "train.progress=false",
         f"train.output={run}",

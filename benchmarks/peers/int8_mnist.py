@@ -20,14 +20,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
 
 from vitkit.config import load_config
-from vitkit.data.loader import TransformView, collate_skip, eval_plan
 from vitkit.machine import cpu_line
 from vitkit.routes import compile_frozen, optimize
 from vitkit.train import Trainer, evaluate, load_run
-from vitkit.train.evaluate import batches
+from vitkit.train.inference import calibration_batches
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -44,17 +42,6 @@ def train(recipe: str, epochs: int, args) -> Path:
     return run
 
 
-def calibration(run, n: int, batch: int) -> list[torch.Tensor]:
-    data = run.task.dataset(run.cfg.data.train_split)
-    view = TransformView(Subset(data, range(n)), run.task.eval_transform(run.data_config), 0, joint=True)
-    return [
-        x
-        for x, _, _ in batches(
-            view, eval_plan(n, batch, tuple(run.data_config["input_size"][1:])), collate_skip, torch.device("cpu")
-        )
-    ]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mnist", type=Path, default=REPO.parent / "shared" / "data" / "mnist")
@@ -68,7 +55,7 @@ def main() -> int:
     for recipe, epochs in RECIPES.items():
         run = load_run(train(recipe, epochs, args), "best")
         held_out = run.task.dataset(run.cfg.data.val_split)
-        calib = calibration(run, args.calib, 32)
+        calib = calibration_batches(run, args.calib, 32)
         t0 = time.perf_counter()
         int8 = optimize(run.model, calib[0][:2], route="int8", calibration=calib)
         quant_s = time.perf_counter() - t0

@@ -53,6 +53,22 @@ def load_run(path: str | Path, which: str = "best", ema: bool = False, compile: 
     return LoadedRun(model.eval(), task, cfg, data_config, weights, run_dir)
 
 
+def calibration_batches(run: LoadedRun, n: int, batch_size: int = 32, start: int = 0) -> list[torch.Tensor]:
+    """Images ``start .. start + n`` of the run's training split through its eval transform, in batches: what a
+    post-training quantizer calibrates on (real inputs, preprocessed exactly as at inference)."""
+    from torch.utils.data import Subset
+
+    from vitkit.data.loader import TransformView, collate_skip, eval_plan
+    from vitkit.train.evaluate import batches
+
+    data = run.task.dataset(run.cfg.data.train_split)
+    if start + n > len(data):
+        raise ValueError(f"calibration asks for images {start}..{start + n} of a training split of {len(data)}")
+    view = TransformView(Subset(data, range(start, start + n)), run.task.eval_transform(run.data_config), 0, joint=True)
+    plan = eval_plan(n, batch_size, tuple(run.data_config["input_size"][1:]))
+    return [x for x, _, _ in batches(view, plan, collate_skip, torch.device("cpu"))]
+
+
 def image_files(paths: list[str]) -> list[Path]:
     """Expand folders (recursively) into image files; a path that does not exist is an error."""
     files = []
