@@ -2,13 +2,15 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/edge/run.py --threads 1            # -> results.json, table.md
     .venv/bin/python benchmarks/edge/run.py --models mobilevit_xxs --formats openvino executorch
+    .venv/bin/python benchmarks/edge/run.py --formats coreml --merge                 # redo one column
 
 For each model (random weights, its default input size): the eager model's batch-1 latency, then for each
 format ``vitkit.export.export_model`` (the one verification path: batches 1 and 2 against eager, relative error)
 and, where the format's runtime runs here, that runtime's batch-1 latency on the exported artefact (ONNX Runtime,
-ExecuTorch with XNNPACK, OpenVINO's CPU plugin). Core ML converts here but runs only on macOS: its cell says
-what was checked instead. A cell that fails carries the converter's or runtime's own message. Latencies are the
-median of interleaved rounds (one call of each runtime per round), so other load falls on all of them alike.
+ExecuTorch with XNNPACK, OpenVINO's CPU plugin). Core ML is exported as a phone runs it (batch 1, a static
+shape); it converts here but runs only on macOS, so its cell says what was checked instead. A cell that fails
+carries the converter's or runtime's own message. Latencies are the median of interleaved rounds (one call of
+each runtime per round), so other load falls on all of them alike.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ def measure(name: str, formats: list[str], rounds: int, tmp: Path) -> dict:
     for fmt in formats:
         t0 = time.perf_counter()
         try:
-            res = export.export_model(model, tmp / f"{name}{export.SUFFIX[fmt]}", fmt, check_batches=(1, 2))
+            # Core ML as a phone runs it (batch 1, static); the others with a dynamic batch
+            res = export.export_model(
+                model, tmp / f"{name}{export.SUFFIX[fmt]}", fmt, dynamic_batch=fmt != "coreml", check_batches=(1, 2)
+            )
             cell = {
                 "converts": True,
                 "verified": res["verified"],
@@ -107,7 +112,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results.json"))
+    p.add_argument("--merge", action="store_true", help="update these formats' cells in --out, keep the rest")
     args = p.parse_args()
+    previous = {r["model"]: r for r in json.loads(Path(args.out).read_text())["rows"]} if args.merge else {}
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = cpu_line()
@@ -115,10 +122,18 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            rows.append(measure(name, args.formats, args.rounds, Path(tmp)))
+            row = measure(name, args.formats, args.rounds, Path(tmp))
+            if name in previous:  # the earlier run's other formats, and its latencies for them
+                old = previous[name]
+                row["formats"] = {**old["formats"], **row["formats"]}
+                row["latency_ms"] = {**old["latency_ms"], **row["latency_ms"]}
+            rows.append(row)
             out = {"machine": machine, "threads": torch.get_num_threads(), "rows": rows}
             Path(args.out).write_text(json.dumps(out, indent=1))  # after every model: a partial run keeps its rows
-    md = table(rows, args.formats)
+    formats = [f for f in FORMATS if any(f in r["formats"] for r in rows)] + [
+        f for f in args.formats if f not in FORMATS
+    ]
+    md = table(rows, formats)
     Path(args.out).with_suffix(".md").write_text(f"{machine}, {torch.get_num_threads()} thread(s)\n\n{md}\n")
     print(md)
 

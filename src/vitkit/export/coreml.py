@@ -12,9 +12,12 @@ no-op slice such as ``y[:, :H, :W]`` when nothing was padded) are dropped from t
 no alias op. (HaloNet's windows and the hybrid ViT's weight standardisation were written in ops every
 converter takes: see :mod:`vitkit.layers.halo_attention` and :mod:`vitkit.layers.std_conv`.)
 
-Flexible shapes: with ``sizes``, the input takes the enumerated square sizes at batch 1 (Core ML's enumerated
-shapes, which the Neural Engine supports; MobileViT's multi-scale sizes are the use); otherwise a dynamic
-batch is a batch range of 1..``max_batch``. Optional extra: ``pip install 'vitkit[coreml]'``.
+Shapes: a static export takes batch 1, what a phone runs (``vitkit export --format coreml`` without
+``--dynamic-batch``). With ``sizes``, the input takes the enumerated square sizes at batch 1 (Core ML's
+enumerated shapes, which the Neural Engine supports; MobileViT's multi-scale sizes are the use); otherwise a
+dynamic batch is a batch range of 1..``max_batch``. Core ML tensors have rank 5 at most: a static batch lets
+the converter fold NesT's and MobileViTv2's rank-6 block reshapes, a dynamic batch does not (measured; the
+converter's message is in ``benchmarks/edge/README.md``). Optional extra: ``pip install 'vitkit[coreml]'``.
 """
 
 from __future__ import annotations
@@ -56,9 +59,10 @@ def drop_aliases(program: torch.export.ExportedProgram) -> int:
 
 
 def coreml_program(model: nn.Module, input_chw, dynamic_batch: bool, sizes, max_batch: int):
-    """The program coremltools converts: ``torch.export``, ATen ops kept (no core-ATen decomposition), aliases
-    dropped."""
-    program = torch_program(model, input_chw, dynamic_batch or bool(sizes), sizes, max_batch).run_decompositions({})
+    """The program coremltools converts: ``torch.export`` (a static batch is batch 1), ATen ops kept (no core-ATen
+    decomposition), aliases dropped."""
+    program = torch_program(model, input_chw, dynamic_batch or bool(sizes), sizes, max_batch, batch=1)
+    program = program.run_decompositions({})
     drop_aliases(program)
     return program
 
@@ -82,7 +86,7 @@ def export_coreml(
     elif dynamic_batch:
         shape = (ct.RangeDim(1, max_batch, default=1), c, h, w)
     else:
-        shape = (2, c, h, w)  # the program was traced at batch 2
+        shape = (1, c, h, w)
     precision_ = {"fp32": ct.precision.FLOAT32, "fp16": ct.precision.FLOAT16}[precision]
     try:
         converted = ct.convert(
