@@ -123,10 +123,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             row = measure(name, args.formats, args.rounds, Path(tmp))
-            if name in previous:  # the earlier run's other formats, and its latencies for them
+            if name in previous:  # the earlier run's other formats, and its latencies (eager's too: one run's)
                 old = previous[name]
                 row["formats"] = {**old["formats"], **row["formats"]}
-                row["latency_ms"] = {**old["latency_ms"], **row["latency_ms"]}
+                row["latency_ms"] = {**row["latency_ms"], **old["latency_ms"]}
             rows.append(row)
             out = {"machine": machine, "threads": torch.get_num_threads(), "rows": rows}
             Path(args.out).write_text(json.dumps(out, indent=1))  # after every model: a partial run keeps its rows
