@@ -230,16 +230,17 @@ def test_bench_torchscript_runtime(dtype):
         bench_model("nest_tiny", img_size=32, runtime="tvm")
 
 
-RUNTIME_EXTRA = {"onnxruntime": ("onnxruntime", "export"), "openvino": ("openvino", "openvino")}
+# (OpenVINO's row, 8 s, in the slow run: the edge export tests run OpenVINO by default)
+RUNTIME_EXTRA = {"onnxruntime": ("onnxruntime", "export", []), "openvino": ("openvino", "openvino", [pytest.mark.slow])}
 
 
 @pytest.mark.parametrize(
     "runtime",
     [
         pytest.param(
-            r, marks=pytest.mark.skipif(importlib.util.find_spec(m) is None, reason=f"the {x} extra is absent")
+            r, marks=[pytest.mark.skipif(importlib.util.find_spec(m) is None, reason=f"the {x} extra is absent"), *slow]
         )
-        for r, (m, x) in RUNTIME_EXTRA.items()
+        for r, (m, x, slow) in RUNTIME_EXTRA.items()
     ],
 )
 def test_bench_exported_runtime_checks_the_artefact_against_eager(runtime, monkeypatch):

@@ -7,10 +7,10 @@
 For each model (random weights, its default input size): the eager model's batch-1 latency, then for each
 format ``vitkit.export.export_model`` (the one verification path: batches 1 and 2 against eager, relative error)
 and, where the format's runtime runs here, that runtime's batch-1 latency on the exported artefact (ONNX Runtime,
-ExecuTorch with XNNPACK, OpenVINO's CPU plugin). Core ML is exported as a phone runs it (batch 1, a static
-shape); it converts here but runs only on macOS, so its cell says what was checked instead. A cell that fails
-carries the converter's or runtime's own message. Latencies are the median of interleaved rounds (one call of
-each runtime per round), so other load falls on all of them alike.
+ExecuTorch with XNNPACK, OpenVINO's CPU plugin). ExecuTorch and Core ML are exported as a phone runs them (batch
+1, a static shape). Core ML converts here but runs only on macOS, so its cell says what was checked instead. A
+cell that fails carries the converter's or runtime's own message. Latencies are the median of interleaved
+rounds (one call of each runtime per round), so other load falls on all of them alike.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ MODELS = [
     "deeplabv3_mobilevit_xxs",
 ]
 FORMATS = ["onnx", "executorch", "openvino", "coreml"]
+PHONE = ("executorch", "coreml")  # exported static at batch 1
 
 
 def measure(name: str, formats: list[str], rounds: int, tmp: Path) -> dict:
@@ -51,9 +52,9 @@ def measure(name: str, formats: list[str], rounds: int, tmp: Path) -> dict:
     for fmt in formats:
         t0 = time.perf_counter()
         try:
-            # Core ML as a phone runs it (batch 1, static); the others with a dynamic batch
+            # the phone formats as a phone runs them (batch 1, static); the others with a dynamic batch
             res = export.export_model(
-                model, tmp / f"{name}{export.SUFFIX[fmt]}", fmt, dynamic_batch=fmt != "coreml", check_batches=(1, 2)
+                model, tmp / f"{name}{export.SUFFIX[fmt]}", fmt, dynamic_batch=fmt not in PHONE, check_batches=(1, 2)
             )
             cell = {
                 "converts": True,
@@ -123,10 +124,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             row = measure(name, args.formats, args.rounds, Path(tmp))
-            if name in previous:  # the earlier run's other formats, and its latencies (eager's too: one run's)
+            if name in previous:  # the earlier run's other formats and their latencies; this run's eager as eager_rerun
                 old = previous[name]
                 row["formats"] = {**old["formats"], **row["formats"]}
-                row["latency_ms"] = {**row["latency_ms"], **old["latency_ms"]}
+                new = {f: ms for f, ms in row["latency_ms"].items() if f in args.formats}
+                row["latency_ms"] = {**old["latency_ms"], **new, "eager_rerun": row["latency_ms"]["eager"]}
             rows.append(row)
             out = {"machine": machine, "threads": torch.get_num_threads(), "rows": rows}
             Path(args.out).write_text(json.dumps(out, indent=1))  # after every model: a partial run keeps its rows

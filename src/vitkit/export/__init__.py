@@ -189,8 +189,8 @@ def export_model(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     f.write(model, path, chw, dynamic_batch=dynamic_batch, sizes=sizes, max_batch=max_batch, precision=precision)
-    if not dynamic_batch:  # the batch it was traced at: 1 for Core ML (a phone's), 2 for the others
-        check_batches = (1,) if fmt == "coreml" else (2,) if fmt != "torchscript" else check_batches
+    if not dynamic_batch and fmt != "torchscript":  # a static export is batch 1 (a trace keeps the batch free)
+        check_batches = (1,)
     check_batches = [b for b in check_batches if b <= max_batch]
     extra = {}
     if f.runner is not None:

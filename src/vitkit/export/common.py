@@ -85,9 +85,9 @@ def example(chw: Sequence[int], batch: int = 2) -> torch.Tensor:
 
 
 def trace_input(chw: Sequence[int], sizes: Sequence[int] | None = None, batch: int = 2) -> torch.Tensor:
-    """The input an export traces: batch 2 (the exporter fixes a dimension whose traced size is 0 or 1, so a
-    dynamic batch is traced at 2; a static one may be 1), and with flexible ``sizes`` the largest side (where it is
-    the most multiples of its step)."""
+    """The input an export traces: ``batch`` (the exporter fixes a dimension whose traced size is 0 or 1, so a
+    dynamic batch is traced at 2), and with flexible ``sizes`` the largest side (where it is the most multiples
+    of its step)."""
     flexible = size_range(chw, sizes)
     return example(chw if not flexible else (chw[0], flexible[2], flexible[2]), batch)
 
@@ -98,13 +98,12 @@ def torch_program(
     dynamic_batch: bool = True,
     sizes: Sequence[int] | None = None,
     max_batch: int = MAX_BATCH,
-    batch: int = 2,
 ) -> torch.export.ExportedProgram:
-    """The ``torch.export`` program of ``exportable(model)`` in eval mode, traced at ``batch`` (2 when the batch is
-    dynamic); :class:`ExportError` with the reason."""
+    """The ``torch.export`` program of ``exportable(model)`` in eval mode, traced at batch 2 when the batch is
+    dynamic and at batch 1 when it is not (what a phone runs); :class:`ExportError` with the reason."""
     model = exportable(model).eval()
     shapes = dynamic_shapes(dynamic_batch, chw, sizes, max_batch)
-    x = trace_input(chw, sizes, 2 if dynamic_batch else batch)
+    x = trace_input(chw, sizes, 2 if dynamic_batch else 1)
     try:
         return torch.export.export(model, (x,), dynamic_shapes=shapes)
     except Exception as e:  # noqa: BLE001 - the exporter raises many types; report them as one

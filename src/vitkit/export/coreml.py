@@ -59,9 +59,9 @@ def drop_aliases(program: torch.export.ExportedProgram) -> int:
 
 
 def coreml_program(model: nn.Module, input_chw, dynamic_batch: bool, sizes, max_batch: int):
-    """The program coremltools converts: ``torch.export`` (a static batch is batch 1), ATen ops kept (no core-ATen
-    decomposition), aliases dropped."""
-    program = torch_program(model, input_chw, dynamic_batch or bool(sizes), sizes, max_batch, batch=1)
+    """The program coremltools converts: ``torch.export``, ATen ops kept (no core-ATen decomposition), aliases
+    dropped."""
+    program = torch_program(model, input_chw, dynamic_batch or bool(sizes), sizes, max_batch)
     program = program.run_decompositions({})
     drop_aliases(program)
     return program

@@ -4,7 +4,9 @@ The program starts from the same ``torch.export`` program as the other exporters
 every partition XNNPACK supports (convolutions, linear layers, attention's matmuls, elementwise ops) and the
 rest runs on ExecuTorch's portable kernels. ExecuTorch plans all activation memory ahead for the largest input
 the program accepts, so its dynamic batch stops at ``max_batch`` (default 8) rather than the 1024 of the ONNX
-and ``torch.export`` artefacts. Optional extra: ``pip install 'vitkit[executorch]'``.
+and ``torch.export`` artefacts. A static export (``dynamic_batch=False``) is batch 1, what a phone runs; with
+ExecuTorch 1.5.1 it is also the form that runs HaloNet and MobileViTv2 (their dynamic-batch programs fail at
+batch 1 with error 0x10 in XNNPACK). Optional extra: ``pip install 'vitkit[executorch]'``.
 """
 
 from __future__ import annotations

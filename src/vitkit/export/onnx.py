@@ -21,7 +21,7 @@ def export_onnx(
     try:
         program = torch.onnx.export(
             model.eval(),
-            (trace_input(input_chw, sizes),),
+            (trace_input(input_chw, sizes, 2 if dynamic_batch else 1),),
             dynamo=True,
             dynamic_shapes=dynamic_shapes(dynamic_batch, input_chw, sizes),
             verbose=False,

@@ -52,13 +52,12 @@ class PosEmbedRel(nn.Module):
         bs, win = self.block_size, self.win_size
         pos = torch.arange(win, device=q.device)[None, :] - torch.arange(bs, device=q.device)[:, None]
         index = pos + win - 1  # (query position in the block, key position in the window) -> table row
-        q = q.reshape(*q.shape[:2], bs, bs, q.shape[-1])  # (N, blocks, y, x, d)
-        # every offset, then the query's: (N, blocks, y, x, ky) by its row y, (N, blocks, y, x, kx) by its column x
-        rh, rw = q @ self.height_rel.t().to(q.dtype), q @ self.width_rel.t().to(q.dtype)
-        rh = rh.gather(-1, index[None, None, :, None].expand(*rh.shape[:-1], win))  # (gather: a dynamic batch)
-        rw = rw.gather(-1, index[None, None, None].expand(*rw.shape[:-1], win))
-        logits = rh[..., :, None] + rw[..., None, :]  # (N, blocks, y, x, ky, kx)
-        return logits.reshape(*q.shape[:2], bs * bs, win * win)
+        qb = q.reshape(-1, bs, bs, q.shape[-1])  # (N*blocks, y, x, d): rank 5 at most here, Core ML's limit
+        # every offset, then the query's: (N*blocks, y, x, ky) by its row y, (N*blocks, y, x, kx) by its column x
+        rh, rw = qb @ self.height_rel.t().to(q.dtype), qb @ self.width_rel.t().to(q.dtype)
+        rh = rh.gather(-1, index[None, :, None].expand(*rh.shape[:-1], win))  # (gather: a dynamic batch)
+        rw = rw.gather(-1, index[None, None].expand(*rw.shape[:-1], win))
+        return (rh[..., :, None] + rw[..., None, :]).reshape(*q.shape[:2], bs * bs, win * win)
 
 
 class HaloAttention(nn.Module):
@@ -158,8 +157,8 @@ class HaloAttention(nn.Module):
         x = F.pad(x, (0, Wp - W, 0, Hp - H))
         nh, nw, heads, dqk, dv = Hp // b, Wp // b, self.num_heads, self.dim_head_qk, self.dim_head_v
 
-        q = self.q(x).reshape(B * heads, dqk, nh, bs, nw, bs)
-        q = q.permute(0, 2, 4, 3, 5, 1).reshape(B * heads, nh * nw, bs * bs, dqk)  # (B*heads, blocks, bs*bs, d)
+        q = self.q(x).reshape(B * heads * dqk, nh, bs, nw, bs).transpose(2, 3)  # (rank <= 5 throughout: Core ML)
+        q = q.reshape(B * heads, dqk, nh * nw, bs * bs).permute(0, 2, 3, 1)  # (B*heads, blocks, bs*bs, d)
         # each head's kv channels are dqk of k then dv of v; windows of win x win at step b over the halo-padded map
         kv = F.pad(self.kv(x), (h, h, h, h)).flatten(2)[:, :, self._windows(nh, nw, x.device)]
         kv = kv.reshape(B * heads, dqk + dv, nh * nw, win * win).permute(0, 2, 3, 1)  # (B*heads, blocks, win², d)
@@ -175,7 +174,7 @@ class HaloAttention(nn.Module):
             attn = self.attn_probs(((q @ k.transpose(-2, -1)) * self.scale + bias).softmax(dim=-1))
             out = attn @ v  # (B*heads, blocks, bs*bs, dv)
 
-        out = out.reshape(B, heads, nh, nw, bs, bs, dv).permute(0, 1, 6, 2, 4, 3, 5)
+        out = out.permute(0, 3, 1, 2).reshape(B * heads * dv, nh, nw, bs, bs).transpose(2, 3)
         out = out.reshape(B, heads * dv, nh * bs, nw * bs)[:, :, : math.ceil(H / s), : math.ceil(W / s)]
         return self.pool(out)
 
