@@ -409,7 +409,7 @@ def _bench_exported(model: nn.Module, x: torch.Tensor, x1: torch.Tensor, repeats
     fmt, label = EXPORTED[runtime]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"model{export.SUFFIX[fmt]}"
-        export.get_format(fmt).write(model, path, tuple(x.shape[1:]), dynamic_batch=True, max_batch=x.shape[0])
+        export.get_format(fmt).write(model, path, export.ExportSpec(tuple(x.shape[1:]), max_batch=x.shape[0]))
         runner = export.load(path, fmt)
         xb, xo = x.cpu(), x1.cpu()
         with torch.no_grad():

@@ -26,9 +26,11 @@ import torch
 from torch import nn
 
 from vitkit.export import coreml as _coreml
+from vitkit.export import executorch as _et
 from vitkit.export.common import (
     MAX_BATCH,
     ExportError,
+    ExportSpec,
     MissingExtra,
     RawHead,
     example,
@@ -44,8 +46,8 @@ from vitkit.export.openvino import OpenVinoRunner, export_openvino
 from vitkit.export.torchscript import export_program, export_torchscript, onednn_graph_fusion, trace_frozen
 
 __all__ = [
-    "FORMATS", "SUFFIX", "TOLERANCE", "ExportError", "MissingExtra", "RawHead", "exportable", "export_model",
-    "load", "run_exported", "export_onnx", "export_program", "export_torchscript", "export_executorch",
+    "FORMATS", "SUFFIX", "TOLERANCE", "ExportError", "ExportSpec", "MissingExtra", "RawHead", "exportable",
+    "export_model", "load", "run_exported", "export_onnx", "export_program", "export_torchscript", "export_executorch",
     "export_openvino", "export_coreml", "inspect_coreml", "quantize_onnx_int8", "OnnxRunner", "ExecuTorchRunner",
     "OpenVinoRunner", "trace_frozen", "onednn_graph_fusion", "rel_err", "torch_program", "verify",
 ]  # fmt: skip
@@ -59,7 +61,7 @@ class Format:
 
     name: str
     suffix: str
-    write: Callable[..., Path]  # (model, path, chw, dynamic_batch=, sizes=, max_batch=, precision=)
+    write: Callable[[nn.Module, Path, ExportSpec], Path]
     runner: Callable[..., Callable] | None  # (path, threads) -> callable on a tensor
     extra: str | None = None
     precisions: tuple[str, ...] = ("fp32",)
@@ -67,8 +69,16 @@ class Format:
     max_batch: int = MAX_BATCH
 
 
-def _torchscript(model, path, chw, dynamic_batch=True, sizes=None, **_):
-    return export_torchscript(model, path, chw)
+def _onnx(model, path, spec: ExportSpec) -> Path:
+    return export_onnx(model, path, spec.chw, spec.dynamic_batch, spec.sizes)
+
+
+def _program(model, path, spec: ExportSpec) -> Path:
+    return export_program(model, path, spec.chw, spec.dynamic_batch, spec.sizes)
+
+
+def _torchscript(model, path, spec: ExportSpec) -> Path:
+    return export_torchscript(model, path, spec.chw)
 
 
 def _program_runner(path, threads=None):
@@ -79,19 +89,13 @@ def _torchscript_runner(path, threads=None):
     return torch.jit.load(str(path))
 
 
-def _plain(write):  # a writer without precision / max_batch options
-    return lambda model, path, chw, dynamic_batch=True, sizes=None, max_batch=MAX_BATCH, **_: write(
-        model, path, chw, dynamic_batch, sizes
-    )
-
-
 REGISTRY: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("onnx", ".onnx", _plain(export_onnx), OnnxRunner, extra="export"),
-        Format("export", ".pt2", _plain(export_program), _program_runner),
+        Format("onnx", ".onnx", _onnx, OnnxRunner, extra="export"),
+        Format("export", ".pt2", _program, _program_runner),
         Format("torchscript", ".torchscript.pt", _torchscript, _torchscript_runner, flexible_sizes=False),
-        Format("executorch", ".pte", export_executorch, ExecuTorchRunner, extra="executorch", max_batch=8),
+        Format("executorch", ".pte", export_executorch, ExecuTorchRunner, extra="executorch", max_batch=_et.MAX_BATCH),
         Format("openvino", ".xml", export_openvino, OpenVinoRunner, extra="openvino", precisions=("fp32", "fp16")),
         Format(
             "coreml",
@@ -188,7 +192,8 @@ def export_model(
     max_batch = max_batch or f.max_batch
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    f.write(model, path, chw, dynamic_batch=dynamic_batch, sizes=sizes, max_batch=max_batch, precision=precision)
+    spec = ExportSpec(chw, dynamic_batch, tuple(sizes) if sizes else None, max_batch, precision)
+    f.write(model, path, spec)
     if not dynamic_batch and fmt != "torchscript":  # a static export is batch 1 (a trace keeps the batch free)
         check_batches = (1,)
     check_batches = [b for b in check_batches if b <= max_batch]
@@ -197,7 +202,7 @@ def export_model(
         runner, ran = load(path, fmt), f"the {fmt} artefact in its runtime"
     else:  # Core ML off macOS: the converted program's declared shapes, and the program it was converted from
         extra["coreml"] = inspect_coreml(path)
-        program = _coreml.coreml_program(model, chw, dynamic_batch, sizes, max_batch)
+        program = _coreml.coreml_program(model, spec)
         runner, ran = program.module(), f"the program given to the converter ({_coreml.WHY_NOT_RUN})"
         if sizes:
             check_batches = [1]  # enumerated sizes are at batch 1

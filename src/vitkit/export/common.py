@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -114,3 +117,35 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``max |out - ref| / max |ref|``: the error measure every verified route and export uses."""
     ref = ref.float()
     return float((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What an artefact must accept: inputs of ``chw``, a batch of 1..``max_batch`` (or batch 1 when the batch is
+    static), the square ``sizes`` besides the default, computed at ``precision``."""
+
+    chw: tuple[int, ...]
+    dynamic_batch: bool = True
+    sizes: tuple[int, ...] | None = None
+    max_batch: int = MAX_BATCH
+    precision: str = "fp32"
+
+    def program(self, model: nn.Module) -> torch.export.ExportedProgram:
+        return torch_program(model, self.chw, self.dynamic_batch, self.sizes, self.max_batch)
+
+
+def require(module: str, what: str, extra: str):
+    """Import an optional converter or runtime, or raise :class:`MissingExtra` naming the extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtra(what, extra) from None
+
+
+@contextlib.contextmanager
+def converting(model: nn.Module, what: str) -> Iterator[None]:
+    """A converter's own exceptions (many types) as one :class:`ExportError` naming the model and the step."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"{model_name(model)}: {what} failed: {type(e).__name__}: {str(e)[:500]}") from e

@@ -22,27 +22,19 @@ converter's message is in ``benchmarks/edge/README.md``). Optional extra: ``pip 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vitkit.export.common import ExportError, MissingExtra, model_name, torch_program
+from vitkit.export.common import ExportSpec, converting, require
 
 MAX_BATCH = 64
 RUNS_HERE = sys.platform == "darwin"
 WHY_NOT_RUN = "Core ML runs models on macOS only (coremltools on Linux converts and saves but cannot predict)"
-
-
-def _coremltools():
-    try:
-        import coremltools
-    except ImportError:
-        raise MissingExtra("Core ML export", "coreml") from None
-    return coremltools
 
 
 def drop_aliases(program: torch.export.ExportedProgram) -> int:
@@ -58,46 +50,36 @@ def drop_aliases(program: torch.export.ExportedProgram) -> int:
     return dropped
 
 
-def coreml_program(model: nn.Module, input_chw, dynamic_batch: bool, sizes, max_batch: int):
+def coreml_program(model: nn.Module, spec: ExportSpec) -> torch.export.ExportedProgram:
     """The program coremltools converts: ``torch.export``, ATen ops kept (no core-ATen decomposition), aliases
     dropped."""
-    program = torch_program(model, input_chw, dynamic_batch or bool(sizes), sizes, max_batch)
+    program = dataclasses.replace(spec, dynamic_batch=spec.dynamic_batch or bool(spec.sizes)).program(model)
     program = program.run_decompositions({})
     drop_aliases(program)
     return program
 
 
-def export_coreml(
-    model: nn.Module,
-    path: str | os.PathLike,
-    input_chw,
-    dynamic_batch: bool = True,
-    sizes: Sequence[int] | None = None,
-    max_batch: int = MAX_BATCH,
-    precision: str = "fp32",
-) -> Path:
+def export_coreml(model: nn.Module, path: str | os.PathLike, spec: ExportSpec) -> Path:
     """Write ``model`` as a Core ML ML program (``.mlpackage``, iOS 17 / macOS 14 and newer)."""
-    ct = _coremltools()
-    c, h, w = input_chw
-    program = coreml_program(model, input_chw, dynamic_batch, sizes, max_batch)
-    if sizes:
-        sides = sorted({int(h), *map(int, sizes)})
+    ct = require("coremltools", "Core ML export", "coreml")
+    c, h, w = spec.chw
+    program = coreml_program(model, spec)
+    if spec.sizes:
+        sides = sorted({int(h), *map(int, spec.sizes)})
         shape = ct.EnumeratedShapes(shapes=[(1, c, s, s) for s in sides], default=(1, c, h, w))
-    elif dynamic_batch:
-        shape = (ct.RangeDim(1, max_batch, default=1), c, h, w)
+    elif spec.dynamic_batch:
+        shape = (ct.RangeDim(1, spec.max_batch, default=1), c, h, w)
     else:
         shape = (1, c, h, w)
-    precision_ = {"fp32": ct.precision.FLOAT32, "fp16": ct.precision.FLOAT16}[precision]
-    try:
+    precision = {"fp32": ct.precision.FLOAT32, "fp16": ct.precision.FLOAT16}[spec.precision]
+    with converting(model, "Core ML conversion"):
         converted = ct.convert(
             program,
             inputs=[ct.TensorType(name="x", shape=shape)],
             convert_to="mlprogram",
-            compute_precision=precision_,
+            compute_precision=precision,
             minimum_deployment_target=ct.target.iOS17,
         )
-    except Exception as e:  # noqa: BLE001 - the converter raises many types; report them as one
-        raise ExportError(f"{model_name(model)}: Core ML conversion failed: {type(e).__name__}: {str(e)[:500]}") from e
     converted.save(str(path))
     return Path(path)
 
@@ -105,7 +87,7 @@ def export_coreml(
 def inspect_coreml(path: str | os.PathLike) -> dict:
     """What a saved ``.mlpackage`` declares: inputs (name, shape or enumerated shapes or ranges), outputs, the
     spec version and the ML program's op types (read without the Core ML runtime)."""
-    ct = _coremltools()
+    ct = require("coremltools", "Core ML export", "coreml")
     spec = ct.utils.load_spec(str(path))
 
     def array(feature) -> dict:
@@ -136,7 +118,7 @@ class CoreMLRunner:
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         if not RUNS_HERE:
             raise RuntimeError(WHY_NOT_RUN)
-        ct = _coremltools()
+        ct = require("coremltools", "Core ML export", "coreml")
         self.model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY)
         self.outputs = [o.name for o in self.model.get_spec().description.output]
 

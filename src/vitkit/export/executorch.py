@@ -12,39 +12,25 @@ batch 1 with error 0x10 in XNNPACK). Optional extra: ``pip install 'vitkit[execu
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vitkit.export.common import ExportError, MissingExtra, model_name, torch_program
+from vitkit.export.common import ExportSpec, MissingExtra, converting, require
 
 MAX_BATCH = 8
 
 
-def export_executorch(
-    model: nn.Module,
-    path: str | os.PathLike,
-    input_chw,
-    dynamic_batch: bool = True,
-    sizes: Sequence[int] | None = None,
-    max_batch: int = MAX_BATCH,
-    precision: str = "fp32",
-) -> Path:
+def export_executorch(model: nn.Module, path: str | os.PathLike, spec: ExportSpec) -> Path:
     """Write ``model`` as an ExecuTorch program (``.pte``) delegated to XNNPACK (fp32)."""
-    if precision != "fp32":
-        raise ValueError(f"the ExecuTorch export is fp32, not {precision!r}")
-    try:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import to_edge_transform_and_lower
-    except ImportError:
-        raise MissingExtra("ExecuTorch export", "executorch") from None
-    program = torch_program(model, input_chw, dynamic_batch, sizes, max_batch)
-    try:
+    require("executorch", "ExecuTorch export", "executorch")
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    program = spec.program(model)
+    with converting(model, "ExecuTorch lowering"):
         lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
-    except Exception as e:  # noqa: BLE001 - the lowering raises many types; report them as one
-        raise ExportError(f"{model_name(model)}: ExecuTorch lowering failed: {type(e).__name__}: {str(e)[:500]}") from e
     Path(path).write_bytes(lowered.buffer)
     return Path(path)
 

@@ -10,40 +10,21 @@ bf16 on CPUs with AMX or AVX-512 bf16 unless ``INFERENCE_PRECISION_HINT`` says f
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vitkit.export.common import MAX_BATCH, ExportError, MissingExtra, model_name, torch_program
+from vitkit.export.common import ExportSpec, converting, require
 
 
-def _openvino():
-    try:
-        import openvino
-    except ImportError:
-        raise MissingExtra("OpenVINO export and runtime", "openvino") from None
-    return openvino
-
-
-def export_openvino(
-    model: nn.Module,
-    path: str | os.PathLike,
-    input_chw,
-    dynamic_batch: bool = True,
-    sizes: Sequence[int] | None = None,
-    max_batch: int = MAX_BATCH,
-    precision: str = "fp32",
-) -> Path:
+def export_openvino(model: nn.Module, path: str | os.PathLike, spec: ExportSpec) -> Path:
     """Write ``model`` as OpenVINO IR at ``path`` (``.xml``; the weights go beside it in ``.bin``)."""
-    ov = _openvino()
-    program = torch_program(model, input_chw, dynamic_batch, sizes, max_batch)
-    try:
+    ov = require("openvino", "OpenVINO export and runtime", "openvino")
+    program = spec.program(model)
+    with converting(model, "OpenVINO conversion"):
         converted = ov.convert_model(program)
-    except Exception as e:  # noqa: BLE001
-        raise ExportError(f"{model_name(model)}: OpenVINO conversion failed: {type(e).__name__}: {str(e)[:500]}") from e
-    ov.save_model(converted, str(path), compress_to_fp16=precision == "fp16")
+    ov.save_model(converted, str(path), compress_to_fp16=spec.precision == "fp16")
     return Path(path)
 
 
@@ -51,7 +32,7 @@ class OpenVinoRunner:
     """An OpenVINO IR as a callable on torch tensors (CPU plugin, f32 inference precision, ``threads`` threads)."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        ov = _openvino()
+        ov = require("openvino", "OpenVINO export and runtime", "openvino")
         core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
