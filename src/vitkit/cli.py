@@ -298,6 +298,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from vitkit.export import SUFFIX, export_model
 
+    run = None
     if Path(args.name).is_dir():  # a training run: its model, weights and input size
         from vitkit.train import load_run
 
@@ -311,7 +312,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         chw, stem = model.pretrained_cfg["input_size"], args.name
     out = args.output or f"{stem}{SUFFIX[args.format]}"
     if args.int8:
-        return _export_int8(args, run if Path(args.name).is_dir() else None, model, chw, out)
+        return _export_int8(args, run, model, chw, out)
     res = export_model(
         model, out, args.format, dynamic_batch=args.dynamic_batch, sizes=args.sizes, precision=args.precision,
         input_chw=chw,

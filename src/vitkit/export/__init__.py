@@ -193,7 +193,11 @@ def export_model(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     spec = ExportSpec(chw, dynamic_batch, tuple(sizes) if sizes else None, max_batch, precision)
-    f.write(model, path, spec)
+    if f.runner is None:  # Core ML off macOS: the program it converts is what can be run here, so keep it
+        program = _coreml.coreml_program(model, spec)
+        _coreml.export_coreml(model, path, spec, program)
+    else:
+        f.write(model, path, spec)
     if not dynamic_batch and fmt != "torchscript":  # a static export is batch 1 (a trace keeps the batch free)
         check_batches = (1,)
     check_batches = [b for b in check_batches if b <= max_batch]
@@ -202,7 +206,6 @@ def export_model(
         runner, ran = load(path, fmt), f"the {fmt} artefact in its runtime"
     else:  # Core ML off macOS: the converted program's declared shapes, and the program it was converted from
         extra["coreml"] = inspect_coreml(path)
-        program = _coreml.coreml_program(model, spec)
         runner, ran = program.module(), f"the program given to the converter ({_coreml.WHY_NOT_RUN})"
         if sizes:
             check_batches = [1]  # enumerated sizes are at batch 1

@@ -59,11 +59,14 @@ def coreml_program(model: nn.Module, spec: ExportSpec) -> torch.export.ExportedP
     return program
 
 
-def export_coreml(model: nn.Module, path: str | os.PathLike, spec: ExportSpec) -> Path:
-    """Write ``model`` as a Core ML ML program (``.mlpackage``, iOS 17 / macOS 14 and newer)."""
+def export_coreml(
+    model: nn.Module, path: str | os.PathLike, spec: ExportSpec, program: torch.export.ExportedProgram | None = None
+) -> Path:
+    """Write ``model`` as a Core ML ML program (``.mlpackage``, iOS 17 / macOS 14 and newer). ``program``: its
+    :func:`coreml_program`, when the caller already has it (to run it where Core ML cannot run)."""
     ct = require("coremltools", "Core ML export", "coreml")
     c, h, w = spec.chw
-    program = coreml_program(model, spec)
+    program = coreml_program(model, spec) if program is None else program
     if spec.sizes:
         sides = sorted({int(h), *map(int, spec.sizes)})
         shape = ct.EnumeratedShapes(shapes=[(1, c, s, s) for s in sides], default=(1, c, h, w))

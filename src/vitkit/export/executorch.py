@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitkit.export.common import ExportSpec, MissingExtra, converting, require
+from vitkit.export.common import ExportSpec, converting, require
 
 MAX_BATCH = 8
 
@@ -40,11 +40,10 @@ class ExecuTorchRunner:
     ``threads`` sizes the runtime's thread pool (XNNPACK's), which is process-wide."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        try:
-            from executorch.extension.pybindings import portable_lib
-            from executorch.runtime import Runtime
-        except ImportError:
-            raise MissingExtra("running an ExecuTorch program", "executorch") from None
+        require("executorch", "running an ExecuTorch program", "executorch")
+        from executorch.extension.pybindings import portable_lib
+        from executorch.runtime import Runtime
+
         portable_lib._unsafe_reset_threadpool(threads or torch.get_num_threads())  # the runtime's only knob
         self.method = Runtime.get().load_program(Path(path)).load_method("forward")
 

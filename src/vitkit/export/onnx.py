@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitkit.export.common import ExportError, MissingExtra, dynamic_shapes, exportable, model_name, trace_input
+from vitkit.export.common import converting, dynamic_shapes, exportable, require, trace_input
 
 
 def export_onnx(
@@ -18,7 +18,7 @@ def export_onnx(
     """Write ``model`` as ONNX (opset of the dynamo exporter) with an optional dynamic batch axis and, with
     ``sizes``, a flexible square input side."""
     model = exportable(model)
-    try:
+    with converting(model, "ONNX export"):
         program = torch.onnx.export(
             model.eval(),
             (trace_input(input_chw, sizes, 2 if dynamic_batch else 1),),
@@ -27,8 +27,6 @@ def export_onnx(
             verbose=False,
         )
         program.save(str(path))
-    except Exception as e:  # noqa: BLE001 - the exporter raises many types; report them as one
-        raise ExportError(f"{model_name(model)}: ONNX export failed: {type(e).__name__}: {str(e)[:500]}") from e
     return Path(path)
 
 
@@ -36,11 +34,7 @@ class OnnxRunner:
     """An ONNX file as a callable on torch tensors (ONNX Runtime's CPU provider, ``threads`` intra-op threads)."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise MissingExtra("running an ONNX export (onnxruntime)", "export") from None
-
+        ort = require("onnxruntime", "running an ONNX export (onnxruntime)", "export")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -71,11 +65,9 @@ def quantize_onnx_int8(
     logits 134% off (relative), Conv + MatMul + Gemm 21%, MatMul + Gemm 2%; ``vitkit export --int8`` therefore
     tries these sets and keeps the most accurate on images it did not calibrate on.
     """
-    try:
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-    except ImportError:
-        raise MissingExtra("int8 quantization (onnxruntime)", "export") from None
+    require("onnxruntime", "int8 quantization (onnxruntime)", "export")
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class _Batches(CalibrationDataReader):
         def __init__(self):

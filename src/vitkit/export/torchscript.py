@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitkit.export.common import ExportError, example, exportable, model_name, torch_program
+from vitkit.export.common import converting, example, exportable, torch_program
 
 
 def export_program(
@@ -26,12 +26,8 @@ def export_program(
 def export_torchscript(model: nn.Module, path: str | os.PathLike, input_chw) -> Path:
     """Write a traced TorchScript module (batch size is free in the trace; the input size is fixed)."""
     model = exportable(model)
-    try:
-        with torch.no_grad():
-            traced = torch.jit.trace(model.eval(), (example(input_chw),), check_trace=False)
-        traced.save(str(path))
-    except Exception as e:  # noqa: BLE001
-        raise ExportError(f"{model_name(model)}: TorchScript tracing failed: {type(e).__name__}: {str(e)[:500]}") from e
+    with converting(model, "TorchScript tracing"), torch.no_grad():
+        torch.jit.trace(model.eval(), (example(input_chw),), check_trace=False).save(str(path))
     return Path(path)
 
 
@@ -55,9 +51,6 @@ def trace_frozen(model: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
     """The TorchScript inference runtime: ``model`` traced on ``x`` and frozen (weights become constants,
     BatchNorm folds into the convolutions). The trace follows ``x``'s input size and the code paths it took;
     raises :class:`ExportError` with the tracer's reason when the model cannot be traced."""
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # sizes baked into the trace: documented above
-            return torch.jit.freeze(torch.jit.trace(model.eval(), (x,), check_trace=False))
-    except Exception as e:  # noqa: BLE001
-        raise ExportError(f"{model_name(model)}: TorchScript tracing failed: {type(e).__name__}: {str(e)[:500]}") from e
+    with converting(model, "TorchScript tracing"), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # sizes baked into the trace: documented above
+        return torch.jit.freeze(torch.jit.trace(model.eval(), (x,), check_trace=False))
