@@ -158,10 +158,12 @@ class HaloAttention(nn.Module):
         nh, nw, heads, dqk, dv = Hp // b, Wp // b, self.num_heads, self.dim_head_qk, self.dim_head_v
 
         q = self.q(x).reshape(B * heads * dqk, nh, bs, nw, bs).transpose(2, 3)  # (rank <= 5 throughout: Core ML)
-        q = q.reshape(B * heads, dqk, nh * nw, bs * bs).permute(0, 2, 3, 1)  # (B*heads, blocks, bs*bs, d)
-        # each head's kv channels are dqk of k then dv of v; windows of win x win at step b over the halo-padded map
-        kv = F.pad(self.kv(x), (h, h, h, h)).flatten(2)[:, :, self._windows(nh, nw, x.device)]
-        kv = kv.reshape(B * heads, dqk + dv, nh * nw, win * win).permute(0, 2, 3, 1)  # (B*heads, blocks, win², d)
+        # (B*heads, blocks, bs*bs, d), stored in that order: SDPA's fused CPU kernel needs unit stride on d
+        q = q.reshape(B * heads, dqk, nh * nw, bs * bs).permute(0, 2, 3, 1).contiguous()
+        # each head's kv channels are dqk of k then dv of v; windows of win x win at step b over the halo-padded map,
+        # gathered as whole rows of a (B*heads, position, d) copy (a fraction of the cost of gathering columns)
+        kv = F.pad(self.kv(x), (h, h, h, h)).reshape(B * heads, dqk + dv, -1).transpose(1, 2).contiguous()
+        kv = kv.index_select(1, self._windows(nh, nw, x.device)).reshape(B * heads, nh * nw, win * win, dqk + dv)
         k, v = kv.split([dqk, dv], dim=-1)
 
         bias = self.pos_embed(q)  # from the unscaled query, as in the reference
