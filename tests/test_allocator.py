@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from vitkit import allocator
+from vitkit.bench import allocator
 from vitkit.bench.speed import peak_memory_mb
 from vitkit.cli import main as cli
 
@@ -45,3 +47,23 @@ def test_cli_rejects_an_unknown_malloc_policy(monkeypatch, capsys):
     monkeypatch.setenv("VITKIT_MALLOC", "fastest")
     assert cli(["models", "vit_tiny*"]) == 2
     assert "VITKIT_MALLOC must be 'speed' or 'default'" in capsys.readouterr().err
+
+
+@glibc
+@pytest.mark.parametrize("policy", ["default", "speed"])
+def test_bench_takes_the_malloc_policy_as_a_runtime_option(policy):
+    """A fresh process (glibc cannot return to its default once changed): the row records the policy asked for."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "vitkit", "bench", "vit_tiny_patch16_224", "--img-size", "32", "--batch", "1",
+           "--repeats", "1", "--layout", "nchw", "--format", "json", "--malloc", policy]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "VITKIT_MALLOC": "bad"})
+    assert done.returncode == 0, done.stderr[-2000:]  # --malloc wins over the environment
+    assert json.loads(done.stdout)[0]["allocator"] == policy
+
+
+def test_bench_rejects_an_unknown_malloc_option():
+    with pytest.raises(SystemExit):
+        cli(["bench", "vit_tiny_patch16_224", "--malloc", "fastest"])

@@ -4,7 +4,7 @@
 
 For each layer shape, dtype (fp32, bf16 autocast) and pass (forward, forward+backward), the median of 20
 alternating repeats of: the unfold-based reference (`unfold_reference.py`), vitkit's eager path (the default),
-and vitkit's fused SDPA path, all under vitkit's malloc policy (vitkit.allocator); then the peak memory of one
+and vitkit's fused SDPA path, all under vitkit's malloc policy (vitkit.bench.allocator); then the peak memory of one
 call of each (vitkit.bench.speed.peak_memory_mb), the median of five fresh processes (measured in one process after the
 timings, the readings depended on the order of the implementations by up to 15 MB), and the deterministic peak
 of live tensors (vitkit.bench.speed.tensor_peak_mb: what the operators allocate, blind to the allocator).
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from vitkit import allocator
+from vitkit.bench import allocator
 from vitkit.bench.speed import peak_memory_mb, tensor_peak_mb
 from vitkit.layers import HaloAttention
 

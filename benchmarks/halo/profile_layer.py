@@ -10,7 +10,7 @@ import sys
 import torch
 from torch.profiler import profile
 
-from vitkit import allocator
+from vitkit.bench import allocator
 from vitkit.layers import HaloAttention
 
 

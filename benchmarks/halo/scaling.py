@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/halo/scaling.py      # -> scaling.json, scaling.png
 
-Each (model, size, dtype) runs in a fresh process under vitkit's malloc policy (vitkit.allocator): median of 3
+Each (model, size, dtype) runs in a fresh process under vitkit's malloc policy (vitkit.bench.allocator): median of 3
 timed forwards after one warm-up, then the peak memory of one forward (vitkit.bench.speed.peak_memory_mb: the
 resident-set high-water mark over the call under exact allocator accounting).
 The ViT is `vit_base_patch16_224` with `dynamic_img_size=True` (position embeddings interpolated per size).
@@ -28,8 +28,7 @@ def one(name: str, size: int, dtype: str) -> dict:
     import torch
 
     import vitkit
-    from vitkit import allocator
-    from vitkit.bench import count_macs
+    from vitkit.bench import allocator, count_macs
     from vitkit.bench.speed import peak_memory_mb
 
     torch.set_num_threads(2)

@@ -148,7 +148,7 @@ def main() -> int:
         print(markdown_tables(json.loads(Path(args.out).read_text())))
         return 0
     torch.set_num_threads(args.threads)
-    from vitkit.allocator import tune_allocator
+    from vitkit.bench.allocator import tune_allocator
     from vitkit.machine import cpu_info, cpu_line
 
     tune_allocator()

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 import vitkit
-from vitkit.allocator import tune_allocator
 from vitkit.bench import count_macs, count_params
+from vitkit.bench.allocator import tune_allocator
 from vitkit.config import load_config
 from vitkit.machine import cpu_line
 from vitkit.train import Trainer, evaluate

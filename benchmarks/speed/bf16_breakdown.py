@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import vitkit
-from vitkit import allocator
+from vitkit.bench import allocator
 from vitkit.bench.speed import timeit
 
 HERE = Path(__file__).resolve().parent

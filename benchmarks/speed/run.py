@@ -126,7 +126,9 @@ def main(argv=None) -> None:
     ap.add_argument("--models", nargs="*", default=list(REFERENCE_MFU))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--malloc", default="speed", choices=["speed", "default"], help="glibc policy (vitkit.allocator)")
+    ap.add_argument(
+        "--malloc", default="speed", choices=["speed", "default"], help="glibc policy (vitkit.bench.allocator)"
+    )
     ap.add_argument("--layout", default="auto", choices=["auto", "nchw", "channels_last"])
     ap.add_argument("--no-fuse-bn", dest="fuse_bn", action="store_false", help="keep BatchNorm separate")
     ap.add_argument("--out", default=str(HERE / "results.json"))

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from vitkit.allocator import tune_allocator
+from vitkit.bench.allocator import tune_allocator
 from vitkit.config import load_config
 from vitkit.machine import cpu_line
 from vitkit.train import Trainer, evaluate, linear_probe, load_run

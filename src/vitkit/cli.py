@@ -27,8 +27,7 @@ from collections.abc import Callable
 import torch
 
 import vitkit
-from vitkit import allocator
-from vitkit.bench import count_macs, count_params
+from vitkit.bench import allocator, count_macs, count_params
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
 
@@ -222,6 +221,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 repeats=args.repeats,
                 device=args.device,
                 in_chans=3,
+                tune_malloc=allocator.choice(args.malloc) == "speed",
             )
             rows.append(row.as_dict())
             if args.format == "table":
@@ -522,6 +522,13 @@ def _add_bench(sub) -> None:
     )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--malloc",
+        default=None,
+        choices=["speed", "default"],
+        help="glibc malloc policy for the process (vitkit.bench.allocator): speed keeps freed tensor memory for reuse, "
+        "default is glibc's own; default: $VITKIT_MALLOC, else speed",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--plot", default=None, help="write a PNG of a resolution sweep")
     p.set_defaults(func=cmd_bench)
@@ -660,7 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        allocator.tune_from_env()  # the CLI owns its process: keep freed tensor memory for reuse (see allocator)
+        if args.command != "bench":  # bench sets the policy itself (--malloc): glibc cannot go back to its default
+            allocator.tune_from_env()  # the CLI owns its process: keep freed tensor memory for reuse (see allocator)
         return args.func(args)
     except (ValueError, RuntimeError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"vitkit: error: {e}", file=sys.stderr)

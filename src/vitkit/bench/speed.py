@@ -9,10 +9,10 @@
   TorchScript's oneDNN Graph fuser (:func:`vitkit.export.onednn_graph_fusion`), after checking its output.
 * Peak memory: on CUDA ``max_memory_allocated``; on Linux CPUs the growth of the process's resident-set
   high-water mark over the call (``/proc/self/clear_refs`` resets it), measured under
-  :func:`vitkit.allocator.exact_accounting` so that freed tensors leave the resident set; the allocator's
+  :func:`vitkit.bench.allocator.exact_accounting` so that freed tensors leave the resident set; the allocator's
   previous policy is restored afterwards, so memory measurement never slows later timings. Elsewhere None.
   ``tensor_peak_mb`` counts the bytes of live tensors instead: deterministic, blind to the allocator.
-* ``bench_model`` switches the process to :func:`vitkit.allocator.tune_allocator`'s policy first
+* ``bench_model`` switches the process to :func:`vitkit.bench.allocator.tune_allocator`'s policy first
   (``tune_malloc=False`` keeps glibc's defaults) and records the policy in the row's ``allocator``.
 """
 
@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import vitkit
-from vitkit import allocator
+from vitkit.bench import allocator
 from vitkit.bench.flops import count_macs, count_params
 from vitkit.config import TrainConfig
 from vitkit.layers import fuse_conv_bn
@@ -237,7 +237,7 @@ def bench_model(
 
     ``layout``: 'nchw', 'channels_last', or 'auto' (time both, keep the faster; like bf16's two modes, the
     choice is reported, here in ``channels_last``). ``tune_malloc``: switch the process to
-    :func:`vitkit.allocator.tune_allocator`'s policy first (reported in ``allocator``). ``fuse_bn``: fold
+    :func:`vitkit.bench.allocator.tune_allocator`'s policy first (reported in ``allocator``). ``fuse_bn``: fold
     BatchNorm into the preceding convolutions for inference (:func:`vitkit.layers.fuse_conv_bn`; reported in
     ``fused_bn``, the number of folded pairs). ``runtime``: 'torch' (eager PyTorch), 'torchscript' (the model
     traced and frozen, run with TorchScript's oneDNN Graph fuser; its output is checked against eager first), or

@@ -14,7 +14,8 @@ Policies (``policy()`` reports the current one):
   return to it (setting the mmap threshold disables the dynamic adjustment for good).
 * ``"speed"`` (:func:`tune_allocator`): blocks up to 32 MiB (glibc's ceiling) come from the heap, and the heap
   keeps up to 1 GiB of free memory for reuse. The resident set stays near its high-water mark, as with any
-  caching allocator. The vitkit CLI sets it at start-up (``VITKIT_MALLOC=default`` opts out).
+  caching allocator. The vitkit CLI sets it at start-up (``VITKIT_MALLOC=default`` opts out); ``vitkit bench``
+  takes it as a runtime option, ``--malloc speed|default``, and records it in each row.
 * ``"exact"`` (:func:`exact_accounting`, used by peak-memory measurement): every block from 64 KiB up is its own
   mapping, returned to the OS on ``free``, so the resident-set high-water mark is the true peak of live
   tensors. Slow; on leaving, the previous policy is restored (``"default"`` becomes glibc's saturated
@@ -79,12 +80,19 @@ def tune_allocator() -> bool:
     return _apply("speed")
 
 
+def choice(option: str | None = None) -> str:
+    """The policy asked for: ``option`` (``vitkit bench --malloc``) if given, else ``$VITKIT_MALLOC``, else speed."""
+    name = (option or os.environ.get("VITKIT_MALLOC", "speed")).strip().lower()
+    if name not in ("speed", "default"):
+        source = "--malloc" if option else "VITKIT_MALLOC"
+        raise ValueError(f"{source} must be 'speed' or 'default', got {name!r}")
+    return name
+
+
 def tune_from_env() -> None:
-    """What the CLI calls at start-up: the speed policy unless ``VITKIT_MALLOC=default``."""
-    choice = os.environ.get("VITKIT_MALLOC", "speed").strip().lower()
-    if choice not in ("speed", "default"):
-        raise ValueError(f"VITKIT_MALLOC must be 'speed' or 'default', got {choice!r}")
-    if choice == "speed":
+    """What the CLI calls at start-up (every command but ``bench``, which has ``--malloc``): the speed policy
+    unless ``VITKIT_MALLOC=default``."""
+    if choice() == "speed":
         tune_allocator()
 
 
