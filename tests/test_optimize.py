@@ -109,3 +109,25 @@ def test_bench_reports_eager_and_compiled_side_by_side(tmp_path, monkeypatch):
     row = bench_model("vit_tiny_patch16_224", img_size=32, batch=2, compile=True, repeats=2, memory=False,
                       patch_size=8, depth=2)  # fmt: skip
     assert row.compiled and row.compile_s > 0 and row.eager_img_per_s > 0 and row.img_per_s > 0
+
+
+@pytest.mark.parametrize("vnni", [False, pytest.param(True, marks=pytest.mark.slow)])  # ~20 s each
+def test_int8_weights_use_7_bits_only_where_the_cpu_lacks_vnni(tmp_path, monkeypatch, vnni):
+    """Without VNNI/AMX, u8 x s8 products are summed pairwise in saturating 16-bit lanes, so the quantizer keeps
+    weights in [-64, 63] (7 bits); with them, the whole int8 range. Read from the quantized file's weights."""
+    pytest.importorskip("onnxruntime", reason="int8 needs the export extra (onnxruntime)")
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from vitkit.export import export_onnx, onnx as onnx_export, quantize_onnx_int8
+
+    monkeypatch.setattr(onnx_export, "int8_dot_units", lambda: vnni)
+    model, x = _model_and_input("vit_tiny_patch16_224")
+    src = export_onnx(model, tmp_path / "fp32.onnx", tuple(x.shape[1:]))
+    dst = quantize_onnx_int8(src, tmp_path / "int8.onnx", [torch.randn(4, *x.shape[1:]) for _ in range(2)])
+    weights = [
+        numpy_helper.to_array(t) for t in onnx.load(str(dst)).graph.initializer if t.data_type == onnx.TensorProto.INT8
+    ]
+    peak = max(int(np.abs(w.astype(np.int32)).max()) for w in weights if w.size > 1)
+    assert weights and (peak == 127 if vnni else peak <= 64), peak

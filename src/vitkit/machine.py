@@ -20,8 +20,10 @@ from functools import cache
 import torch
 
 # flags that decide which kernels run fast (x86 and Arm spellings from /proc/cpuinfo)
-SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8", "bf16")
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",
+               "bf16")  # fmt: skip
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # x86 int8 dot products that accumulate in 32 bits
 
 
 @cache
@@ -71,6 +73,13 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
     if torch.device(device).type == "cuda":
         return True
     return any(f in _cpuinfo()[1] for f in BF16_FLAGS)
+
+
+def int8_dot_units() -> bool:
+    """Whether this x86 CPU multiplies u8 x s8 into 32-bit sums in one instruction (VNNI or AMX). Without them
+    (AVX2 only) int8 GEMMs use ``vpmaddubsw``, whose pairwise sums saturate at 16 bits: see
+    :func:`vitkit.export.quantize_onnx_int8`."""
+    return any(f in _cpuinfo()[1] for f in INT8_DOT_FLAGS)
 
 
 def bf16_note(device: str | torch.device = "cpu") -> str | None:
