@@ -50,7 +50,7 @@ def test_cli_rejects_an_unknown_malloc_policy(monkeypatch, capsys):
 
 
 @glibc
-@pytest.mark.parametrize("policy", ["default", "speed"])
+@pytest.mark.parametrize("policy", ["default", pytest.param("speed", marks=pytest.mark.slow)])  # ~8 s each
 def test_bench_takes_the_malloc_policy_as_a_runtime_option(policy):
     """A fresh process (glibc cannot return to its default once changed): the row records the policy asked for."""
     import json
