@@ -120,7 +120,8 @@ def test_int8_weights_use_7_bits_only_where_the_cpu_lacks_vnni(tmp_path, monkeyp
     import onnx
     from onnx import numpy_helper
 
-    from vitkit.export import export_onnx, onnx as onnx_export, quantize_onnx_int8
+    from vitkit.export import export_onnx, quantize_onnx_int8
+    from vitkit.export import onnx as onnx_export
 
     monkeypatch.setattr(onnx_export, "int8_dot_units", lambda: vnni)
     model, x = _model_and_input("vit_tiny_patch16_224")
