@@ -158,7 +158,8 @@ def test_export_int8_calibrates_on_the_run_s_own_images(tmp_path, capsys):
     """``vitkit export RUN --format onnx --int8``: a statically quantized model (QuantizeLinear nodes) whose logits
     stay near the fp32 model's. Bound: uint8 activations round each tensor to 1/255 of its range (0.4%), 7-bit
     weights (an AVX2 CPU) each channel to 1/127 (0.8%); over the tiny NesT's ~10 quantized layers that compounds
-    to a few percent, so 15% is a loose, honest bound (quantizing every op of this model is off by ~130%: the kept set is chosen by measurement)."""
+    to a few percent, so 15% is a loose, honest bound (quantizing every op of this model is off by ~130%: the
+    kept set is chosen by measurement)."""
     import onnx
 
     from serve_helpers import tiny_mnist_run
