@@ -536,14 +536,14 @@ def _add_bench(sub) -> None:
 
 def _export_int8(args: argparse.Namespace, run, model, chw, out: str) -> int:
     """``--int8``: the fp32 ONNX export quantized by ONNX Runtime (:func:`vitkit.export.quantize_onnx_int8`),
-    calibrated on the run's own training images. The op sets in ``INT8_OP_SETS`` are each tried and the one with
-    the smallest error against eager on other training images (not calibrated on) is kept; for a classifier the
-    held-out top-1 of fp32 and int8 is then reported."""
-    import shutil
+    calibrated on the run's own training images. The op sets in ``vitkit.export.INT8_OP_SETS`` are each tried and
+    the one with the smallest error against eager on other training images (not calibrated on) is kept
+    (:func:`vitkit.export.quantize_onnx_int8_best`); for a classifier the held-out top-1 of fp32 and int8 is then
+    reported."""
     import tempfile
     from pathlib import Path
 
-    from vitkit.export import OnnxRunner, export_onnx, quantize_onnx_int8, rel_err
+    from vitkit.export import OnnxRunner, export_onnx, quantize_onnx_int8_best
     from vitkit.routes import Optimized, OptimizeReport
     from vitkit.train import evaluate
     from vitkit.train.inference import calibration_batches
@@ -553,28 +553,20 @@ def _export_int8(args: argparse.Namespace, run, model, chw, out: str) -> int:
                          "and --format onnx")  # fmt: skip
     calib = calibration_batches(run, args.calibration)
     check = calibration_batches(run, min(64, args.calibration), start=args.calibration)
-    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+    with tempfile.TemporaryDirectory() as tmp:
         export_onnx(model, Path(tmp) / "fp32.onnx", chw)
-        errors = {}
-        for i, ops in enumerate(INT8_OP_SETS):
-            quantize_onnx_int8(Path(tmp) / "fp32.onnx", Path(tmp) / f"{i}.onnx", calib, ops)
-            runner = OnnxRunner(Path(tmp) / f"{i}.onnx")
-            errors[i] = max(rel_err(runner(x), model(x)) for x in check)
-            print(f"int8, {'+'.join(ops) if ops else 'every op'} quantized: max relative error {errors[i]:.2e}")
-        best = min(errors, key=errors.get)
-        shutil.copyfile(Path(tmp) / f"{best}.onnx", out)
+        kept = quantize_onnx_int8_best(model, Path(tmp) / "fp32.onnx", out, calib, check)
+    for label, err in kept["errors"].items():
+        print(f"int8, {label} quantized: max relative error {err:.2e}")
     runner = OnnxRunner(out)
     print(f"wrote {out} (int8, calibrated on {args.calibration} training images); max relative error "
-          f"{errors[best]:.2e}")  # fmt: skip
+          f"{kept['max_rel_err']:.2e}")  # fmt: skip
     if run.cfg.task.name in (None, "classification") and run.cfg.data.val_split:
         held_out = run.task.dataset(run.cfg.data.val_split)
         int8 = Optimized(model, runner, OptimizeReport(route="int8", dtype="fp32"))
         top1 = [evaluate(run.task, m, held_out, run.data_config, 250)["top1"] for m in (model, int8)]
         print(f"held-out top-1: fp32 {100 * top1[0]:.2f}%, int8 {100 * top1[1]:.2f}%")
     return 0
-
-
-INT8_OP_SETS = (None, ("Conv", "MatMul", "Gemm"), ("MatMul", "Gemm"))
 
 
 def _add_export(sub) -> None:

@@ -8,9 +8,10 @@ The layers in :mod:`vitkit.layers` are plain reference code; speed at inference 
   in ``$XDG_CACHE_HOME/vitkit/inductor`` (``~/.cache`` by default; ``TORCHINDUCTOR_CACHE_DIR`` overrides), so a
   second process compiling the same model at the same shapes reuses the first one's kernels.
 * ``"int8"``: post-training static quantization of the ONNX export with ONNX Runtime's quantizer, calibrated on
-  the batches given, run by ONNX Runtime (:func:`vitkit.export.quantize_onnx_int8` says why not PT2E). Its output
-  is compared with eager and the difference is reported; accuracy is what matters for it and is checked on real
-  data (``benchmarks/peers``), not by a tolerance here.
+  the batches given (all but the last, which chooses the quantized op set among ``vitkit.export.INT8_OP_SETS``),
+  run by ONNX Runtime (:func:`vitkit.export.quantize_onnx_int8` says why not PT2E). Its output is compared with
+  eager and the difference is reported; accuracy is what matters for it and is checked on real data
+  (``benchmarks/peers``), not by a tolerance here.
 * ``"eager"``: the model as it is.
 
 ``route="auto"`` compiles, verifies, times the eager model and the compiled one on ``example`` and keeps the
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitkit.export import OnnxRunner, export_onnx, quantize_onnx_int8, rel_err
+from vitkit.export import OnnxRunner, export_onnx, quantize_onnx_int8_best, rel_err
 from vitkit.runtime import autocast
 
 ROUTES = ("auto", "eager", "compile", "int8")
@@ -90,13 +91,16 @@ def compile_frozen(model: nn.Module, dynamic: bool | None = None) -> nn.Module:
     return torch.compile(model, dynamic=dynamic, options={"freezing": True})
 
 
-def _int8_runner(model: nn.Module, calibration) -> OnnxRunner:
-    """The model exported to ONNX, quantized to int8 on ``calibration`` and loaded in ONNX Runtime."""
+def _int8_runner(model: nn.Module, calibration) -> tuple[OnnxRunner, dict]:
+    """The model exported to ONNX, quantized to int8 and loaded in ONNX Runtime. With two or more calibration
+    batches the last is held out to choose the quantized op set (:func:`vitkit.export.quantize_onnx_int8_best`)."""
+    calibration = list(calibration)
+    calib, check = (calibration[:-1], calibration[-1:]) if len(calibration) > 1 else (calibration, calibration)
     folder = Path(tempfile.mkdtemp(prefix="vitkit-int8-"))
     try:
         export_onnx(model, folder / "fp32.onnx", tuple(model.pretrained_cfg["input_size"]))
-        quantize_onnx_int8(folder / "fp32.onnx", folder / "int8.onnx", calibration)
-        return OnnxRunner(folder / "int8.onnx")
+        kept = quantize_onnx_int8_best(model, folder / "fp32.onnx", folder / "int8.onnx", calib, check)
+        return OnnxRunner(folder / "int8.onnx"), kept
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # the session holds the model in memory
 
@@ -153,7 +157,8 @@ def optimize(
 
     t0 = time.perf_counter()
     if route == "int8":
-        fn = _int8_runner(model, calibration or [example])
+        fn, kept = _int8_runner(model, calibration or [example])
+        report.note = f"int8 ops: {'+'.join(kept['op_types']) if kept['op_types'] else 'every op'} (the most accurate)"
     else:
         fn = compile_frozen(model)
     with torch.no_grad(), ctx:

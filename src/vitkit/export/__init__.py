@@ -41,15 +41,22 @@ from vitkit.export.common import (
 )
 from vitkit.export.coreml import export_coreml, inspect_coreml
 from vitkit.export.executorch import ExecuTorchRunner, export_executorch
-from vitkit.export.onnx import OnnxRunner, export_onnx, quantize_onnx_int8
+from vitkit.export.onnx import (
+    INT8_OP_SETS,
+    OnnxRunner,
+    export_onnx,
+    quantize_onnx_int8,
+    quantize_onnx_int8_best,
+)
 from vitkit.export.openvino import OpenVinoRunner, export_openvino
 from vitkit.export.torchscript import export_program, export_torchscript, onednn_graph_fusion, trace_frozen
 
 __all__ = [
     "FORMATS", "SUFFIX", "TOLERANCE", "ExportError", "ExportSpec", "MissingExtra", "RawHead", "exportable",
     "export_model", "load", "run_exported", "export_onnx", "export_program", "export_torchscript", "export_executorch",
-    "export_openvino", "export_coreml", "inspect_coreml", "quantize_onnx_int8", "OnnxRunner", "ExecuTorchRunner",
-    "OpenVinoRunner", "trace_frozen", "onednn_graph_fusion", "rel_err", "torch_program", "verify",
+    "export_openvino", "export_coreml", "inspect_coreml", "quantize_onnx_int8", "quantize_onnx_int8_best",
+    "INT8_OP_SETS", "OnnxRunner", "ExecuTorchRunner", "OpenVinoRunner", "trace_frozen", "onednn_graph_fusion",
+    "rel_err", "torch_program", "verify",
 ]  # fmt: skip
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}  # relative, per artefact precision

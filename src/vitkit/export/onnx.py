@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitkit.export.common import converting, dynamic_shapes, exportable, require, trace_input
+from vitkit.export.common import converting, dynamic_shapes, exportable, rel_err, require, trace_input
 from vitkit.machine import int8_dot_units
 
 
@@ -99,3 +99,29 @@ def quantize_onnx_int8(
     finally:
         pre.unlink(missing_ok=True)
     return dst
+
+
+INT8_OP_SETS = (None, ("Conv", "MatMul", "Gemm"), ("MatMul", "Gemm"))  # None: every op ONNX Runtime quantizes
+
+
+def quantize_onnx_int8_best(
+    model: nn.Module, src: str | os.PathLike, dst: str | os.PathLike, calibration, check, op_sets=INT8_OP_SETS
+) -> dict:
+    """:func:`quantize_onnx_int8` with each of ``op_sets``; the one whose outputs are nearest ``model``'s on the
+    ``check`` batches (inputs it was not calibrated on) is written to ``dst``. Returns ``{"op_types", "errors":
+    {label: max relative error}, "max_rel_err"}``. Used by ``vitkit export --int8`` and ``optimize(route="int8")``:
+    which ops survive quantization depends on the model (see :func:`quantize_onnx_int8`)."""
+    import shutil
+    import tempfile
+
+    errors, best = {}, None
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        for i, ops in enumerate(op_sets):
+            path = quantize_onnx_int8(src, Path(tmp) / f"{i}.onnx", calibration, ops)
+            runner = OnnxRunner(path)
+            label = "+".join(ops) if ops else "every op"
+            errors[label] = max(rel_err(runner(x), model(x)) for x in check)
+            if best is None or errors[label] < best[1]:
+                best = (ops, errors[label], path)
+        shutil.copyfile(best[2], dst)
+    return {"op_types": best[0], "errors": errors, "max_rel_err": best[1]}
