@@ -78,7 +78,8 @@ def main() -> int:
             "model": run.cfg.model.name, "kwargs": run.cfg.model.kwargs, "img_size": run.cfg.model.img_size,
             "epochs": epochs, "fp32_top1": fp32, "int8_top1": q8, "drop_points": round(100 * (fp32 - q8), 2),
             "within_0.5_points": 100 * (fp32 - q8) <= 0.5, "calibration_images": args.calib,
-            "int8_output_rel_err": int8.report.max_rel_err, "quantize_s": round(quant_s, 1),
+            "int8_output_rel_err": int8.report.max_rel_err, "int8_ops": int8.report.note,
+            "quantize_s": round(quant_s, 1),
             "batch8_ms": ms, "int8_speedup_vs_best_fp32": round(min(ms["fp32 eager"], ms["fp32 compiled"])
                                                                 / ms["int8 onnxruntime"], 2),
         }  # fmt: skip

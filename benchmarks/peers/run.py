@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -129,8 +130,9 @@ def markdown_tables(results: dict) -> str:
                 cells = [str(ms[r]) if ms[r] else row.get(r, {}).get("refused", "-") for r in ROUTES]
                 lines.append(f"| {name} | {b} | " + " | ".join(cells) + f" | {r1} | {r2} |")
             for k, v in m["notes"].items():
-                if isinstance(v, str):
-                    lines.append(f"| {name} | note | {k}: {v[:200]} |" + " |" * (len(ROUTES) + 1))
+                if isinstance(v, str):  # one table cell: no line breaks or terminal colour codes
+                    text = re.sub(r"\x1b\[[0-9;]*m", "", v).replace("\n", " ").replace("|", "/")
+                    lines.append(f"| {name} | note | {k}: {text[:300]} |" + " |" * (len(ROUTES) + 1))
         lines.append("")
     return "\n".join(lines)
 
