@@ -30,6 +30,13 @@ def _needs(module: str, extra: str):
 
 EXTRA = {"executorch": "executorch", "openvino": "openvino", "coreml": "coremltools", "onnx": "onnxruntime"}
 EDGE = [pytest.param(f, marks=_needs(EXTRA[f], export.REGISTRY[f].extra)) for f in ("executorch", "openvino", "coreml")]
+# the same, ExecuTorch in the slow run: its XNNPACK lowering alone is ~20 s of the default run
+EDGE_DEFAULT = [
+    pytest.param(
+        f, marks=[_needs(EXTRA[f], export.REGISTRY[f].extra)] + ([pytest.mark.slow] if f == "executorch" else [])
+    )
+    for f in ("executorch", "openvino", "coreml")
+]
 
 
 def _tiny(**kwargs):
@@ -44,7 +51,7 @@ def _broken(model):
     return broken
 
 
-@pytest.mark.parametrize("fmt", EDGE)
+@pytest.mark.parametrize("fmt", EDGE_DEFAULT)
 def test_export_is_verified_and_a_wrong_artefact_fails(fmt, tmp_path):
     model = _tiny()
     res = export.export_model(model, tmp_path / f"m{export.SUFFIX[fmt]}", fmt)
