@@ -277,3 +277,13 @@ def test_bench_exported_runtime_checks_the_artefact_against_eager(runtime, monke
     monkeypatch.setitem(export.REGISTRY, fmt, dataclasses.replace(real, write=wrong_weights))
     with pytest.raises(RuntimeError, match=f"the {EXPORTED[runtime][1]} runtime's output differs from eager by"):
         bench_model("vit_tiny_patch16_224", **kw)
+
+
+def test_interleaved_times_one_call_of_each_route_per_round():
+    from vitkit.bench.speed import interleaved
+
+    calls = []
+    fns = {name: (lambda x, name=name: calls.append(name)) for name in ("a", "b")}
+    ms = interleaved(fns, torch.zeros(1), rounds=3, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up of each, then alternating rounds
+    assert set(ms) == {"a", "b"} and all(v >= 0 for v in ms.values())

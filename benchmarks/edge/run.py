@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 import vitkit
 from vitkit import export
+from vitkit.bench.speed import interleaved
 from vitkit.machine import cpu_line
 
 HERE = Path(__file__).resolve().parent
@@ -72,17 +72,7 @@ def measure(name: str, formats: list[str], rounds: int, tmp: Path) -> dict:
         row["formats"][fmt] = cell
         print(f"  {name} {fmt}: {cell}", flush=True)
     x = torch.randn(1, *chw)
-    times = {k: [] for k in runners}
-    with torch.inference_mode():
-        for fn in runners.values():  # warm-up
-            fn(x)
-            fn(x)
-        for _ in range(rounds):
-            for k, fn in runners.items():
-                t0 = time.perf_counter()
-                fn(x)
-                times[k].append(time.perf_counter() - t0)
-    row["latency_ms"] = {k: round(1e3 * statistics.median(v), 2) for k, v in times.items()}
+    row["latency_ms"] = {k: round(v, 2) for k, v in interleaved(runners, x, rounds).items()}
     print(f"  {name} latency ms: {row['latency_ms']}", flush=True)
     return row
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from vitkit.bench.speed import interleaved
 from vitkit.config import load_config
 from vitkit.machine import cpu_line
 from vitkit.routes import compile_frozen, optimize
@@ -64,16 +64,7 @@ def main() -> int:
         x = calib[0][:8]
         compiled = compile_frozen(run.model, dynamic=False)
         routes = {"fp32 eager": run.model, "fp32 compiled": compiled, "int8 onnxruntime": int8}
-        times = {k: [] for k in routes}
-        with torch.no_grad():
-            for fn in routes.values():
-                fn(x), fn(x)
-            for _ in range(args.rounds):
-                for k, fn in routes.items():
-                    t = time.perf_counter()
-                    fn(x)
-                    times[k].append(time.perf_counter() - t)
-        ms = {k: round(statistics.median(v) * 1e3, 3) for k, v in times.items()}
+        ms = {k: round(v, 3) for k, v in interleaved(routes, x, args.rounds).items()}
         out["recipes"][recipe] = {
             "model": run.cfg.model.name, "kwargs": run.cfg.model.kwargs, "img_size": run.cfg.model.img_size,
             "epochs": epochs, "fp32_top1": fp32, "int8_top1": q8, "drop_points": round(100 * (fp32 - q8), 2),

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from vitkit.bench.speed import interleaved
 from vitkit.export import OnnxRunner, export_onnx
 from vitkit.machine import cpu_line
 from vitkit.train import evaluate, load_run
@@ -87,19 +86,12 @@ def main() -> int:
             quantize_static(str(Path(tmp) / "pre.onnx"), str(dst), Reader(), quant_format=QuantFormat.QDQ,
                             per_channel=True, weight_type=QuantType.QInt8, **kw)  # fmt: skip
             models[name] = _AsModule(OnnxRunner(dst))
-        times = {k: [] for k in models}
         with torch.no_grad():
             for name, m in models.items():
                 rows[name] = {"top1": evaluate(run.task, m, held_out, run.data_config, 250)["top1"]}
-                m(x8)
-            for _ in range(args.rounds):
-                for name, m in models.items():
-                    t0 = time.perf_counter()
-                    m(x8)
-                    times[name].append(time.perf_counter() - t0)
-    for name, ts in times.items():
-        rows[name]["batch8_ms"] = round(statistics.median(ts) * 1e3, 2)
-        print(f"{name}: top-1 {100 * rows[name]['top1']:.2f}%, {rows[name]['batch8_ms']} ms", flush=True)
+        for name, ms in interleaved(models, x8, args.rounds).items():
+            rows[name]["batch8_ms"] = round(ms, 2)
+            print(f"{name}: top-1 {100 * rows[name]['top1']:.2f}%, {rows[name]['batch8_ms']} ms", flush=True)
     out_path = HERE / "int8_variants.json"
     out = json.loads(out_path.read_text()) if out_path.is_file() else {}
     out[f"{args.run.name}{' --ops' if args.ops else ''}"] = {

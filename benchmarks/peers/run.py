@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from vitkit.bench.speed import interleaved
 from vitkit.routes import rel_err
 
 HERE = Path(__file__).resolve().parent
@@ -91,15 +91,8 @@ def measure(routes: dict, x: torch.Tensor, rounds: int, ref: torch.Tensor) -> di
             if "int8" not in label and err > 1e-4:
                 out[label]["refused"] = f"output differs from timm eager by {err:.3g}"
                 routes.pop(label)
-            fn(x)  # warm-up at this shape (a compiled route may specialise here)
-        times = {label: [] for label in routes}
-        for _ in range(rounds):
-            for label, fn in routes.items():
-                t0 = time.perf_counter()
-                fn(x)
-                times[label].append(time.perf_counter() - t0)
-    for label, ts in times.items():
-        out[label]["ms"] = round(statistics.median(ts) * 1e3, 2)
+    for label, ms in interleaved(routes, x, rounds, warmup=1).items():  # (a compiled route specialises here)
+        out[label]["ms"] = round(ms, 2)
     return out
 
 

@@ -85,6 +85,23 @@ def matmul_peak(dtype: str = "fp32", n: int | None = None, device: str = "cpu", 
     return 2 * n**3 / t
 
 
+def interleaved(fns: dict[str, Callable], x: torch.Tensor, rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median ms per call of each of ``fns`` on ``x``, timed *interleaved*: one call of each per round, so load
+    from other processes, heap state and clock changes fall on every route alike (what the peer, edge and int8
+    benchmarks compare). ``warmup`` untimed calls of each first; gradients off."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn(x)
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn(x)
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
 def _proc_kb(key: str) -> float | None:
     try:
         with open("/proc/self/status") as f:
