@@ -10,25 +10,16 @@ the bias built, 19.1 ms given it; FlexAttention 61.3 ms; compiled eager path 57.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
+from vitkit.bench.speed import timeit
 from vitkit.machine import cpu_line
 
 
 def median_ms(fn) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return timeit(fn, warmup=2, repeats=7) * 1e3
 
 
 def main() -> None:
