@@ -124,7 +124,7 @@ def test_int8_weights_use_7_bits_only_where_the_cpu_lacks_vnni(tmp_path, monkeyp
     from vitkit.export import onnx as onnx_export
     from vitkit.export import quantize_onnx_int8
 
-    monkeypatch.setattr(onnx_export, "int8_dot_units", lambda: vnni)
+    monkeypatch.setattr(onnx_export, "int8_dot_units", lambda: vnni)  # (machine.int8_dot_units: tested below)
     w = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])], "one_matmul",
@@ -138,3 +138,17 @@ def test_int8_weights_use_7_bits_only_where_the_cpu_lacks_vnni(tmp_path, monkeyp
     ]
     peak = max(int(np.abs(w.astype(np.int32)).max()) for w in weights if w.size > 1)
     assert weights and (peak == 127 if vnni else peak <= 64), peak
+
+
+def test_int8_dot_units_reads_x86_flags_and_is_true_off_x86(monkeypatch):
+    """The 7-bit weight rule is about x86's vpmaddubsw: an Arm machine never needs it, an x86 one unless VNNI/AMX."""
+    from vitkit import machine
+
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: ("Test CPU", frozenset({"avx2", "fma"})))
+    monkeypatch.setattr(machine.platform, "machine", lambda: "x86_64")
+    assert not machine.int8_dot_units()
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: ("Test CPU", frozenset({"avx2", "avx512_vnni"})))
+    assert machine.int8_dot_units()
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: ("Test CPU", frozenset({"asimd"})))
+    monkeypatch.setattr(machine.platform, "machine", lambda: "aarch64")
+    assert machine.int8_dot_units()

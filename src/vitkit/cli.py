@@ -555,12 +555,14 @@ def _export_int8(args: argparse.Namespace, run, model, chw, out: str) -> int:
     check = calibration_batches(run, min(64, args.calibration), start=args.calibration)
     with tempfile.TemporaryDirectory() as tmp:
         export_onnx(model, Path(tmp) / "fp32.onnx", chw)
-        kept = quantize_onnx_int8_best(model, Path(tmp) / "fp32.onnx", out, calib, check)
+        kept = quantize_onnx_int8_best(
+            model, Path(tmp) / "fp32.onnx", out, calib, check, reduce_range=args.int8_weight_bits == 7
+        )
     for label, err in kept["errors"].items():
         print(f"int8, {label} quantized: max relative error {err:.2e}")
     runner = OnnxRunner(out)
-    print(f"wrote {out} (int8, calibrated on {args.calibration} training images); max relative error "
-          f"{kept['max_rel_err']:.2e}")  # fmt: skip
+    print(f"wrote {out} (int8, {args.int8_weight_bits}-bit weights, calibrated on {args.calibration} training "
+          f"images); max relative error {kept['max_rel_err']:.2e}")  # fmt: skip
     if run.cfg.task.name in (None, "classification") and run.cfg.data.val_split:
         held_out = run.task.dataset(run.cfg.data.val_split)
         int8 = Optimized(model, runner, OptimizeReport(route="int8", dtype="fp32"))
@@ -586,6 +588,14 @@ def _add_export(sub) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="fp16: coreml and openvino")
     p.add_argument("--int8", action="store_true", help="a run's ONNX export, statically quantized (ONNX Runtime)")
     p.add_argument("--calibration", type=int, default=256, help="--int8: training images to calibrate on")
+    p.add_argument(
+        "--int8-weight-bits",
+        type=int,
+        default=7,
+        choices=[7, 8],
+        help="--int8: 7 (default) runs accurately on any x86 CPU; 8 only where every target CPU has VNNI/AMX "
+        "(AVX2-only CPUs saturate 8-bit weights)",
+    )
     p.add_argument("--checkpoint", default=None, help="weights to load (vitkit or timm format)")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--img-size", type=int, default=None)

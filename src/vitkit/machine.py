@@ -76,9 +76,12 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
 
 
 def int8_dot_units() -> bool:
-    """Whether this x86 CPU multiplies u8 x s8 into 32-bit sums in one instruction (VNNI or AMX). Without them
-    (AVX2 only) int8 GEMMs use ``vpmaddubsw``, whose pairwise sums saturate at 16 bits: see
-    :func:`vitkit.export.quantize_onnx_int8`."""
+    """Whether int8 products accumulate without 16-bit saturation here: on x86, a CPU with VNNI or AMX (u8 x s8
+    into 32-bit sums in one instruction); without them (AVX2 only) int8 GEMMs use ``vpmaddubsw``, whose pairwise
+    sums saturate at 16 bits (see :func:`vitkit.export.quantize_onnx_int8`). True off x86, where that instruction
+    is not used."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return True
     return any(f in _cpuinfo()[1] for f in INT8_DOT_FLAGS)
 
 

@@ -72,7 +72,9 @@ def quantize_onnx_int8(
     model accurate depends on the model: on a small NesT trained on MNIST digits, quantizing every op put the
     logits 134% off (relative), Conv + MatMul + Gemm 21%, MatMul + Gemm 2%; ``vitkit export --int8`` therefore
     tries these sets and keeps the most accurate on images it did not calibrate on. ``reduce_range``: None
-    decides by the CPU as above.
+    decides by this CPU as above (right for a model quantized where it runs, as ``optimize(route="int8")`` does);
+    a file meant for other machines should pass True unless every one of them has VNNI/AMX: 8-bit weights
+    quantized on a VNNI host saturate on an AVX2-only one (``vitkit export --int8`` defaults to 7 bits).
     """
     require("onnxruntime", "int8 quantization (onnxruntime)", "export")
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -105,19 +107,26 @@ INT8_OP_SETS = (None, ("Conv", "MatMul", "Gemm"), ("MatMul", "Gemm"))  # None: e
 
 
 def quantize_onnx_int8_best(
-    model: nn.Module, src: str | os.PathLike, dst: str | os.PathLike, calibration, check, op_sets=INT8_OP_SETS
+    model: nn.Module,
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    calibration,
+    check,
+    op_sets=INT8_OP_SETS,
+    reduce_range: bool | None = None,
 ) -> dict:
     """:func:`quantize_onnx_int8` with each of ``op_sets``; the one whose outputs are nearest ``model``'s on the
     ``check`` batches (inputs it was not calibrated on) is written to ``dst``. Returns ``{"op_types", "errors":
     {label: max relative error}, "max_rel_err"}``. Used by ``vitkit export --int8`` and ``optimize(route="int8")``:
-    which ops survive quantization depends on the model (see :func:`quantize_onnx_int8`)."""
+    which ops survive quantization depends on the model (see :func:`quantize_onnx_int8`). ``reduce_range`` as
+    there (None: by this CPU)."""
     import shutil
     import tempfile
 
     errors, best = {}, None
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         for i, ops in enumerate(op_sets):
-            path = quantize_onnx_int8(src, Path(tmp) / f"{i}.onnx", calibration, ops)
+            path = quantize_onnx_int8(src, Path(tmp) / f"{i}.onnx", calibration, ops, reduce_range)
             runner = OnnxRunner(path)
             label = "+".join(ops) if ops else "every op"
             errors[label] = max(rel_err(runner(x), model(x)) for x in check)
