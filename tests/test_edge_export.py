@@ -29,14 +29,18 @@ def _needs(module: str, extra: str):
 
 
 EXTRA = {"executorch": "executorch", "openvino": "openvino", "coreml": "coremltools", "onnx": "onnxruntime"}
-EDGE = [pytest.param(f, marks=_needs(EXTRA[f], export.REGISTRY[f].extra)) for f in ("executorch", "openvino", "coreml")]
-# the same, ExecuTorch in the slow run: its XNNPACK lowering alone is ~20 s of the default run
-EDGE_DEFAULT = [
-    pytest.param(
-        f, marks=[_needs(EXTRA[f], export.REGISTRY[f].extra)] + ([pytest.mark.slow] if f == "executorch" else [])
-    )
-    for f in ("executorch", "openvino", "coreml")
-]
+
+
+def _edge(slow: tuple[str, ...] = ()) -> list:
+    """The on-device formats as test parameters, each skipped without its extra; those in ``slow`` marked slow."""
+    return [
+        pytest.param(f, marks=[_needs(EXTRA[f], export.REGISTRY[f].extra), *([pytest.mark.slow] if f in slow else [])])
+        for f in ("executorch", "openvino", "coreml")
+    ]
+
+
+EDGE = _edge()
+EDGE_DEFAULT = _edge(slow=("executorch",))  # ExecuTorch's XNNPACK lowering alone is ~20 s of the default run
 
 
 def _tiny(**kwargs):

@@ -205,6 +205,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     names = [n for pattern in args.names for n in (vitkit.list_models(pattern) if "*" in pattern else [pattern])]
     if not names:
         raise ValueError(f"no registered model matches {args.names}")
+    tune_malloc = allocator.choice(args.malloc) == "speed"
     rows = []
     for name in names:
         for size in args.img_size or [None]:
@@ -221,7 +222,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 repeats=args.repeats,
                 device=args.device,
                 in_chans=3,
-                tune_malloc=allocator.choice(args.malloc) == "speed",
+                tune_malloc=tune_malloc,
             )
             rows.append(row.as_dict())
             if args.format == "table":

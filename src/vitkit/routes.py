@@ -158,7 +158,7 @@ def optimize(
     t0 = time.perf_counter()
     if route == "int8":
         fn, kept = _int8_runner(model, calibration or [example])
-        report.note = f"int8 ops: {'+'.join(kept['op_types']) if kept['op_types'] else 'every op'} (the most accurate)"
+        report.note = f"int8 ops: {kept['label']} (the most accurate)"
     else:
         fn = compile_frozen(model)
     with torch.no_grad(), ctx:

@@ -116,21 +116,22 @@ def quantize_onnx_int8_best(
     reduce_range: bool | None = None,
 ) -> dict:
     """:func:`quantize_onnx_int8` with each of ``op_sets``; the one whose outputs are nearest ``model``'s on the
-    ``check`` batches (inputs it was not calibrated on) is written to ``dst``. Returns ``{"op_types", "errors":
-    {label: max relative error}, "max_rel_err"}``. Used by ``vitkit export --int8`` and ``optimize(route="int8")``:
-    which ops survive quantization depends on the model (see :func:`quantize_onnx_int8`). ``reduce_range`` as
-    there (None: by this CPU)."""
+    ``check`` batches (inputs it was not calibrated on) is written to ``dst``. Returns ``{"label", "op_types",
+    "errors": {label: max relative error}, "max_rel_err"}``. Used by ``vitkit export --int8`` and
+    ``optimize(route="int8")``: which ops survive quantization depends on the model (see
+    :func:`quantize_onnx_int8`). ``reduce_range`` as there (None: by this CPU)."""
     import shutil
     import tempfile
 
     errors, best = {}, None
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        refs = [model(x) for x in check]  # eager once, compared with every candidate
         for i, ops in enumerate(op_sets):
             path = quantize_onnx_int8(src, Path(tmp) / f"{i}.onnx", calibration, ops, reduce_range)
             runner = OnnxRunner(path)
             label = "+".join(ops) if ops else "every op"
-            errors[label] = max(rel_err(runner(x), model(x)) for x in check)
-            if best is None or errors[label] < best[1]:
-                best = (ops, errors[label], path)
+            errors[label] = max(rel_err(runner(x), ref) for x, ref in zip(check, refs))
+            if best is None or errors[label] < errors[best[0]]:
+                best = (label, ops, path)
         shutil.copyfile(best[2], dst)
-    return {"op_types": best[0], "errors": errors, "max_rel_err": best[1]}
+    return {"label": best[0], "op_types": best[1], "errors": errors, "max_rel_err": errors[best[0]]}
