@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/peers/int8_mnist.py            # -> int8_mnist.json (trains the runs it lacks)
 
+The results are kept per CPU kind (one entry per CPU model name; a run on another kind adds its own entry and never
+overwrites one measured elsewhere).
+
 For each recipe (configs/mnist_vit.yaml, configs/mnist_mobilevit.yaml) a run is trained with a shortened schedule
 (``--epochs``; the recipe otherwise as it is) on the first 8,000 digits of ../shared/data/mnist, or reused if its
 folder holds a finished run. The int8 model is ``vitkit.optimize(model, route="int8")``: the ONNX export quantized by
@@ -49,6 +52,7 @@ def main() -> int:
     p.add_argument("--calib", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--out", type=Path, default=HERE / "int8_mnist.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = {"cpu": cpu_line(), "command": "python benchmarks/peers/int8_mnist.py", "recipes": {}}
@@ -75,7 +79,9 @@ def main() -> int:
                                                                 / ms["int8 onnxruntime"], 2),
         }  # fmt: skip
         print(recipe, json.dumps(out["recipes"][recipe]), flush=True)
-    (HERE / "int8_mnist.json").write_text(json.dumps(out, indent=1))
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results[out["cpu"].split(" (")[0]] = out  # one entry per CPU kind, as benchmarks/peers/run.py keeps them
+    args.out.write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -155,6 +155,8 @@ def main() -> int:
     table.update(cpu=cpu, cpu_info=cpu_info())
     for name in args.models:
         notes: dict = {}
+        rows: dict = {}
+        table["models"][name] = {"notes": notes, "batches": rows}
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 import timm
@@ -163,17 +165,15 @@ def main() -> int:
                 notes["input_size"] = list(size)
                 x = torch.randn(max(args.batches), *size)
                 routes = build_routes(name, x[:2], Path(tmp), notes)
-                rows = {}
                 for b in args.batches:
                     xb = x[:b].contiguous()
                     with torch.no_grad():
                         ref = routes["timm eager"](xb)
                     rows[str(b)] = measure(dict(routes), xb, args.rounds, ref)
                     print(name, b, json.dumps(rows[str(b)]), flush=True)
+                    out_path.write_text(json.dumps(results, indent=1))  # each batch kept as soon as it is measured
         except Exception:  # noqa: BLE001
             notes["error"] = traceback.format_exc()[-800:]
-            rows = {}
-        table["models"][name] = {"notes": notes, "batches": rows}
         out_path.write_text(json.dumps(results, indent=1))
     print(f"wrote {out_path}")
     return 0
