@@ -17,7 +17,9 @@ SHARED = Path(os.environ.get("VITKIT_SHARED", REPO.parent / "shared"))
 GOLDEN = SHARED / "golden"
 MNIST = SHARED / "data" / "mnist"
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# under pytest-xdist (``-n N``) the cores are shared among the workers, so each takes its share of threads
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // _WORKERS))
 
 
 # one small registered model per family (ViT, hybrid ViT, NesT, LaViT, MobileViT, HaloNet): for checks each family
