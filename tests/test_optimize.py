@@ -46,6 +46,7 @@ def test_a_compiled_form_that_differs_from_eager_is_never_returned(monkeypatch):
     keeps eager and says why, 'compile' raises."""
     model, x = _model_and_input("vit_tiny_patch16_224")
     monkeypatch.setattr(opt, "compile_frozen", lambda m: lambda inp: m(inp) * (1 + 1e-3))
+    monkeypatch.setattr(opt, "_onnx_route_possible", lambda dtype, ref: False)  # (ONNX Runtime: the next test)
     out = vitkit.optimize(model, x, route="auto")
     assert out.report.route == "eager" and "differs from eager" in out.report.note
     assert out.fn is model
@@ -58,6 +59,46 @@ def test_a_compiled_form_that_differs_from_eager_is_never_returned(monkeypatch):
     assert out.report.eager_ms > 0 and out.report.optimized_ms > 0
 
 
+def test_auto_keeps_the_fastest_verified_form_and_onnxruntime_is_one(monkeypatch):
+    """'auto' builds the compiled and the ONNX Runtime forms, refuses one that differs from eager, and keeps the
+    fastest of what is left and eager by their measured times (replaced here, so the choice is what is tested);
+    the ONNX Runtime form itself is the real export, checked against eager at another batch size."""
+    pytest.importorskip("onnxruntime", reason="the ONNX Runtime route needs the export extra (onnxruntime)")
+    model, x = _model_and_input("vit_tiny_patch16_224")
+    monkeypatch.setattr(opt, "compile_frozen", lambda m: lambda inp: m(inp) * (1 + 1e-6))
+    times, runner = {"eager": 30.0, "compile": 20.0, "onnxruntime": 10.0}, opt.OnnxRunner
+
+    def fake_time(fn, inp, repeats, amp):
+        return times["eager" if fn is model else "onnxruntime" if isinstance(fn, runner) else "compile"]
+
+    monkeypatch.setattr(opt, "_time_ms", fake_time)
+    exported, real_export = [], opt._onnx_runner
+
+    def export_once(*args):  # one real export, reused by every call below
+        if not exported:
+            exported.append(real_export(*args))
+        return exported[0]
+
+    monkeypatch.setattr(opt, "_onnx_runner", export_once)
+    out = vitkit.optimize(model, x, route="auto")
+    assert out.report.route == "onnxruntime" and isinstance(out.fn, runner), out.report
+    assert out.report.optimized_ms == 10.0 and "compile 20.0 ms" in out.report.note
+    x3 = torch.randn(3, *x.shape[1:])
+    with torch.no_grad():
+        assert opt.rel_err(out(x3), model(x3)) < 1e-4  # a dynamic batch, verified arithmetic
+    times["onnxruntime"] = 25.0  # now the compiled form is the fastest
+    assert vitkit.optimize(model, x, route="auto").report.route == "compile"
+    times.update(compile=40.0, onnxruntime=35.0)  # and now neither beats eager
+    kept = vitkit.optimize(model, x, route="auto")
+    assert kept.report.route == "eager" and kept.fn is model and "eager kept" in kept.report.note
+    times.update(compile=20.0, onnxruntime=10.0)
+    monkeypatch.setattr(opt, "_onnx_runner", lambda *a: (lambda inp: model(inp) * 1.01, None))  # a wrong ONNX form
+    refused = vitkit.optimize(model, x, route="auto")
+    assert refused.report.route == "compile" and "onnxruntime output differs from eager" in refused.report.note
+    with pytest.raises(ValueError, match="onnxruntime form differs from eager by 0.01"):
+        vitkit.optimize(model, x, route="onnxruntime")
+
+
 def test_bad_arguments_are_named():
     model, x = _model_and_input("vit_tiny_patch16_224")
     with pytest.raises(ValueError, match="route must be one of"):
@@ -66,6 +107,8 @@ def test_bad_arguments_are_named():
         vitkit.optimize(model, x, dtype="fp16")
     with pytest.raises(ValueError, match="route='int8' takes fp32"):
         vitkit.optimize(model, x, dtype="bf16", route="int8")
+    with pytest.raises(ValueError, match="route='onnxruntime' takes fp32"):
+        vitkit.optimize(model, x, dtype="bf16", route="onnxruntime")
 
 
 def test_the_wrapper_keeps_the_model_contract():
