@@ -227,3 +227,21 @@ def test_int8_dot_units_reads_x86_flags_and_is_true_off_x86(monkeypatch):
     monkeypatch.setattr(machine, "_cpuinfo", lambda: ("Test CPU", frozenset({"asimd"})))
     monkeypatch.setattr(machine.platform, "machine", lambda: "aarch64")
     assert machine.int8_dot_units()
+
+
+def test_compile_frozen_really_freezes():
+    """Freezing folds an inference BatchNorm into its convolution: the generated code has no BatchNorm left.
+    (``torch.compile(options={"freezing": True})`` left it there on torch 2.13, silently.)"""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU()).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1), model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 8, 12, 12)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out, code = run_and_get_code(opt.compile_frozen(model), x)
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+    assert "batch_norm" not in "\n".join(code), "BatchNorm survived: the compile was not frozen"
