@@ -19,7 +19,7 @@ MNIST = SHARED / "data" / "mnist"
 
 # under pytest-xdist (``-n N``) the cores are shared among the workers, so each takes its share of threads
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // _WORKERS))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads() // _WORKERS)))
 
 
 # one small registered model per family (ViT, hybrid ViT, NesT, LaViT, MobileViT, HaloNet): for checks each family

@@ -46,7 +46,7 @@ def test_a_compiled_form_that_differs_from_eager_is_never_returned(monkeypatch):
     keeps eager and says why, 'compile' raises."""
     model, x = _model_and_input("vit_tiny_patch16_224")
     monkeypatch.setattr(opt, "compile_frozen", lambda m: lambda inp: m(inp) * (1 + 1e-3))
-    monkeypatch.setattr(opt, "_onnx_route_possible", lambda dtype, ref: False)  # (ONNX Runtime: the next test)
+    monkeypatch.setattr(opt, "_onnx_route_possible", lambda dtype: False)  # (ONNX Runtime: the next test)
     out = vitkit.optimize(model, x, route="auto")
     assert out.report.route == "eager" and "differs from eager" in out.report.note
     assert out.fn is model
@@ -83,6 +83,7 @@ def test_auto_keeps_the_fastest_verified_form_and_onnxruntime_is_one(monkeypatch
     out = vitkit.optimize(model, x, route="auto")
     assert out.report.route == "onnxruntime" and isinstance(out.fn, runner), out.report
     assert out.report.optimized_ms == 10.0 and "compile 20.0 ms" in out.report.note
+    assert out.report.timings == times and 0 < out.report.max_rel_err < 1e-4
     x3 = torch.randn(3, *x.shape[1:])
     with torch.no_grad():
         assert opt.rel_err(out(x3), model(x3)) < 1e-4  # a dynamic batch, verified arithmetic
@@ -186,8 +187,12 @@ def test_int8_survives_a_failing_symbolic_shape_inference(tmp_path, monkeypatch)
 
     monkeypatch.setattr(SymbolicShapeInference, "infer_shapes", staticmethod(broken))
     calib = [torch.randn(4, 16) for _ in range(2)]
-    with pytest.warns(UserWarning, match="symbolic shape inference failed .IndexError"):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.warns(UserWarning, match="pre-processing failed .IndexError.*without its symbolic shape inference"):
         dst = quantize_onnx_int8(src, tmp_path / "int8.onnx", calib)
+    assert not any(work.iterdir()), "the quantizer left files in the working directory"
     x = calib[0]
     ref, y = OnnxRunner(src)(x), OnnxRunner(dst)(x)
     assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(dst)).graph.node}
@@ -229,11 +234,14 @@ def test_int8_dot_units_reads_x86_flags_and_is_true_off_x86(monkeypatch):
     assert machine.int8_dot_units()
 
 
-def test_compile_frozen_really_freezes():
-    """Freezing folds an inference BatchNorm into its convolution: the generated code has no BatchNorm left.
-    (``torch.compile(options={"freezing": True})`` left it there on torch 2.13, silently.)"""
+def test_compile_frozen_really_freezes_and_never_shares_a_program(tmp_path, monkeypatch):
+    """Freezing folds an inference BatchNorm into its convolution and makes the weights constants of the program:
+    the generated code has frozen parameters and no BatchNorm left (``torch.compile(options={"freezing": True})``
+    left it there on torch 2.13, silently). A frozen program is a snapshot of the weights, so a second
+    ``compile_frozen`` of the same model after the weights change must compile its own, not reuse the first."""
     from torch._inductor.utils import run_and_get_code
 
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU()).eval()
     with torch.no_grad():
@@ -241,7 +249,12 @@ def test_compile_frozen_really_freezes():
     x = torch.randn(2, 8, 12, 12)
     torch._dynamo.reset()
     with torch.no_grad():
-        out, code = run_and_get_code(opt.compile_frozen(model), x)
+        out, code = run_and_get_code(opt.compile_frozen(model, dynamic=False), x)
         torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+        text = "\n".join(code)
+        assert code and "_frozen_param" in text, "no frozen parameters: the compile was not frozen"
+        assert "batch_norm" not in text, "BatchNorm survived: the compile was not frozen"
+        model[0].weight.mul_(-1)  # new weights: a new compile_frozen must see them
+        torch.testing.assert_close(opt.compile_frozen(model, dynamic=False)(x), model(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.compile(model, dynamic=False)(x), model(x), rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
-    assert "batch_norm" not in "\n".join(code), "BatchNorm survived: the compile was not frozen"

@@ -1,4 +1,4 @@
-"""Inference routes (eager, compiled, int8) and :func:`optimize`, the fastest verified one on this machine.
+"""Inference routes (eager, compiled, ONNX Runtime, int8) and :func:`optimize`, the fastest verified one here.
 
 The layers in :mod:`vitkit.layers` are plain reference code; speed at inference comes from here:
 
@@ -22,7 +22,9 @@ The layers in :mod:`vitkit.layers` are plain reference code; speed at inference 
 
 ``route="auto"`` builds every form it can here (compiled; ONNX Runtime in fp32 when the ``export`` extra is
 installed), verifies each against eager, times the verified ones and eager on ``example`` and keeps the fastest (a
-form that fails verification is never returned; what was refused and every timing are in the report's note).
+form that fails verification is never returned; what was refused is in the report's note, every timing in its
+``timings``). With onnxruntime installed, 'auto' therefore also exports the model to ONNX (seconds to a minute) and
+holds the eager, compiled and ONNX Runtime forms in memory together while it times them.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class OptimizeReport:
     eager_ms: float | None = None
     optimized_ms: float | None = None
     note: str = ""
+    timings: dict = dataclasses.field(default_factory=dict)  # ms of every verified form timed, eager included
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -96,12 +99,20 @@ class Frozen(nn.Module):
 
     def __init__(self, model: nn.Module, dynamic: bool | None):
         super().__init__()
-        self.compiled = torch.compile(model, dynamic=dynamic)
+
+        def inductor(gm, example_inputs):  # a backend of this wrapper's own: its programs are never shared
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs)
+
+        self.compiled = torch.compile(model, dynamic=dynamic, backend=inductor)
 
     def forward(self, x: torch.Tensor):
         import torch._inductor.config as inductor_config
 
-        with inductor_config.patch(freezing=True):  # read when a new shape is compiled, which happens in a call
+        # read by Dynamo while it traces (parameters become constants) and by Inductor while it compiles, both of
+        # which happen inside a call (the first at each new shape)
+        with inductor_config.patch(freezing=True):
             return self.compiled(x)
 
 
@@ -109,12 +120,16 @@ def compile_frozen(model: nn.Module, dynamic: bool | None = None) -> nn.Module:
     """``torch.compile`` for inference: Inductor with freezing; ``dynamic`` as torch.compile takes it (None: a
     dynamic batch after the first new shape; False: one specialised program per shape, for benchmarks).
 
-    Freezing (weights folded into the graph as constants: BatchNorm folded into the convolutions, weights
-    pre-packed for oneDNN/MKL) applies to compiles under ``torch.no_grad``. It is switched on around each call
-    rather than passed as ``torch.compile(options={"freezing": True})``, which torch 2.13 accepts and ignores (the
-    generated code kept every BatchNorm; ``tests/test_optimize.py`` checks that the folding happens). Measured
-    with real freezing against that (1 thread, AMD EPYC, ``benchmarks/peers``' models): MobileViT-XS 1.19x
-    (batch 1) / 1.27x (batch 8) faster, HaloNet-26T 1.17x / 1.05x, ViT-S 1.05x / 1.02x, NesT-T 0.95x / 0.97x.
+    Freezing applies to compiles under ``torch.no_grad``: the weights become constants of the program (BatchNorm
+    folded into the convolutions, weights pre-packed for oneDNN/MKL), so the compiled form is a snapshot of the
+    weights at its first call; after changing them, compile again. Each call of this function gets a backend of its
+    own, so a frozen program is never reused by another ``torch.compile`` of the same model, nor another's by it.
+    Freezing is switched on in Inductor's config around each call, not passed as ``torch.compile(options=
+    {"freezing": True})``, which torch 2.13 and 2.14 accept and ignore (Dynamo reads the setting while it traces;
+    the generated code kept every BatchNorm; ``tests/test_optimize.py`` checks the folding). Measured with real
+    freezing against that (1 thread, AMD EPYC, ``benchmarks/peers``' models): MobileViT-XS 1.19x (batch 1) / 1.27x
+    (batch 8) faster, HaloNet-26T 1.17x / 1.05x, ViT-S 1.05x / 1.02x, NesT-T 0.95x / 0.97x, HaloNet-H1 0.94x (batch
+    1). The per-call switch costs about 30 us.
     """
     compile_cache_dir()
     return Frozen(model, dynamic)
@@ -207,7 +222,7 @@ def optimize(
             return compile_frozen(model)
         return _onnx_runner(model, example)[0]
 
-    wanted = [route] if route != "auto" else ["compile"] + (["onnxruntime"] if _onnx_route_possible(dtype, ref) else [])
+    wanted = [route] if route != "auto" else ["compile"] + (["onnxruntime"] if _onnx_route_possible(dtype) else [])
     forms, notes = {}, []  # route -> (fn, build seconds, relative error)
     for name in wanted:
         t0 = time.perf_counter()
@@ -230,6 +245,7 @@ def optimize(
 
     report.eager_ms = round(_time_ms(model, example, repeats, amp), 3)
     ms = {name: round(_time_ms(fn, example, repeats, amp), 3) for name, (fn, _, _) in forms.items()}
+    report.timings = {**ms, "eager": report.eager_ms}
     notes += [f"{name} {t} ms" for name, t in ms.items()] + [f"eager {report.eager_ms} ms"]
     best = min(ms, key=ms.get) if ms else None
     if route == "auto" and (best is None or ms[best] >= report.eager_ms):
@@ -241,8 +257,8 @@ def optimize(
     return Optimized(model, fn, report)
 
 
-def _onnx_route_possible(dtype: str, ref) -> bool:
-    """ONNX Runtime is a candidate for 'auto' in fp32, for a model with one tensor output, where it is installed."""
+def _onnx_route_possible(dtype: str) -> bool:
+    """ONNX Runtime is a candidate for 'auto' in fp32 where it is installed (it runs the fp32 export)."""
     import importlib.util
 
-    return dtype == "fp32" and isinstance(ref, torch.Tensor) and importlib.util.find_spec("onnxruntime") is not None
+    return dtype == "fp32" and importlib.util.find_spec("onnxruntime") is not None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,14 +93,17 @@ def quantize_onnx_int8(
             x = next(self.batches, None)
             return None if x is None else {"x": x.numpy().astype("float32")}
 
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src).resolve(), Path(dst).resolve()
     pre = dst.with_suffix(".pre.onnx")
-    try:
-        quant_pre_process(str(src), str(pre))
-    except Exception as e:  # noqa: BLE001 - a quantizer bug, not the model's: go on with ONNX's own shape inference
-        warnings.warn(f"ONNX Runtime's symbolic shape inference failed ({type(e).__name__}: {e}); pre-processing "
-                      "with ONNX's shape inference only", stacklevel=2)  # fmt: skip
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    # in a scratch working folder: a failing symbolic shape inference leaves its temporary model (and external data)
+    # in the current directory
+    with tempfile.TemporaryDirectory(prefix="vitkit-quant-") as scratch, contextlib.chdir(scratch):
+        try:
+            quant_pre_process(str(src), str(pre))
+        except Exception as e:  # noqa: BLE001 - a pre-processing bug, not the model's: redo it without that step
+            warnings.warn(f"ONNX Runtime's pre-processing failed ({type(e).__name__}: {e}); redone without its "
+                          "symbolic shape inference (ONNX's shape inference only)", stacklevel=2)  # fmt: skip
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
     try:
         quantize_static(
             str(pre), str(dst), _Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
@@ -129,7 +134,6 @@ def quantize_onnx_int8_best(
     ``optimize(route="int8")``: which ops survive quantization depends on the model (see
     :func:`quantize_onnx_int8`). ``reduce_range`` as there (None: by this CPU)."""
     import shutil
-    import tempfile
 
     errors, best = {}, None
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
