@@ -150,7 +150,7 @@ def main() -> int:
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
     cpu = cpu_line()
-    key = cpu.split(" (")[0]  # one table per CPU kind: never overwrite one with another
+    key = cpu_info()["model"]  # one table per CPU kind: never overwrite one with another
     table = results.setdefault(key, {"cpu": cpu, "cpu_info": cpu_info(), "torch": torch.__version__, "models": {}})
     table.update(cpu=cpu, cpu_info=cpu_info())
     for name in args.models:
