@@ -2,12 +2,19 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/peers/int8_variants.py runs/peers-int8/mnist_mobilevit
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/peers/int8_variants.py runs/peers-int8/mnist_vit --ops
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/peers/int8_variants.py runs/peers-int8/mnist_vit --calib
 
 The runs are the ones ``int8_mnist.py`` trains. Every setting quantizes the same pre-processed fp32 export
 (QDQ, weights int8 per channel, 256 calibration digits through the eval transform) and is evaluated with
 ``vitkit.train.evaluate`` on the run's 2,000 held-out digits; speed is the median of 15 interleaved rounds at batch
 8, 1 thread. This is the sweep behind :func:`vitkit.export.quantize_onnx_int8`'s choice of uint8 activations with
-7-bit weights on CPUs without VNNI (results in ``int8_variants.json``, keyed by run).
+7-bit weights on CPUs without VNNI (results in ``int8_variants.json``, keyed by run and CPU model).
+
+``--calib`` compares calibration methods (MinMax, 99.99-percentile, entropy) on MatMul+Gemm with 8-bit and 7-bit
+weights. On a CPU without VNNI/AMX the 8-bit rows are *emulated*: the same quantized graph run with ONNX Runtime's
+graph optimizations off, so each QuantizeLinear/DequantizeLinear is its own float op and ``vpmaddubsw``'s
+saturation cannot occur (a VNNI/AMX CPU's arithmetic up to float rounding); their top-1 is what such a CPU would
+get, their speed means nothing.
 """
 
 from __future__ import annotations
@@ -22,8 +29,8 @@ import torch
 from torch import nn
 
 from vitkit.bench.speed import interleaved
-from vitkit.export import OnnxRunner, export_onnx
-from vitkit.machine import cpu_line
+from vitkit.export import OnnxRunner, export_onnx, preprocess_for_int8
+from vitkit.machine import cpu_info, cpu_line, int8_dot_units
 from vitkit.train import evaluate, load_run
 from vitkit.train.inference import calibration_batches
 
@@ -39,10 +46,29 @@ class _AsModule(nn.Module):  # evaluate() takes a module
         return self.runner(x)
 
 
-def variants(ops: bool) -> dict:
-    from onnxruntime.quantization import QuantType
+class _Emulated:  # ONNX Runtime with graph optimizations off: Q/DQ as float ops, no fused int8 kernels
+    def __init__(self, path):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x):
+        return torch.from_numpy(self.session.run(None, {"x": x.float().numpy()})[0])
+
+
+def variants(ops: bool, calib: bool = False) -> dict:
+    from onnxruntime.quantization import CalibrationMethod, QuantType
 
     u8, s8 = QuantType.QUInt8, QuantType.QInt8
+    if calib:  # calibration methods with the kept op set, 8-bit and 7-bit weights
+        methods = {"MinMax": (CalibrationMethod.MinMax, {}), "entropy": (CalibrationMethod.Entropy, {}),
+                   "99.99-percentile": (CalibrationMethod.Percentile, {"CalibPercentile": 99.99})}  # fmt: skip
+        return {f"{name}, {8 - rr}-bit weights": {"activation_type": u8, "reduce_range": rr, "calibrate_method": m,
+                "extra_options": extra, "op_types_to_quantize": ["MatMul", "Gemm"]}
+                for name, (m, extra) in methods.items() for rr in (False, True)}  # fmt: skip
     if ops:  # which ops to quantize, with the kept setting
         return {f"u8, 7-bit weights, {'+'.join(o) if o else 'every op'}": {"activation_type": u8, "reduce_range": True,
                 "op_types_to_quantize": o} for o in (None, ["MatMul", "Gemm", "Conv"], ["MatMul", "Gemm"])}  # fmt: skip
@@ -57,11 +83,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path)
     p.add_argument("--ops", action="store_true", help="compare op sets instead of number formats")
+    p.add_argument("--calib", action="store_true", help="compare calibration methods instead of number formats")
     p.add_argument("--rounds", type=int, default=15)
     args = p.parse_args()
     torch.set_num_threads(1)
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     run = load_run(args.run, "best")
     held_out = run.task.dataset(run.cfg.data.val_split)
@@ -79,13 +105,15 @@ def main() -> int:
     rows, models = {}, {"fp32 eager": run.model.eval()}
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(run.model, Path(tmp) / "fp32.onnx", tuple(x8.shape[1:]))
-        quant_pre_process(str(fp32), str(Path(tmp) / "pre.onnx"))
+        preprocess_for_int8(fp32, Path(tmp) / "pre.onnx")  # (onnxruntime 1.30's shape inference fallback)
         models["fp32 onnxruntime"] = _AsModule(OnnxRunner(fp32))
-        for i, (name, kw) in enumerate(variants(args.ops).items()):
+        for i, (name, kw) in enumerate(variants(args.ops, args.calib).items()):
             dst = Path(tmp) / f"{i}.onnx"
             quantize_static(str(Path(tmp) / "pre.onnx"), str(dst), Reader(), quant_format=QuantFormat.QDQ,
                             per_channel=True, weight_type=QuantType.QInt8, **kw)  # fmt: skip
-            models[name] = _AsModule(OnnxRunner(dst))
+            emulate = not kw.get("reduce_range") and not int8_dot_units()  # 8-bit weights without VNNI/AMX
+            name += " (emulated: top-1 only)" if emulate else ""
+            models[name] = _AsModule(_Emulated(dst) if emulate else OnnxRunner(dst))
         with torch.no_grad():
             for name, m in models.items():
                 rows[name] = {"top1": evaluate(run.task, m, held_out, run.data_config, 250)["top1"]}
@@ -94,7 +122,9 @@ def main() -> int:
             print(f"{name}: top-1 {100 * rows[name]['top1']:.2f}%, {rows[name]['batch8_ms']} ms", flush=True)
     out_path = HERE / "int8_variants.json"
     out = json.loads(out_path.read_text()) if out_path.is_file() else {}
-    out[f"{args.run.name}{' --ops' if args.ops else ''}"] = {
+    # one entry per run, setting list and CPU kind: a run elsewhere never overwrites this one's
+    flag = " --ops" if args.ops else " --calib" if args.calib else ""
+    out[f"{args.run.name}{flag} ({cpu_info()['model']})"] = {
         "cpu": cpu_line(),
         "model": run.cfg.model.name,
         "rows": rows,

@@ -45,6 +45,7 @@ from vitkit.export.onnx import (
     INT8_OP_SETS,
     OnnxRunner,
     export_onnx,
+    preprocess_for_int8,
     quantize_onnx_int8,
     quantize_onnx_int8_best,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "FORMATS", "SUFFIX", "TOLERANCE", "ExportError", "ExportSpec", "MissingExtra", "RawHead", "exportable",
     "export_model", "load", "run_exported", "export_onnx", "export_program", "export_torchscript", "export_executorch",
     "export_openvino", "export_coreml", "inspect_coreml", "quantize_onnx_int8", "quantize_onnx_int8_best",
+    "preprocess_for_int8",
     "INT8_OP_SETS", "OnnxRunner", "ExecuTorchRunner", "OpenVinoRunner", "trace_frozen", "onednn_graph_fusion",
     "rel_err", "torch_program", "verify",
 ]  # fmt: skip

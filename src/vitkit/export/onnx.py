@@ -49,6 +49,27 @@ class OnnxRunner:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
+def preprocess_for_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """ONNX Runtime's pre-processing before quantization (``quant_pre_process``: shape inference and its
+    optimizer), as its documentation advises. Where ONNX Runtime's symbolic shape inference fails on a graph
+    (onnxruntime 1.30 does on ViT's and HaloNet's exports: an IndexError in its Concat rule, "Incomplete symbolic
+    shape inference"; 1.32 does not) it is redone with ONNX's own shape inference (``skip_symbolic_shape``), with a
+    warning. Runs in a scratch working folder: the failing inference leaves its temporary model (for ViT-S a 50 MB
+    external-data file) in the current directory. Returns ``dst``."""
+    require("onnxruntime", "int8 quantization (onnxruntime)", "export")
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    with tempfile.TemporaryDirectory(prefix="vitkit-quant-") as scratch, contextlib.chdir(scratch):
+        try:
+            quant_pre_process(str(src), str(dst))
+        except Exception as e:  # noqa: BLE001 - a pre-processing bug, not the model's: redo it without that step
+            warnings.warn(f"ONNX Runtime's pre-processing failed ({type(e).__name__}: {e}); redone without its "
+                          "symbolic shape inference (ONNX's shape inference only)", stacklevel=3)  # fmt: skip
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    return dst
+
+
 def quantize_onnx_int8(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -65,13 +86,8 @@ def quantize_onnx_int8(
     16-bit pairwise sums saturate with full 8-bit weights. Measured on MobileViT-XXS trained on MNIST digits (AMD
     EPYC, AVX2): held-out top-1 98.6% fp32, 88.7% u8 x s8 with 8-bit weights (the saturation), 98.8% with 7-bit
     weights, 98.4% with symmetric s8 activations (accurate but ONNX Runtime's slow path here: 2.2x the time).
-    The graph is pre-processed (shape inference, ONNX Runtime's optimizer) first, as ONNX Runtime's documentation
-    advises; where ONNX Runtime's symbolic shape inference fails on a graph (onnxruntime 1.30 does on ViT's and
-    HaloNet's exports: an IndexError in its Concat rule, "Incomplete symbolic shape inference"; 1.32 does not), the
-    pre-processing is redone with ONNX's own shape inference (``skip_symbolic_shape``), with a warning. PyTorch's
-    own PT2E flow (``torchao.quantization.pt2e`` with the x86 Inductor quantizer) was tried first and is not used:
-    with torch 2.13.0 and torchao 0.18.0 Inductor's freezing pass fails on ``onednn.qconv_prepack``
-    (UnsupportedOperatorException), and without freezing the int8 program took 285 s to compile.
+    The graph is pre-processed first (:func:`preprocess_for_int8`). PyTorch's own PT2E flow is the other int8
+    backend (:func:`vitkit.routes.quantize_pt2e_int8`); ``optimize(route="int8")`` compares the two.
 
     ``op_types``: the ONNX op types to quantize (None: every op ONNX Runtime can, its default). Which set keeps a
     model accurate depends on the model: on a small NesT trained on MNIST digits, quantizing every op put the
@@ -83,7 +99,6 @@ def quantize_onnx_int8(
     """
     require("onnxruntime", "int8 quantization (onnxruntime)", "export")
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class _Batches(CalibrationDataReader):
         def __init__(self):
@@ -94,16 +109,7 @@ def quantize_onnx_int8(
             return None if x is None else {"x": x.numpy().astype("float32")}
 
     src, dst = Path(src).resolve(), Path(dst).resolve()
-    pre = dst.with_suffix(".pre.onnx")
-    # in a scratch working folder: a failing symbolic shape inference leaves its temporary model (and external data)
-    # in the current directory
-    with tempfile.TemporaryDirectory(prefix="vitkit-quant-") as scratch, contextlib.chdir(scratch):
-        try:
-            quant_pre_process(str(src), str(pre))
-        except Exception as e:  # noqa: BLE001 - a pre-processing bug, not the model's: redo it without that step
-            warnings.warn(f"ONNX Runtime's pre-processing failed ({type(e).__name__}: {e}); redone without its "
-                          "symbolic shape inference (ONNX's shape inference only)", stacklevel=2)  # fmt: skip
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    pre = preprocess_for_int8(src, dst.with_suffix(".pre.onnx"))
     try:
         quantize_static(
             str(pre), str(dst), _Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
