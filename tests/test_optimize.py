@@ -139,8 +139,9 @@ def test_int8_route_runs_in_onnxruntime_and_reports_its_error():
     pytest.importorskip("onnxruntime", reason="int8 needs the export extra (onnxruntime)")
     model, x = _model_and_input("vit_tiny_patch16_224")
     calib = [torch.randn(4, *x.shape[1:]) for _ in range(4)]
-    out = vitkit.optimize(model, x, route="int8", calibration=calib)
+    out = vitkit.optimize(model, x, route="int8", calibration=calib, int8_backend="onnxruntime")
     assert out.report.route == "int8" and out.report.max_rel_err is not None and "int8 ops:" in out.report.note
+    assert "int8 backend: onnxruntime" in out.report.note and list(out.report.timings) == ["onnxruntime"]
     y = out(torch.randn(3, *x.shape[1:]))
     assert y.shape == (3, 5) and torch.isfinite(y).all()
 
@@ -232,6 +233,73 @@ def test_int8_dot_units_reads_x86_flags_and_is_true_off_x86(monkeypatch):
     monkeypatch.setattr(machine, "_cpuinfo", lambda: ("Test CPU", frozenset({"asimd"})))
     monkeypatch.setattr(machine.platform, "machine", lambda: "aarch64")
     assert machine.int8_dot_units()
+
+
+@pytest.mark.slow
+def test_int8_through_pt2e_is_quantized_compiled_and_close_to_fp32(tmp_path, monkeypatch):
+    """The PT2E backend: torchao's x86 Inductor quantizer, calibrated, converted and compiled with freezing. The
+    generated code runs oneDNN's int8 linear (``qlinear``) on int8 weights, the output stays near fp32 (int8 with
+    per-channel weights on a small ViT: a few percent of the largest logit), and another batch size works (one
+    program per batch size). A wrapping module's eval() must not reach the exported program, which refuses it."""
+    pytest.importorskip("torchao", reason="PT2E int8 needs the int8 extra (torchao)")
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model, x = _model_and_input("vit_tiny_patch16_224")
+    calib = [torch.randn(4, *x.shape[1:]) for _ in range(4)]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        fn = opt.quantize_pt2e_int8(model, x, calib)
+        out, code = run_and_get_code(fn, x)
+        assert "qlinear" in "\n".join(code), "no int8 linear in the generated code"
+        assert opt.rel_err(out, model(x)) < 0.1
+        x3 = torch.randn(3, *x.shape[1:])
+        assert opt.rel_err(fn(x3), model(x3)) < 0.1
+    wrapped = vitkit.optimize(model, x, route="int8", calibration=calib, int8_backend="pt2e")
+    assert wrapped.report.route == "int8" and "int8 backend: pt2e" in wrapped.report.note
+    wrapped.eval()
+    torch._dynamo.reset()
+
+
+def test_int8_auto_keeps_the_fastest_form_near_the_most_accurate(monkeypatch):
+    """'auto' int8 builds both backends, measures each one's error on the held-out calibration batch and keeps the
+    fastest whose error is within 1.5x of the smallest; a backend that cannot be built is named and skipped, and
+    an explicitly asked one raises. The forms and timings are replaced, so the choice is what is tested (the real
+    backends: the slow tests above)."""
+    model, x = _model_and_input("vit_tiny_patch16_224")
+    calib = [torch.randn(2, *x.shape[1:]) for _ in range(3)]
+    errors, times, seen = {"onnxruntime": 0.02, "pt2e": 0.025}, {"onnxruntime": 10.0, "pt2e": 6.0}, []
+
+    def form(name):
+        def fn(inp):
+            seen.append(inp)
+            return model(inp) * (1 + errors[name])
+
+        fn.backend = name
+        return fn
+
+    monkeypatch.setattr(opt, "_onnx_runner", lambda m, ex, c: (form("onnxruntime"), {"label": "MatMul+Gemm"}))
+    monkeypatch.setattr(opt, "quantize_pt2e_int8", lambda m, ex, c: form("pt2e") if len(c) == 2 else None)
+    monkeypatch.setattr(opt, "_time_ms", lambda fn, inp, repeats, ctx=None: times[fn.backend])
+    monkeypatch.setattr(opt, "_installed", lambda module: True)  # both backends "installed"
+    out = vitkit.optimize(model, x, route="int8", calibration=calib)
+    assert out.fn.backend == "pt2e" and out.report.timings == times and "int8 backend: pt2e" in out.report.note
+    assert any(torch.equal(inp, calib[-1]) for inp in seen), "the error was not measured on the held-out batch"
+    errors["pt2e"] = 0.04  # faster but 2x the error: refused
+    assert vitkit.optimize(model, x, route="int8", calibration=calib).fn.backend == "onnxruntime"
+    errors["pt2e"], times["pt2e"] = 0.015, 12.0  # more accurate but slower, and ONNX Runtime within 1.5x of it
+    assert vitkit.optimize(model, x, route="int8", calibration=calib).fn.backend == "onnxruntime"
+
+    def broken(*args):
+        raise RuntimeError("no oneDNN here")
+
+    monkeypatch.setattr(opt, "quantize_pt2e_int8", broken)
+    out = vitkit.optimize(model, x, route="int8", calibration=calib)
+    assert out.fn.backend == "onnxruntime" and "pt2e not built (RuntimeError: no oneDNN here)" in out.report.note
+    with pytest.raises(RuntimeError, match="no oneDNN here"):
+        vitkit.optimize(model, x, route="int8", calibration=calib, int8_backend="pt2e")
+    with pytest.raises(ValueError, match="int8_backend must be one of"):
+        vitkit.optimize(model, x, route="int8", int8_backend="tensorrt")
 
 
 def test_compile_frozen_really_freezes_and_never_shares_a_program(tmp_path, monkeypatch):

@@ -10,12 +10,15 @@ For each recipe (configs/mnist_vit.yaml, configs/mnist_mobilevit.yaml) a run is 
 folder holds a finished run. The int8 model is ``vitkit.optimize(model, route="int8")``: the ONNX export quantized by
 ONNX Runtime (static, QDQ, weights per channel), calibrated on ``--calib`` training digits through the eval
 transform. Both are evaluated with the same ``vitkit.train.evaluate`` on the 2,000 held-out digits; the target is
-int8 top-1 within 0.5 points of fp32. Speed at batch 8 on these small models is recorded too (interleaved rounds).
+int8 top-1 within 0.5 points of fp32. Where torchao is installed (the ``int8`` extra) the PT2E backend
+(``int8_backend="pt2e"``) is checked the same way, under "pt2e". Speed at batch 8 on these small models is
+recorded too (interleaved rounds).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -61,14 +64,26 @@ def main() -> int:
         held_out = run.task.dataset(run.cfg.data.val_split)
         calib = calibration_batches(run, args.calib, 32)
         t0 = time.perf_counter()
-        int8 = optimize(run.model, calib[0][:2], route="int8", calibration=calib)
+        int8 = optimize(run.model, calib[0][:2], route="int8", calibration=calib, int8_backend="onnxruntime")
         quant_s = time.perf_counter() - t0
         fp32 = evaluate(run.task, run.model, held_out, run.data_config, 250)["top1"]
         q8 = evaluate(run.task, int8, held_out, run.data_config, 250)["top1"]
         x = calib[0][:8]
         compiled = compile_frozen(run.model, dynamic=False)
         routes = {"fp32 eager": run.model, "fp32 compiled": compiled, "int8 onnxruntime": int8}
+        pt2e = {}
+        if importlib.util.find_spec("torchao"):  # the other int8 backend (the int8 extra)
+            t0 = time.perf_counter()
+            routes["int8 pt2e"] = q = optimize(run.model, x, route="int8", calibration=calib, int8_backend="pt2e")
+            pt2e["quantize_s"] = round(time.perf_counter() - t0, 1)
+            pt2e["int8_top1"] = evaluate(run.task, q, held_out, run.data_config, 250)["top1"]
+            pt2e.update(
+                drop_points=round(100 * (fp32 - pt2e["int8_top1"]), 2), int8_output_rel_err=q.report.max_rel_err
+            )
+            pt2e["within_0.5_points"] = pt2e["drop_points"] <= 0.5
         ms = {k: round(v, 3) for k, v in interleaved(routes, x, args.rounds).items()}
+        if pt2e:
+            pt2e["int8_speedup_vs_best_fp32"] = round(min(ms["fp32 eager"], ms["fp32 compiled"]) / ms["int8 pt2e"], 2)
         out["recipes"][recipe] = {
             "model": run.cfg.model.name, "kwargs": run.cfg.model.kwargs, "img_size": run.cfg.model.img_size,
             "epochs": epochs, "fp32_top1": fp32, "int8_top1": q8, "drop_points": round(100 * (fp32 - q8), 2),
@@ -77,6 +92,7 @@ def main() -> int:
             "quantize_s": round(quant_s, 1),
             "batch8_ms": ms, "int8_speedup_vs_best_fp32": round(min(ms["fp32 eager"], ms["fp32 compiled"])
                                                                 / ms["int8 onnxruntime"], 2),
+            "pt2e": pt2e,  # the same checks for the PT2E backend (empty without torchao)
         }  # fmt: skip
         print(recipe, json.dumps(out["recipes"][recipe]), flush=True)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}

@@ -7,11 +7,14 @@ The layers in :mod:`vitkit.layers` are plain reference code; speed at inference 
   (``rtol`` relative to the largest eager output: 1e-4 in fp32, 5e-2 in bf16). Inductor's on-disk caches live
   in ``$XDG_CACHE_HOME/vitkit/inductor`` (``~/.cache`` by default; ``TORCHINDUCTOR_CACHE_DIR`` overrides), so a
   second process compiling the same model at the same shapes reuses the first one's kernels.
-* ``"int8"``: post-training static quantization of the ONNX export with ONNX Runtime's quantizer, calibrated on
-  the batches given (all but the last, which chooses the quantized op set among ``vitkit.export.INT8_OP_SETS``),
-  run by ONNX Runtime (:func:`vitkit.export.quantize_onnx_int8` says why not PT2E). Its output is compared with
-  eager and the difference is reported; accuracy is what matters for it and is checked on real data
-  (``benchmarks/peers``), not by a tolerance here.
+* ``"int8"``: post-training static quantization, calibrated on the batches given (all but the last, which is
+  held out to compare candidates), by either of two backends (``int8_backend``): ``"onnxruntime"``, the ONNX
+  export quantized by ONNX Runtime's quantizer (the op set chosen among ``vitkit.export.INT8_OP_SETS``) and run by
+  ONNX Runtime, or ``"pt2e"``, PyTorch's PT2E flow (:func:`quantize_pt2e_int8`: torchao's x86 Inductor quantizer,
+  then the frozen compile, whose int8 convolutions and linears run in oneDNN). ``"auto"`` builds both where they
+  are installed and keeps the fastest whose error on the held-out batch is at most 1.5 times the smallest. The
+  error is reported; accuracy is what matters for int8 and is checked on real data (``benchmarks/peers``), not by
+  a tolerance here.
 * ``"onnxruntime"``: the fp32 ONNX export (dynamic batch) run by ONNX Runtime's CPU provider, checked against
   eager like the compiled form. ONNX Runtime fuses convolutions with their activations and picks its own kernels;
   on the peers benchmark it ran MobileViT-XS 1.25-1.4x and HaloNet-26T 1.16-1.26x faster than the compiled
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -42,9 +46,12 @@ import torch
 from torch import nn
 
 from vitkit.export import OnnxRunner, export_onnx, quantize_onnx_int8_best, rel_err
+from vitkit.export.common import require, torch_program
 from vitkit.runtime import autocast
 
 ROUTES = ("auto", "eager", "compile", "onnxruntime", "int8")
+INT8_BACKENDS = ("auto", "onnxruntime", "pt2e")
+INT8_ERROR_SLACK = 1.5  # 'auto' int8: the fastest form within this factor of the smallest held-out error
 DTYPES = ("fp32", "bf16")
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
 
@@ -152,6 +159,76 @@ def _onnx_runner(model: nn.Module, example: torch.Tensor, calibration=None) -> t
         shutil.rmtree(folder, ignore_errors=True)  # the session holds the model in memory
 
 
+def quantize_pt2e_int8(model: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor]):
+    """Static int8 through PyTorch's PT2E flow, compiled: the model's ``torch.export`` program (dynamic batch),
+    annotated by torchao's ``X86InductorQuantizer`` (its default: int8 weights per output channel, uint8 activations
+    per tensor, on convolutions, linears and the ops around them), observed on ``calibration``, converted to
+    quantize/dequantize pairs and compiled with freezing (:func:`compile_frozen`), which folds the int8 weights and
+    lowers each pattern to oneDNN's int8 convolution or linear (VNNI/AMX where the CPU has them). Uses torchao (the
+    ``int8`` extra), the maintained home of PT2E since ``torch.ao.quantization`` was deprecated. Returns a callable
+    that compiles at the first call of each batch size. (An earlier attempt failed on ``onednn.qconv_prepack``
+    with torch 2.13 and torchao 0.18; the prepack op is folded away only under freezing, which ``compile_frozen``
+    did not then switch on. With real freezing, MobileViT-XXS and ViT quantize and compile here.)"""
+    require("torchao", "int8 through PT2E (torchao)", "int8")
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(torch_program(model, tuple(example.shape[1:])).module(), quantizer)
+    with torch.no_grad():
+        for x in calibration:
+            prepared(x)
+    # one program per batch size: with a dynamic batch, torch 2.13's Inductor recompiled the int8 ViT into code that
+    # failed its own stride assertion at the second batch size. A callable, not a module: an exported program
+    # refuses train()/eval(), which a wrapping module passes down
+    return compile_frozen(convert_pt2e(prepared), dynamic=False).forward
+
+
+def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, repeats: int, report) -> tuple:
+    """The int8 form(s) of ``backend`` ('auto': both where installed), each checked on the held-out batch; returns
+    the chosen callable with ``report`` filled in."""
+    calibration = list(calibration)
+    calib, check = (calibration[:-1], calibration[-1:]) if len(calibration) > 1 else (calibration, calibration)
+    wanted = (
+        [backend]
+        if backend != "auto"
+        else [b for b, m in (("onnxruntime", "onnxruntime"), ("pt2e", "torchao")) if _installed(m)]
+    )
+    if not wanted:
+        raise ValueError("optimize: route='int8' needs onnxruntime (the export extra) or torchao (the int8 extra)")
+    with torch.no_grad():
+        refs = [model(x).float() for x in check]
+    forms, notes = {}, []  # backend -> (fn, build seconds, held-out error)
+    for name in wanted:
+        t0 = time.perf_counter()
+        try:
+            if name == "onnxruntime":
+                fn, kept = _onnx_runner(model, example, calibration)
+                notes.append(f"onnxruntime int8 ops: {kept['label']} (the most accurate)")
+            else:
+                fn = quantize_pt2e_int8(model, example, calib)
+            with torch.no_grad():
+                fn(example)  # (PT2E compiles here)
+                err = max(rel_err(fn(x), ref) for x, ref in zip(check, refs))
+        except Exception as e:  # noqa: BLE001 - 'auto' goes on with the other backend
+            if backend != "auto":
+                raise
+            notes.append(f"{name} not built ({type(e).__name__}: {str(e)[:200]})")
+            continue
+        forms[name] = (fn, round(time.perf_counter() - t0, 2), err)
+        notes.append(f"{name} held-out error {err:.3g}")
+    if not forms:
+        raise RuntimeError("optimize: no int8 form could be built here: " + "; ".join(notes))
+    ms = {name: round(_time_ms(fn, example, repeats), 3) for name, (fn, _, _) in forms.items()}
+    smallest = min(err for _, _, err in forms.values())
+    eligible = [name for name, (_, _, err) in forms.items() if err <= INT8_ERROR_SLACK * smallest]
+    best = min(eligible, key=ms.get)
+    fn, report.compile_s, _ = forms[best]
+    report.route, report.optimized_ms, report.timings = "int8", ms[best], ms
+    report.note = "; ".join(notes + [f"{name} {t} ms" for name, t in ms.items()] + [f"int8 backend: {best}"])
+    return fn
+
+
 def _time_ms(fn, x: torch.Tensor, repeats: int, ctx=contextlib.nullcontext) -> float:
     """Median milliseconds of ``fn(x)`` under ``no_grad`` and ``ctx()`` (bf16 autocast for a bf16 route)."""
     from vitkit.bench.speed import timeit  # bench imports models; kept out of this module's import time
@@ -172,6 +249,7 @@ def optimize(
     calibration: Iterable[torch.Tensor] | None = None,
     rtol: float | None = None,
     repeats: int = 5,
+    int8_backend: str = "auto",
 ) -> Optimized:
     """The fastest verified inference form of ``model`` for this machine (see the module docstring).
 
@@ -183,6 +261,7 @@ def optimize(
         route: 'auto' (the fastest verified of eager, compiled and, in fp32 with the export extra, ONNX Runtime),
             'compile', 'onnxruntime', 'eager' or 'int8'.
         calibration: batches for int8 calibration (default: ``example`` alone, which is too little for accuracy).
+        int8_backend: for 'int8': 'onnxruntime', 'pt2e' or 'auto' (both where installed; see the module docstring).
         rtol: the verification tolerance (default 1e-4 fp32, 5e-2 bf16).
         repeats: timed repeats per route for 'auto' (and for the report).
 
@@ -194,10 +273,10 @@ def optimize(
         raise ValueError(f"optimize: route must be one of {ROUTES}, got {route!r}")
     if dtype not in DTYPES:
         raise ValueError(f"optimize: dtype must be one of {DTYPES}, got {dtype!r}")
+    if int8_backend not in INT8_BACKENDS:
+        raise ValueError(f"optimize: int8_backend must be one of {INT8_BACKENDS}, got {int8_backend!r}")
     if route in ("int8", "onnxruntime") and dtype != "fp32":
-        raise ValueError(
-            f"optimize: route={route!r} takes fp32 inputs (dtype='fp32'); ONNX Runtime runs its own kernels"
-        )
+        raise ValueError(f"optimize: route={route!r} takes fp32 inputs (dtype='fp32'); it runs its own kernels")
     model = model.eval()
     if example is None:
         c, h, w = model.pretrained_cfg["input_size"]
@@ -210,11 +289,9 @@ def optimize(
     if route == "eager":
         return Optimized(model, model, report)
     if route == "int8":  # accuracy is checked on data; the error is reported
-        t0 = time.perf_counter()
-        fn, kept = _onnx_runner(model, example, calibration or [example])
-        report.route, report.compile_s = "int8", round(time.perf_counter() - t0, 2)
-        report.note = f"int8 ops: {kept['label']} (the most accurate)"
-        report.max_rel_err = rel_err(fn(example), ref)
+        fn = _int8(model, example, calibration or [example], int8_backend, repeats, report)
+        with torch.no_grad():
+            report.max_rel_err = rel_err(fn(example), ref)
         return Optimized(model, fn, report)
 
     def build(name: str):
@@ -257,8 +334,10 @@ def optimize(
     return Optimized(model, fn, report)
 
 
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def _onnx_route_possible(dtype: str) -> bool:
     """ONNX Runtime is a candidate for 'auto' in fp32 where it is installed (it runs the fp32 export)."""
-    import importlib.util
-
-    return dtype == "fp32" and importlib.util.find_spec("onnxruntime") is not None
+    return dtype == "fp32" and _installed("onnxruntime")
