@@ -44,7 +44,9 @@ MODELS = [
 ]
 
 
-def build_routes(name: str, x: torch.Tensor, folder: Path, notes: dict) -> dict:
+def build_routes(name: str, x: torch.Tensor, first: torch.Tensor, folder: Path, notes: dict) -> dict:
+    """Every route of ``name``. ``x`` (batch 2: a batch of 1 would fix the export's batch size) is the export's
+    example, ``first`` the first batch to be timed: the compiled routes are compiled (static shapes) at its size."""
     import timm
 
     import vitkit
@@ -64,7 +66,7 @@ def build_routes(name: str, x: torch.Tensor, folder: Path, notes: dict) -> dict:
         try:
             fn = compile_frozen(model, dynamic=False)  # one program per batch size, each timed
             with torch.no_grad():
-                fn(x)
+                fn(first)
             routes[f"{label} compile"] = fn
             notes[f"{label} compile_s"] = round(time.perf_counter() - t0, 1)
         except Exception as e:  # noqa: BLE001 - record why a route is missing
@@ -130,6 +132,20 @@ def markdown_tables(results: dict) -> str:
     return "\n".join(lines)
 
 
+def merge(files: list[Path], out_path: Path) -> None:
+    """Rows of ``files`` into ``out_path``: per CPU kind, per model, per batch (a later file's row wins)."""
+    results = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    for f in files:
+        for key, t in json.loads(f.read_text()).items():
+            table = results.setdefault(key, {k: v for k, v in t.items() if k != "models"} | {"models": {}})
+            for name, m in t["models"].items():
+                mine = table["models"].setdefault(name, {"notes": {}, "batches": {}})
+                mine["notes"].update(m["notes"])
+                mine["batches"].update(m["batches"])
+    out_path.write_text(json.dumps(results, indent=1))
+    print(f"merged {len(files)} files into {out_path}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=MODELS)
@@ -138,9 +154,14 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(HERE / "results.json"))
     p.add_argument("--table", action="store_true", help="print the tables of --out and exit")
+    p.add_argument("--merge", nargs="+", type=Path, help="merge these results files (one per process: per_core.sh) "
+                   "into --out, model by model and batch by batch, and exit")  # fmt: skip
     args = p.parse_args()
     if args.table:
         print(markdown_tables(json.loads(Path(args.out).read_text())))
+        return 0
+    if args.merge:
+        merge(args.merge, Path(args.out))
         return 0
     torch.set_num_threads(args.threads)
     from vitkit.bench.allocator import tune_allocator
@@ -163,8 +184,8 @@ def main() -> int:
 
                 size = timm.get_pretrained_cfg(name).input_size  # each model at its own size (halonet26t: 256)
                 notes["input_size"] = list(size)
-                x = torch.randn(max(args.batches), *size)
-                routes = build_routes(name, x[:2], Path(tmp), notes)
+                x = torch.randn(max(2, *args.batches), *size)
+                routes = build_routes(name, x[:2], x[: args.batches[0]], Path(tmp), notes)
                 for b in args.batches:
                     xb = x[:b].contiguous()
                     with torch.no_grad():
