@@ -47,6 +47,7 @@ from torch import nn
 
 from vitkit.export import OnnxRunner, export_onnx, quantize_onnx_int8_best, rel_err
 from vitkit.export.common import require, torch_program
+from vitkit.machine import int8_dot_units
 from vitkit.runtime import autocast
 
 ROUTES = ("auto", "eager", "compile", "onnxruntime", "int8")
@@ -162,7 +163,8 @@ def _onnx_runner(model: nn.Module, example: torch.Tensor, calibration=None) -> t
 def quantize_pt2e_int8(model: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor]):
     """Static int8 through PyTorch's PT2E flow, compiled: the model's ``torch.export`` program (dynamic batch),
     annotated by torchao's ``X86InductorQuantizer`` (its default: int8 weights per output channel, uint8 activations
-    per tensor, on convolutions, linears and the ops around them), observed on ``calibration``, converted to
+    per tensor, on convolutions, linears and the ops around them; 7-bit activations where
+    :func:`vitkit.machine.int8_dot_units` is false), observed on ``calibration``, converted to
     quantize/dequantize pairs and compiled with freezing (:func:`compile_frozen`), which folds the int8 weights and
     lowers each pattern to oneDNN's int8 convolution or linear (VNNI/AMX where the CPU has them). Uses torchao (the
     ``int8`` extra), the maintained home of PT2E since ``torch.ao.quantization`` was deprecated. Returns a callable
@@ -173,7 +175,10 @@ def quantize_pt2e_int8(model: nn.Module, example: torch.Tensor, calibration: Ite
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
-    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    # 7-bit activations on x86 CPUs without VNNI/AMX (torchao's advice): oneDNN's u8 x s8 kernels there sum pairs of
+    # products in saturating 16-bit lanes (vpmaddubsw), as ONNX Runtime's do (see vitkit.export.quantize_onnx_int8)
+    config = xiq.get_default_x86_inductor_quantization_config(reduce_range=not int8_dot_units())
+    quantizer = xiq.X86InductorQuantizer().set_global(config)
     prepared = prepare_pt2e(torch_program(model, tuple(example.shape[1:])).module(), quantizer)
     with torch.no_grad():
         for x in calibration:
