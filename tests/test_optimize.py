@@ -110,6 +110,8 @@ def test_bad_arguments_are_named():
         vitkit.optimize(model, x, dtype="bf16", route="int8")
     with pytest.raises(ValueError, match="route='onnxruntime' takes fp32"):
         vitkit.optimize(model, x, dtype="bf16", route="onnxruntime")
+    with pytest.raises(ValueError, match="dtype='int8' is route='int8'; it cannot be combined with route='compile'"):
+        vitkit.optimize(model, x, dtype="int8", route="compile")
 
 
 def test_the_wrapper_keeps_the_model_contract():
@@ -327,6 +329,7 @@ def test_int8_auto_keeps_the_fastest_form_near_the_most_accurate(monkeypatch):
     monkeypatch.setattr(opt, "_installed", lambda module: True)  # both backends "installed"
     out = vitkit.optimize(model, x, route="int8", calibration=calib)
     assert out.fn.backend == "pt2e" and out.report.timings == times and "int8 backend: pt2e" in out.report.note
+    assert vitkit.optimize(model, x, dtype="int8", calibration=calib).fn.backend == "pt2e"  # the same route
     assert any(torch.equal(inp, calib[-1]) for inp in seen), "the error was not measured on the held-out batch"
     errors["pt2e"] = 0.04  # faster but 2x the error: refused
     assert vitkit.optimize(model, x, route="int8", calibration=calib).fn.backend == "onnxruntime"
