@@ -13,13 +13,15 @@ converter; outputs compared, the parity is recorded), then, at each batch size, 
 (one call of each route per round, the median over rounds), so load from other processes falls on all routes
 alike: timm eager, timm + ``torch.compile`` (Inductor, freezing, static shapes), ONNX Runtime on timm's ONNX export,
 vitkit eager, vitkit compiled (``vitkit.routes.compile_frozen``, the same options), ONNX Runtime on vitkit's export,
-and vitkit's int8 route (ONNX Runtime static quantization; speed only here, accuracy in ``int8_mnist.py``). Every
+and vitkit's int8 routes (ONNX Runtime static quantization, and PT2E where torchao is installed; speed only here,
+accuracy in ``int8_mnist.py``). Every
 route's output is checked against timm's eager output first (1e-4 relative; int8 reported, not checked).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import sys
@@ -51,7 +53,7 @@ def build_routes(name: str, x: torch.Tensor, first: torch.Tensor, folder: Path, 
 
     import vitkit
     from vitkit.export import OnnxRunner, export_onnx, quantize_onnx_int8
-    from vitkit.routes import compile_frozen
+    from vitkit.routes import compile_frozen, quantize_pt2e_int8
 
     torch.manual_seed(0)
     ref_model = timm.create_model(name, pretrained=False).eval()
@@ -59,6 +61,7 @@ def build_routes(name: str, x: torch.Tensor, first: torch.Tensor, folder: Path, 
     torch.save(ref_model.state_dict(), path)
     ours = vitkit.create_model(name, checkpoint_path=str(path)).eval()
     routes = {"timm eager": ref_model, "vitkit eager": ours}
+    calib = [torch.randn(4, *x.shape[1:]) for _ in range(8)]  # int8 calibration (random weights: speed only)
     with torch.no_grad():
         notes["parity_rel"] = rel_err(ours(x), ref_model(x))
     for label, model in (("timm", ref_model), ("vitkit", ours)):
@@ -75,11 +78,15 @@ def build_routes(name: str, x: torch.Tensor, first: torch.Tensor, folder: Path, 
             onnx = export_onnx(model, folder / f"{label}-{name}.onnx", tuple(x.shape[1:]))
             routes[f"{label} onnxruntime"] = OnnxRunner(onnx)
             if label == "vitkit":
-                calib = [torch.randn(4, *x.shape[1:]) for _ in range(8)]
                 q = quantize_onnx_int8(onnx, folder / f"{name}-int8.onnx", calib)
                 routes["vitkit int8 (onnxruntime)"] = OnnxRunner(q)
         except Exception as e:  # noqa: BLE001
             notes[f"{label} onnx"] = f"{type(e).__name__}: {str(e)[:300]}"
+    if importlib.util.find_spec("torchao"):  # vitkit's other int8 backend (PT2E; one program per batch size)
+        try:
+            routes["vitkit int8 (pt2e)"] = quantize_pt2e_int8(ours, first, calib)
+        except Exception as e:  # noqa: BLE001
+            notes["vitkit int8 (pt2e)"] = f"{type(e).__name__}: {str(e)[:300]}"
     return routes
 
 
@@ -99,7 +106,7 @@ def measure(routes: dict, x: torch.Tensor, rounds: int, ref: torch.Tensor) -> di
 
 
 ROUTES = ["timm eager", "timm compile", "timm onnxruntime", "vitkit eager", "vitkit compile", "vitkit onnxruntime",
-          "vitkit int8 (onnxruntime)"]  # fmt: skip
+          "vitkit int8 (onnxruntime)", "vitkit int8 (pt2e)"]  # fmt: skip
 
 
 def _best(ms: dict, *routes: str) -> float | None:
