@@ -279,8 +279,12 @@ def test_int8_through_pt2e_computes_the_quantized_model(tmp_path, monkeypatch, v
         assert qmax == {255 if vnni else 127}, qmax
         out, code = run_and_get_code(fn, x)
         assert "qconv" in "\n".join(code), "no int8 convolution in the generated code"
+        # 7 bits: exact here (1e-7; the nearest ReLU output is 1.6e-4 of a step from a rounding boundary). 8 bits on
+        # a VNNI/AMX CPU: an intermediate value 2 ulps from a boundary may round to the other step in float (eager)
+        # than in int32 (oneDNN), about 1e-3 of the output; a saturating kernel is 10% off
+        tol = 1e-5 if not vnni else 1e-2
         for inp, y in ((x, out), (x3 := torch.randn(3, 8, 12, 12), fn(x3))):
-            assert opt.rel_err(y, quantized(inp)) < 1e-5 or not exact  # (10% off here with 8 bits and no VNNI)
+            assert opt.rel_err(y, quantized(inp)) < tol or not exact
             assert opt.rel_err(y, model(inp)) < 0.05 or not exact
     torch._dynamo.reset()
 
@@ -325,16 +329,21 @@ def test_int8_auto_keeps_the_fastest_form_near_the_most_accurate(monkeypatch):
 
     monkeypatch.setattr(opt, "_onnx_runner", lambda m, ex, c: (form("onnxruntime"), {"label": "MatMul+Gemm"}))
     monkeypatch.setattr(opt, "quantize_pt2e_int8", lambda m, ex, c: form("pt2e") if len(c) == 2 else None)
-    monkeypatch.setattr(opt, "_time_ms", lambda fn, inp, repeats, ctx=None: times[fn.backend])
+    monkeypatch.setattr(opt, "_time_ms", lambda fn, inp, repeats, ctx=None: times.get(getattr(fn, "backend", ""), 30.0))
     monkeypatch.setattr(opt, "_installed", lambda module: True)  # both backends "installed"
     out = vitkit.optimize(model, x, route="int8", calibration=calib)
-    assert out.fn.backend == "pt2e" and out.report.timings == times and "int8 backend: pt2e" in out.report.note
+    assert out.fn.backend == "pt2e" and "int8 backend: pt2e" in out.report.note
+    assert out.report.timings == {**times, "eager": out.report.eager_ms} and out.report.optimized_ms == 6.0
     assert vitkit.optimize(model, x, dtype="int8", calibration=calib).fn.backend == "pt2e"  # the same route
     assert any(torch.equal(inp, calib[-1]) for inp in seen), "the error was not measured on the held-out batch"
     errors["pt2e"] = 0.04  # faster but 2x the error: refused
     assert vitkit.optimize(model, x, route="int8", calibration=calib).fn.backend == "onnxruntime"
     errors["pt2e"], times["pt2e"] = 0.015, 12.0  # more accurate but slower, and ONNX Runtime within 1.5x of it
     assert vitkit.optimize(model, x, route="int8", calibration=calib).fn.backend == "onnxruntime"
+
+    errors["pt2e"] = float("nan")  # a form whose output is not finite is never kept
+    out = vitkit.optimize(model, x, route="int8", calibration=calib)
+    assert out.fn.backend == "onnxruntime" and "pt2e not built (ValueError" in out.report.note
 
     def broken(*args):
         raise RuntimeError("no oneDNN here")

@@ -11,14 +11,23 @@
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/peers}; LIMIT=${LIMIT:-465}; ROUNDS=${ROUNDS:-5}
+if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT")" ]; then
+  echo "per_core.sh: $OUT is not empty (its results would be merged with this run's)" >&2; exit 2
+fi
 mkdir -p "$OUT"
 { date -u; lscpu; python3 -c "import torch, timm, onnxruntime; print(torch.__version__, timm.__version__, onnxruntime.__version__)"; } > "$OUT/machine.txt" 2>&1
-mapfile -t CPUS < <(lscpu -p=CPU,CORE | grep -v '^#' | sort -t, -k2,2n -k1,1n | awk -F, '!seen[$2]++ {print $1}')
+# one CPU per physical core, among the CPUs this process may run on (a container may allow fewer than lscpu lists)
+ALLOWED=$(python3 -c "import os; print(' '.join(map(str, sorted(os.sched_getaffinity(0)))))")
+mapfile -t CPUS < <(lscpu -p=CPU,CORE | grep -v '^#' | sort -t, -k2,2n -k1,1n \
+  | awk -F, -v allowed=" $ALLOWED " 'index(allowed, " " $1 " ") && !seen[$2]++ {print $1}')
+if [ "$#" -gt "${#CPUS[@]}" ]; then
+  echo "per_core.sh: $# jobs but ${#CPUS[@]} cores to pin them to (two on one core would spoil both)" >&2; exit 2
+fi
 export PYTHONPATH=src OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 i=0
 for job in "$@"; do
   read -r model batches <<< "$job"
-  cpu=${CPUS[$((i % ${#CPUS[@]}))]}
+  cpu=${CPUS[$i]}
   tag="${model}_b${batches// /_}"  # file names without spaces or commas (the device tool drops those)
   ( taskset -c "$cpu" timeout "$LIMIT" python3 benchmarks/peers/run.py --models "$model" --batches $batches \
       --rounds "$ROUNDS" --threads 1 --out "$OUT/peers_$tag.json" > "$OUT/log_$tag.txt" 2>&1

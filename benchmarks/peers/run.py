@@ -144,7 +144,8 @@ def merge(files: list[Path], out_path: Path) -> None:
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
     for f in files:
         for key, t in json.loads(f.read_text()).items():
-            table = results.setdefault(key, {k: v for k, v in t.items() if k != "models"} | {"models": {}})
+            table = results.setdefault(key, {"models": {}})
+            table.update({k: v for k, v in t.items() if k != "models"})  # cpu, cpu_info, torch: the newest file's
             for name, m in t["models"].items():
                 mine = table["models"].setdefault(name, {"notes": {}, "batches": {}})
                 mine["notes"].update(m["notes"])

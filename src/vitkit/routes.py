@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import math
 import os
 import shutil
 import tempfile
@@ -190,8 +191,9 @@ def quantize_pt2e_int8(model: nn.Module, example: torch.Tensor, calibration: Ite
 
 
 def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, repeats: int, report) -> tuple:
-    """The int8 form(s) of ``backend`` ('auto': both where installed), each checked on the held-out batch; returns
-    the chosen callable with ``report`` filled in."""
+    """The int8 form(s) of ``backend`` ('auto': both where installed), each checked on the held-out batch (the last
+    calibration batch; with a single batch, that batch itself); returns the chosen callable with ``report`` filled
+    in."""
     calibration = list(calibration)
     calib, check = (calibration[:-1], calibration[-1:]) if len(calibration) > 1 else (calibration, calibration)
     wanted = (
@@ -215,6 +217,8 @@ def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, re
             with torch.no_grad():
                 fn(example)  # (PT2E compiles here)
                 err = max(rel_err(fn(x), ref) for x, ref in zip(check, refs))
+            if not math.isfinite(err):
+                raise ValueError(f"the {name} int8 form's output on the held-out batch is not finite")
         except Exception as e:  # noqa: BLE001 - 'auto' goes on with the other backend
             if backend != "auto":
                 raise
@@ -229,7 +233,8 @@ def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, re
     eligible = [name for name, (_, _, err) in forms.items() if err <= INT8_ERROR_SLACK * smallest]
     best = min(eligible, key=ms.get)
     fn, report.compile_s, _ = forms[best]
-    report.route, report.optimized_ms, report.timings = "int8", ms[best], ms
+    report.eager_ms = round(_time_ms(model, example, repeats), 3)
+    report.route, report.optimized_ms, report.timings = "int8", ms[best], {**ms, "eager": report.eager_ms}
     report.note = "; ".join(notes + [f"{name} {t} ms" for name, t in ms.items()] + [f"int8 backend: {best}"])
     return fn
 

@@ -49,6 +49,16 @@ class OnnxRunner:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
+@contextlib.contextmanager
+def _working_directory(path):  # contextlib.chdir, which Python 3.10 lacks
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def preprocess_for_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """ONNX Runtime's pre-processing before quantization (``quant_pre_process``: shape inference and its
     optimizer), as its documentation advises. Where ONNX Runtime's symbolic shape inference fails on a graph
@@ -60,7 +70,7 @@ def preprocess_for_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src, dst = Path(src).resolve(), Path(dst).resolve()
-    with tempfile.TemporaryDirectory(prefix="vitkit-quant-") as scratch, contextlib.chdir(scratch):
+    with tempfile.TemporaryDirectory(prefix="vitkit-quant-") as scratch, _working_directory(scratch):
         try:
             quant_pre_process(str(src), str(dst))
         except Exception as e:  # noqa: BLE001 - a pre-processing bug, not the model's: redo it without that step
