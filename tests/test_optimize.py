@@ -327,7 +327,7 @@ def test_int8_auto_keeps_the_fastest_form_near_the_most_accurate(monkeypatch):
         fn.backend = name
         return fn
 
-    monkeypatch.setattr(opt, "_onnx_runner", lambda m, ex, c: (form("onnxruntime"), {"label": "MatMul+Gemm"}))
+    monkeypatch.setattr(opt, "_onnx_runner", lambda m, ex, c, chk: (form("onnxruntime"), {"label": "MatMul+Gemm"}))
     monkeypatch.setattr(opt, "quantize_pt2e_int8", lambda m, ex, c: form("pt2e") if len(c) == 2 else None)
     monkeypatch.setattr(opt, "_time_ms", lambda fn, inp, repeats, ctx=None: times.get(getattr(fn, "backend", ""), 30.0))
     monkeypatch.setattr(opt, "_installed", lambda module: True)  # both backends "installed"

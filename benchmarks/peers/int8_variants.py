@@ -46,19 +46,6 @@ class _AsModule(nn.Module):  # evaluate() takes a module
         return self.runner(x)
 
 
-class _Emulated:  # ONNX Runtime with graph optimizations off: Q/DQ as float ops, no fused int8 kernels
-    def __init__(self, path):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-    def __call__(self, x):
-        return torch.from_numpy(self.session.run(None, {"x": x.float().numpy()})[0])
-
-
 def variants(ops: bool, calib: bool = False) -> dict:
     from onnxruntime.quantization import CalibrationMethod, QuantType
 
@@ -113,7 +100,7 @@ def main() -> int:
                             per_channel=True, weight_type=QuantType.QInt8, **kw)  # fmt: skip
             emulate = not kw.get("reduce_range") and not int8_dot_units()  # 8-bit weights without VNNI/AMX
             name += " (emulated: top-1 only)" if emulate else ""
-            models[name] = _AsModule(_Emulated(dst) if emulate else OnnxRunner(dst))
+            models[name] = _AsModule(OnnxRunner(dst, graph_optimizations=not emulate))  # (emulated: Q/DQ in float)
         with torch.no_grad():
             for name, m in models.items():
                 rows[name] = {"top1": evaluate(run.task, m, held_out, run.data_config, 250)["top1"]}

@@ -144,17 +144,15 @@ def compile_frozen(model: nn.Module, dynamic: bool | None = None) -> nn.Module:
     return Frozen(model, dynamic)
 
 
-def _onnx_runner(model: nn.Module, example: torch.Tensor, calibration=None) -> tuple[OnnxRunner, dict | None]:
+def _onnx_runner(model: nn.Module, example: torch.Tensor, calib=None, check=None) -> tuple[OnnxRunner, dict | None]:
     """The model exported to ONNX (dynamic batch, ``example``'s image size) and loaded in ONNX Runtime; with
-    ``calibration``, quantized to int8 first. With two or more calibration batches the last is held out to choose
-    the quantized op set (:func:`vitkit.export.quantize_onnx_int8_best`), whose choice is returned."""
+    ``calib`` batches, quantized to int8 first, the op set chosen on the ``check`` batches
+    (:func:`vitkit.export.quantize_onnx_int8_best`), whose choice is returned."""
     folder = Path(tempfile.mkdtemp(prefix="vitkit-onnx-"))
     try:
         path = export_onnx(model, folder / "fp32.onnx", tuple(example.shape[1:]))
-        if calibration is None:
+        if calib is None:
             return OnnxRunner(path), None
-        calibration = list(calibration)
-        calib, check = (calibration[:-1], calibration[-1:]) if len(calibration) > 1 else (calibration, calibration)
         kept = quantize_onnx_int8_best(model, path, folder / "int8.onnx", calib, check)
         return OnnxRunner(folder / "int8.onnx"), kept
     finally:
@@ -190,7 +188,7 @@ def quantize_pt2e_int8(model: nn.Module, example: torch.Tensor, calibration: Ite
     return compile_frozen(convert_pt2e(prepared), dynamic=False).forward
 
 
-def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, repeats: int, report) -> tuple:
+def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, repeats: int, report):
     """The int8 form(s) of ``backend`` ('auto': both where installed), each checked on the held-out batch (the last
     calibration batch; with a single batch, that batch itself); returns the chosen callable with ``report`` filled
     in."""
@@ -210,7 +208,7 @@ def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, re
         t0 = time.perf_counter()
         try:
             if name == "onnxruntime":
-                fn, kept = _onnx_runner(model, example, calibration)
+                fn, kept = _onnx_runner(model, example, calib, check)
                 notes.append(f"onnxruntime int8 ops: {kept['label']} (the most accurate)")
             else:
                 fn = quantize_pt2e_int8(model, example, calib)

@@ -35,12 +35,16 @@ def export_onnx(
 
 
 class OnnxRunner:
-    """An ONNX file as a callable on torch tensors (ONNX Runtime's CPU provider, ``threads`` intra-op threads)."""
+    """An ONNX file as a callable on torch tensors (ONNX Runtime's CPU provider, ``threads`` intra-op threads).
+    ``graph_optimizations=False`` runs the graph as written (no fusions: a quantized graph's QuantizeLinear and
+    DequantizeLinear then run as float ops, without ONNX Runtime's int8 kernels)."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, graph_optimizations: bool = True):
         ort = require("onnxruntime", "running an ONNX export (onnxruntime)", "export")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
+        if not graph_optimizations:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
