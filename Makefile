@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q -e ".[export]" || echo "optional ONNX export extra not installed: its tests will skip"
 	$(PY) -m pip install -q -e ".[serve]" || echo "optional serve extra not installed: the vitkit serve tests will skip"
-	for extra in int8 coreml executorch openvino; do \
+	for extra in kernels int8 coreml executorch openvino; do \
 		$(PY) -m pip install -q -e ".[$$extra]" || echo "optional $$extra extra not installed: its export tests will skip"; \
 	done
 	touch $(STAMP)

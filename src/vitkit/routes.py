@@ -21,18 +21,24 @@ The layers in :mod:`vitkit.layers` are plain reference code; speed at inference 
   model, on an AMD EPYC (AVX2) and an Intel Xeon (AMX) alike, ViT-S/B 1.2x at batch 1 on the AMD EPYC but no
   faster, or slower, at batch 8 and on the Xeon: which wins depends on the model, the batch and the CPU, so 'auto'
   measures (``benchmarks/peers``).
+* ``"compile+kernels"`` ('auto' only, fp32, models with a layer that :mod:`vitkit.kernels` has a kernel for): a
+  copy of the model with those layers swapped for their kernel versions, then compiled like ``"compile"``. It is
+  timed against the plain compiled form like every other candidate, so it is kept only where it is faster here;
+  where the kernel cannot be built (no compiler, not x86) the reason is in the report's note.
 * ``"eager"``: the model as it is.
 
-``route="auto"`` builds every form it can here (compiled; ONNX Runtime in fp32 when the ``export`` extra is
-installed), verifies each against eager, times the verified ones and eager on ``example`` and keeps the fastest (a
-form that fails verification is never returned; what was refused is in the report's note, every timing in its
-``timings``). With onnxruntime installed, 'auto' therefore also exports the model to ONNX (seconds to a minute) and
-holds the eager, compiled and ONNX Runtime forms in memory together while it times them.
+``route="auto"`` builds every form it can here (compiled, and with vitkit's kernels where they apply; ONNX Runtime
+in fp32 when the ``export`` extra is installed), verifies each against eager, times the verified ones and eager on
+``example`` and keeps the fastest (a form that fails verification is never returned; what was refused is in the
+report's note, every timing in its ``timings``). With onnxruntime installed, 'auto' therefore also exports the
+model to ONNX (seconds to a minute) and holds the eager, compiled and ONNX Runtime forms in memory together while it
+times them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import importlib.util
 import math
@@ -46,6 +52,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vitkit import kernels
 from vitkit.export import OnnxRunner, export_onnx, quantize_onnx_int8_best, rel_err
 from vitkit.export.common import require, torch_program
 from vitkit.machine import int8_dot_units
@@ -309,9 +316,16 @@ def optimize(
     def build(name: str):
         if name == "compile":
             return compile_frozen(model)
+        if name == "compile+kernels":  # vitkit.kernels on a copy (the caller's model keeps its plain layers)
+            with_kernels = copy.deepcopy(model)
+            kernels.apply(with_kernels)
+            return compile_frozen(with_kernels)
         return _onnx_runner(model, example)[0]
 
-    wanted = [route] if route != "auto" else ["compile"] + (["onnxruntime"] if _onnx_route_possible(dtype) else [])
+    wanted = [route]
+    if route == "auto":
+        wanted = ["compile"] + (["compile+kernels"] if dtype == "fp32" and kernels.applicable(model) else [])
+        wanted += ["onnxruntime"] if _onnx_route_possible(dtype) else []
     forms, notes = {}, []  # route -> (fn, build seconds, relative error)
     for name in wanted:
         t0 = time.perf_counter()

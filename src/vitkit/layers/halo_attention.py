@@ -1,21 +1,21 @@
 """Blocked local self-attention with halos (HaloNet, Vaswani et al., CVPR 2021, arXiv 2103.12731).
 
-The map is split into non-overlapping ``b x b`` query blocks; each block attends to the ``(b + 2h)^2`` window
-around it (its block plus a halo of ``h`` pixels). Logits are ``q.k * d^-0.5`` plus factorised 2-D relative
-position logits ``q.r_h[dy] + q.r_w[dx]`` (tables ``height_rel``/``width_rel`` of ``2 * win - 1`` rows, index
-``key_pos - query_pos + win - 1`` with the query position counted in its strided block). A stride-``s`` layer
-computes queries at stride ``s`` from the full-resolution window. Parameter names and conventions follow timm's
-``HaloAttn``, so timm checkpoints load and give the same outputs.
+The map is split into non-overlapping ``b x b`` query blocks; each block attends to the ``(b + 2h)^2`` window around
+it (its block plus a halo of ``h`` pixels). Logits are ``q.k * d^-0.5`` plus factorised 2-D relative position logits
+``q.r_h[dy] + q.r_w[dx]`` (tables ``height_rel``/``width_rel`` of ``2 * win - 1`` rows, index ``key_pos - query_pos +
+win - 1`` with the query position counted in its strided block). A stride-``s`` layer computes queries at stride
+``s`` from the full-resolution window. Parameter names and conventions follow timm's ``HaloAttn``, so timm
+checkpoints load and give the same outputs.
 
-Padding rule (any input size): the map is zero-padded on the bottom/right to a multiple of ``b`` ("size
-padding") and by ``h`` on every side (the halo). ``mask_padding="size"`` (default, the reference's numerics)
-masks keys in the size padding; halo keys beyond the image border are zeros that take part, as in the reference.
-``mask_padding="all"`` masks every key outside the image, so the layer equals full attention over the map
-restricted to each block's window. Query rows/columns in the size padding are computed and cropped away.
+Padding rule (any input size): the map is zero-padded on the bottom/right to a multiple of ``b`` ("size padding") and
+by ``h`` on every side (the halo). ``mask_padding="size"`` (default, the reference's numerics) masks keys in the size
+padding; halo keys beyond the image border are zeros that take part, as in the reference. ``mask_padding="all"``
+masks every key outside the image, so the layer equals full attention over the map restricted to each block's window.
+Query rows/columns in the size padding are computed and cropped away.
 
-This is the plain reference layer: two routes only, the fused one (``F.scaled_dot_product_attention`` with the
-relative logits and the mask as an additive bias) and the eager one, whose probabilities pass through the
-``attn_probs`` hook point. Speed comes from ``torch.compile`` (:func:`vitkit.optimize`), not from this file.
+This is the plain reference layer: two routes, the fused one (``F.scaled_dot_product_attention``, the relative logits
+and the mask as an additive bias) and the eager one, its probabilities through the ``attn_probs`` hook point. Speed
+comes from ``torch.compile`` and the opt-in kernel of :mod:`vitkit.kernels.halo` (applied by ``vitkit.optimize``).
 """
 
 from __future__ import annotations
@@ -47,8 +47,12 @@ class PosEmbedRel(nn.Module):
         self.width_rel = nn.Parameter(torch.randn(win_size * 2 - 1, dim_head) * scale)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        """``q``: (N, blocks, bs*bs, d) -> relative logits (N, blocks, bs*bs, win*win), ``rh[ky] + rw[kx]``. As the
-        reference: the query times every table row (all ``2 * win - 1`` offsets), then its window keys' offsets."""
+        """``q``: (N, blocks, bs*bs, d) -> relative logits (N, blocks, bs*bs, win*win), ``rh[ky] + rw[kx]``."""
+        rh, rw = self.factors(q)
+        return (rh[..., :, None] + rw[..., None, :]).reshape(*q.shape[:3], self.win_size**2)
+
+    def factors(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rh``, ``rw`` (N, blocks, bs*bs, win): as the reference, q times all ``2 * win - 1`` rows, then gathered."""
         bs, win = self.block_size, self.win_size
         pos = torch.arange(win, device=q.device)[None, :] - torch.arange(bs, device=q.device)[:, None]
         index = pos + win - 1  # (query position in the block, key position in the window) -> table row
@@ -57,7 +61,7 @@ class PosEmbedRel(nn.Module):
         rh, rw = qb @ self.height_rel.t().to(q.dtype), qb @ self.width_rel.t().to(q.dtype)
         rh = rh.gather(-1, index[None, :, None].expand(*rh.shape[:-1], win))  # (gather: a dynamic batch)
         rw = rw.gather(-1, index[None, None].expand(*rw.shape[:-1], win))
-        return (rh[..., :, None] + rw[..., None, :]).reshape(*q.shape[:2], bs * bs, win * win)
+        return rh.reshape(*q.shape[:3], win), rw.reshape(*q.shape[:3], win)
 
 
 class HaloAttention(nn.Module):
@@ -66,12 +70,10 @@ class HaloAttention(nn.Module):
     Args:
         dim: input channels.
         dim_out: output (value) channels; defaults to ``dim``.
-        stride: 1, or 2 for attention downsampling (strided queries; 2x2 average pooling when ``b % s != 0``
-            or ``avg_down``).
+        stride: 1, or 2 for attention downsampling (strided queries; 2x2 average pooling if ``b % s`` or avg_down).
         num_heads: heads; value head width is ``dim_out // num_heads``.
         dim_head: query/key head width; default ``make_divisible(dim_out * qk_ratio, 8) // num_heads``.
-        block_size: query block side ``b``.
-        halo_size: halo ``h``.
+        block_size, halo_size: query block side ``b``, halo ``h``.
         mask_padding: 'size' or 'all', see the module docstring.
     """
 
@@ -164,21 +166,19 @@ class HaloAttention(nn.Module):
         # gathered as whole rows of a (B*heads, position, d) copy (a fraction of the cost of gathering columns)
         kv = F.pad(self.kv(x), (h, h, h, h)).reshape(B * heads, dqk + dv, -1).transpose(1, 2).contiguous()
         kv = kv.index_select(1, self._windows(nh, nw, x.device)).reshape(B * heads, nh * nw, win * win, dqk + dv)
-        k, v = kv.split([dqk, dv], dim=-1)
-
-        bias = self.pos_embed(q)  # from the unscaled query, as in the reference
-        key_bias = self._key_bias(H, W, Hp, Wp, q)
-        if key_bias is not None:
-            bias = bias + key_bias[:, None, :]
-        if self.use_fused():
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        else:
-            attn = self.attn_probs(((q @ k.transpose(-2, -1)) * self.scale + bias).softmax(dim=-1))
-            out = attn @ v  # (B*heads, blocks, bs*bs, dv)
-
+        out = self._attend(q, kv, self._key_bias(H, W, Hp, Wp, q))  # (B*heads, blocks, bs*bs, dv)
         out = out.permute(0, 3, 1, 2).reshape(B * heads * dv, nh, nw, bs, bs).transpose(2, 3)
         out = out.reshape(B, heads * dv, nh * bs, nw * bs)[:, :, : math.ceil(H / s), : math.ceil(W / s)]
         return self.pool(out)
+
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
+        """Each block's queries over its window: ``kv`` holds each key's k then v (``vitkit.kernels`` overrides)."""
+        k, v = kv.split([self.dim_head_qk, self.dim_head_v], dim=-1)
+        bias = self.pos_embed(q)  # from the unscaled query, as in the reference
+        bias = bias if key_bias is None else bias + key_bias[:, None, :]
+        if self.use_fused():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        return self.attn_probs(((q @ k.transpose(-2, -1)) * self.scale + bias).softmax(dim=-1)) @ v
 
     def attention_geometry(self, record: AttentionRecord, query: ImageQuery) -> torch.Tensor:
         """(B*heads, blocks, bs*bs, win*win) on the layer's (Hf, Wf) input map: the query's block window, the

@@ -1,0 +1,186 @@
+"""vitkit.kernels: the fused halo attention kernel against the plain layer, its fallbacks, one graph under
+torch.compile, and optimize's choice. The first test builds the C++ extension (about 40 s on 2 cores, once per
+machine: it is cached under TORCH_EXTENSIONS_DIR).
+
+Tolerances: the kernel computes the same fp32 attention as the plain layer with the sums in another order (logits
+over up to 64 channels, softmax over at most 196 keys, value sums over 196 keys), so the outputs differ by a few
+float32 roundings of the largest terms: 1e-5 relative to the largest output is an order of magnitude above that.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import vitkit
+import vitkit.kernels as kernels
+import vitkit.routes as opt
+from conftest import input_size_for, small_model
+from vitkit.layers.halo_attention import HaloAttention
+
+REASON = kernels.unavailable_reason()
+needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"vitkit.kernels cannot be built here: {REASON}")
+RTOL = 1e-5
+
+LAYERS = {
+    "stride 1": (dict(num_heads=4), 32),
+    "stride 2 (16 queries per block)": (dict(num_heads=4, stride=2), 32),
+    "size padding masked": (dict(num_heads=4), 27),
+    "every outside key masked": (dict(num_heads=4, mask_padding="all"), 30),
+    "head width 8 (H1's first stage)": (dict(num_heads=8, dim_head=8), 16),
+}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the kernel's calls, so a test knows the kernel ran rather than the plain fallback."""
+    import vitkit.kernels.halo as halo
+
+    calls, real = [], halo.halo_attention
+    monkeypatch.setattr(halo, "halo_attention", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", list(LAYERS))
+def test_fused_layer_matches_the_plain_layer(case, counted):
+    kw, size = LAYERS[case]
+    torch.manual_seed(0)
+    plain = HaloAttention(64, 64, **kw).eval()
+    fused = copy.deepcopy(plain)
+    assert kernels.apply(fused) == 1 and type(fused).__name__ == "FusedHaloAttention"
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(2, 64, size, size)
+    with torch.no_grad():
+        assert _rel(fused(x), plain(x)) < RTOL
+    assert counted == [1]
+
+
+@needs_kernel
+def test_threads_split_blocks_without_changing_the_result():
+    torch.manual_seed(0)
+    fused = HaloAttention(64, 64, num_heads=4).eval()
+    kernels.apply(fused)
+    x = torch.randn(2, 64, 32, 32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            one = fused(x)
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            two = fused(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # each block is computed whole by one thread, in the same order
+
+
+@needs_kernel
+def test_training_and_the_eager_route_fall_back_to_the_plain_layer(counted):
+    """No backward in the kernel: with autograd the plain core runs (and trains); the eager route keeps its hook."""
+    torch.manual_seed(0)
+    plain = HaloAttention(64, 64, num_heads=4)
+    fused = copy.deepcopy(plain)
+    kernels.apply(fused)
+    x = torch.randn(2, 64, 16, 16)
+    out = fused(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, plain(x), rtol=0, atol=0)
+    assert fused.q.weight.grad is not None and counted == []
+    fused.fused_attn = False
+    seen = []
+    fused.attn_probs.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        fused(x)
+    assert seen and counted == []
+
+
+@needs_kernel
+def test_the_kernel_names_bad_input():
+    from vitkit.kernels.halo import halo_attention
+
+    q, kv, r = torch.randn(2, 16, 8), torch.randn(2, 196, 16), torch.randn(2, 16, 14)
+    with pytest.raises(RuntimeError, match="float32 CPU tensors only"):
+        halo_attention(q.double(), kv.double(), r.double(), r.double(), q.new_empty(0), 1, 1.0)
+    with pytest.raises(RuntimeError, match="multiple of 4, got 6"):
+        halo_attention(q[:, :6], kv, r[:, :6], r[:, :6], q.new_empty(0), 1, 1.0)
+    with pytest.raises(RuntimeError, match=r"kv must be \(N, win\*win, D \+ E\)"):
+        halo_attention(q, kv[:, :100], r, r, q.new_empty(0), 1, 1.0)
+
+
+@needs_kernel
+def test_a_model_with_kernels_compiles_in_one_graph_and_keeps_its_output():
+    model = small_model("halonet26t", num_classes=5).eval()
+    x = torch.randn(2, *input_size_for("halonet26t"))
+    fused = copy.deepcopy(model)
+    assert kernels.apply(fused) == kernels.applicable(model) > 0
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend="eager", fullgraph=True)  # any graph break is an error
+    with torch.no_grad():
+        assert _rel(compiled(x), model(x)) < RTOL
+    torch._dynamo.reset()
+
+
+@needs_kernel
+def test_optimize_times_the_kernel_form_against_the_plain_compiled_one(monkeypatch):
+    """'auto' builds a kernel copy of the model besides the plain compiled form and keeps the faster (times are
+    replaced here, and the compile is the eager model, so the choice is what is tested); the caller's model keeps
+    its plain layers; a kernel form that cannot be built is named in the note."""
+    from vitkit.kernels.halo import FusedHaloAttention
+
+    model = small_model("halonet26t", num_classes=5).eval()
+    x = torch.randn(2, *input_size_for("halonet26t"))
+
+    class Compiled:
+        def __init__(self, m):
+            self.kernels = any(isinstance(layer, FusedHaloAttention) for layer in m.modules())
+            self.m = m
+
+        def __call__(self, inp):
+            return self.m(inp)
+
+    monkeypatch.setattr(opt, "compile_frozen", Compiled)
+    monkeypatch.setattr(opt, "_onnx_route_possible", lambda dtype: False)
+    times = {"eager": 30.0, "compile": 20.0, "compile+kernels": 10.0}
+
+    def fake_time(fn, *args):
+        return times["eager" if fn is model else "compile+kernels" if fn.kernels else "compile"]
+
+    monkeypatch.setattr(opt, "_time_ms", fake_time)
+    out = vitkit.optimize(model, x, route="auto")
+    assert out.report.route == "compile+kernels" and out.fn.kernels and out.report.timings == times
+    assert not any(isinstance(layer, FusedHaloAttention) for layer in model.modules())
+    times["compile+kernels"] = 25.0  # slower than the plain compiled form here: not used
+    assert vitkit.optimize(model, x, route="auto").report.route == "compile"
+
+    def cannot(m):
+        raise RuntimeError("vitkit.kernels.halo: the fused kernel needs a C++ compiler")
+
+    monkeypatch.setattr(kernels, "apply", cannot)
+    out = vitkit.optimize(model, x, route="auto")
+    assert out.report.route == "compile" and "compile+kernels not built (RuntimeError" in out.report.note
+    vit = small_model("vit_tiny_patch16_224", num_classes=5).eval()  # nothing to swap: no kernel candidate
+    xv = torch.randn(2, *input_size_for("vit_tiny_patch16_224"))
+    times["compile"] = times["compile+kernels"] = 20.0
+    monkeypatch.setattr(opt, "_time_ms", lambda fn, *a: 30.0 if fn is vit else 20.0)
+    assert "compile+kernels" not in vitkit.optimize(vit, xv, route="auto").report.timings
+
+
+def test_the_reason_a_kernel_cannot_be_built_is_named(monkeypatch):
+    """Where the kernel cannot be built (not x86 with AVX2, no compiler, no ninja) the reason says what is missing,
+    and building raises it rather than failing inside the compiler."""
+    import vitkit.kernels.halo as halo
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert "needs an x86 CPU with AVX2 (this one: DEFAULT)" in kernels.unavailable_reason()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    assert "'no-such-compiler-xyz' not found" in kernels.unavailable_reason()
+    with pytest.raises(RuntimeError, match=r"vitkit.kernels.halo: the fused kernel needs a C\+\+ compiler"):
+        halo._extension.__wrapped__()  # the build itself (uncached): it stops at the reason, before the compiler
