@@ -1,85 +1,120 @@
-"""A prototype fused halo attention kernel (``fused_halo.cpp``) against the plain layer's attention core, eager and
-compiled, on HaloNet-H1's attention shapes at batch 1 (issue 20: a ``kernels/`` candidate must beat the compiled
-plain layer on the machine at hand).
+"""vitkit's fused halo attention kernel (``vitkit.kernels.halo``) against the plain layer, eager and compiled: the
+attention core alone on HaloNet-H1's shapes, and whole models (issue 20: a ``kernels/`` entry must beat the
+compiled plain layer on the machine at hand).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/halo/fused_kernel.py     # -> fused_kernel.json, one entry per CPU
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/halo/fused_kernel.py                      # cores, then models
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/halo/fused_kernel.py --models halonet_h1 --batches 1
 
-The plain core is what ``HaloAttention`` does after its projections: the relative-logit bias ``rh[ky] + rw[kx]``
-broadcast over the 14 x 14 window, then ``F.scaled_dot_product_attention`` with it; "compiled" is that function
-under ``torch.compile`` (Inductor turns the bias into one scalar loop: its index divides by 14). The kernel adds the
-two factors to each query's logits as they are formed (nothing of the bias's size is written), then softmax and the
-value product, 4 queries per register block, ATen's ``Vectorized<float>`` (AVX2). It is built with
-``torch.utils.cpp_extension.load_inline`` (a C++ compiler and ninja needed) and runs on one thread. Errors are
-against a float64 computation of the same attention. Not part of vitkit: it has no custom-op registration (so
-``torch.compile`` would break the graph at it), no threads and no key-padding mask.
+-> ``fused_kernel.json``, one entry per CPU kind. The plain core is what ``HaloAttention._attend`` does: the
+relative-logit bias ``rh[ky] + rw[kx]`` broadcast over the window, then ``F.scaled_dot_product_attention``;
+"compiled" is that function under ``torch.compile``. Errors are against float64 of the same attention. The model
+rows time ``vitkit.routes.compile_frozen`` of the model as it is and of a copy with ``vitkit.kernels.apply``,
+interleaved (one call of each per round, median of the rounds), outputs compared.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.cpp_extension import load_inline
 
-from vitkit.bench.speed import timeit
+import vitkit
+from vitkit import kernels
+from vitkit.bench.speed import interleaved, timeit
 from vitkit.machine import cpu_info, cpu_line
+from vitkit.routes import compile_frozen, rel_err
 
 HERE = Path(__file__).resolve().parent
-# (name, blocks (heads = 8), qk width, v width, calls per H1 forward at 256 px, batch 1); 64 queries, 196 keys
+# (name, blocks (8 heads), qk width, v width, calls per H1 forward at 256 px, batch 1); 64 queries, 196 keys
 SHAPES = [("stage 0", 64, 8, 8, 3), ("stage 1", 16, 16, 16, 2), ("stage 2", 4, 32, 32, 5)]
 HEADS, QUERIES, WIN = 8, 64, 14
 
 
-def measure(ext, blocks: int, d: int, e: int) -> dict:
-    """The plain core (eager and compiled) and the kernel on the layer's own layout: (B*heads, blocks, L, width)."""
+def measure_core(blocks: int, d: int, e: int) -> dict:
+    """The plain core (eager and compiled) and the kernel on the layer's layout: (B*heads, blocks, L, width)."""
+    from vitkit.kernels.halo import halo_attention
+
     L, S, scale = QUERIES, WIN * WIN, d**-0.5
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(HEADS, blocks, n, w, generator=g) for n, w in ((L, d), (S, d), (S, e)))
+    q, kv = torch.randn(HEADS, blocks, L, d, generator=g), torch.randn(HEADS, blocks, S, d + e, generator=g)
     rh, rw = (torch.randn(HEADS, blocks, L, WIN, generator=g) * 0.3 for _ in range(2))
 
-    def plain(q, k, v, rh, rw):
+    def plain(q, kv, rh, rw):
+        k, v = kv.split([d, e], dim=-1)
         bias = (rh[..., :, None] + rw[..., None, :]).reshape(*rh.shape[:-1], S)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
-    def fused(q, k, v, rh, rw):  # the kernel takes (n, L, width): views of the same tensors
-        flat = [t.flatten(0, 1) for t in (q, k, v, rh, rw)]
-        return ext.halo_attn(*flat, scale).reshape(HEADS, blocks, L, e)
+    def fused(q, kv, rh, rw):
+        flat = [t.flatten(0, 1) for t in (q, kv, rh, rw)]
+        return halo_attention(*flat, q.new_empty(0), blocks, scale).reshape(HEADS, blocks, L, e)
 
     forms = {"eager": plain, "compiled": torch.compile(plain, dynamic=False), "fused kernel": fused}
-    logits = (q.double() @ k.double().transpose(-1, -2)) * scale
+    k, v = kv.double().split([d, e], dim=-1)
+    logits = (q.double() @ k.transpose(-1, -2)) * scale
     ref = (logits + (rh.double()[..., :, None] + rw.double()[..., None, :]).reshape(HEADS, blocks, L, S)).softmax(-1)
-    ref = ref @ v.double()
+    ref = ref @ v
     row = {"shape": {"heads": HEADS, "blocks": blocks, "queries": L, "keys": S, "qk": d, "v": e}}
     with torch.no_grad():
         for label, fn in forms.items():
-            err = ((fn(q, k, v, rh, rw).double() - ref).abs().max() / ref.abs().max()).item()
-            ms = timeit(lambda fn=fn: fn(q, k, v, rh, rw), warmup=2, repeats=9) * 1e3
+            err = ((fn(q, kv, rh, rw).double() - ref).abs().max() / ref.abs().max()).item()
+            ms = timeit(lambda fn=fn: fn(q, kv, rh, rw), warmup=2, repeats=9) * 1e3
             row[label] = {"ms": round(ms, 3), "max_rel_err": err}
     return row
 
 
-def main() -> int:
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        print(f"fused_kernel.py: needs an x86 CPU with AVX2 (this one: {cpu_line()})")
+def measure_model(name: str, batch: int, rounds: int) -> dict:
+    model = vitkit.create_model(name).eval()
+    fused = copy.deepcopy(model)
+    swapped = kernels.apply(fused)
+    x = torch.randn(batch, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(0))
+    forms = {"compiled": compile_frozen(model, dynamic=False)}
+    forms["compiled + kernels"] = compile_frozen(fused, dynamic=False)
+    with torch.no_grad():
+        ref = model(x)
+        errs = {label: rel_err(fn(x), ref) for label, fn in forms.items()}
+    ms = interleaved({"eager": model, **forms}, x, rounds=rounds)
+    return {
+        "layers_swapped": swapped,
+        "ms": {k: round(v, 2) for k, v in ms.items()},
+        "max_rel_err": errs,
+        "kernels_speedup": round(ms["compiled"] / ms["compiled + kernels"], 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="*", default=["halonet_h1", "halonet26t"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--skip-cores", action="store_true")
+    args = p.parse_args(argv)
+    reason = kernels.unavailable_reason()
+    if reason:
+        print(f"fused_kernel.py: the kernel cannot be built here: {reason} ({cpu_line()})")
         return 1
     torch.set_num_threads(1)
-    ext = load_inline(
-        "vitkit_fused_halo_prototype",
-        cpp_sources=[(HERE / "fused_halo.cpp").read_text()],
-        functions=["halo_attn"],
-        extra_cflags=["-O3", "-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
-    )
-    rows = {}
-    for name, blocks, d, e, calls in SHAPES:
-        rows[name] = {**measure(ext, blocks, d, e), "calls_per_forward": calls}
-        print(name, json.dumps(rows[name]), flush=True)
     out = HERE / "fused_kernel.json"
     results = json.loads(out.read_text()) if out.exists() else {}
-    results[cpu_info()["model"]] = {"cpu": cpu_line(), "torch": torch.__version__, "rows": rows}
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    entry = results.setdefault(cpu_info()["model"], {})  # one entry per CPU kind
+    entry.update(cpu=cpu_line(), torch=torch.__version__)
+    if not args.skip_cores:
+        entry["cores"] = {}
+        for name, blocks, d, e, calls in SHAPES:
+            entry["cores"][name] = {**measure_core(blocks, d, e), "calls_per_forward": calls}
+            print(name, json.dumps(entry["cores"][name]), flush=True)
+            out.write_text(json.dumps(results, indent=1) + "\n")
+    models = entry.setdefault("models", {})
+    for name in args.models:
+        for batch in args.batches:
+            models.setdefault(name, {})[str(batch)] = row = measure_model(name, batch, args.rounds)
+            print(name, batch, json.dumps(row), flush=True)
+            out.write_text(json.dumps(results, indent=1) + "\n")
+            torch._dynamo.reset()
     return 0
 
 

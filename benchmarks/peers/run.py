@@ -12,15 +12,17 @@ For each model: timm's model with random weights, its state_dict loaded into vit
 converter; outputs compared, the parity is recorded), then, at each batch size, every route timed *interleaved*
 (one call of each route per round, the median over rounds), so load from other processes falls on all routes
 alike: timm eager, timm + ``torch.compile`` (Inductor, freezing, static shapes), ONNX Runtime on timm's ONNX export,
-vitkit eager, vitkit compiled (``vitkit.routes.compile_frozen``, the same options), ONNX Runtime on vitkit's export,
-and vitkit's int8 routes (ONNX Runtime static quantization, and PT2E where torchao is installed; speed only here,
-accuracy in ``int8_mnist.py``). Every
-route's output is checked against timm's eager output first (1e-4 relative; int8 reported, not checked).
+vitkit eager, vitkit compiled (``vitkit.routes.compile_frozen``, the same options), the same with
+``vitkit.kernels`` applied first (models with HaloAttention layers), ONNX Runtime on vitkit's export, and vitkit's
+int8 routes (ONNX Runtime static quantization, and PT2E where torchao is installed; speed only here, accuracy in
+``int8_mnist.py``; ``--no-int8`` skips them). Every route's output is checked against timm's eager output first
+(1e-4 relative; int8 reported, not checked).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import re
@@ -46,12 +48,13 @@ MODELS = [
 ]
 
 
-def build_routes(name: str, x: torch.Tensor, first: torch.Tensor, folder: Path, notes: dict) -> dict:
+def build_routes(name: str, x: torch.Tensor, first: torch.Tensor, folder: Path, notes: dict, int8: bool = True) -> dict:
     """Every route of ``name``. ``x`` (batch 2: a batch of 1 would fix the export's batch size) is the export's
     example, ``first`` the first batch to be timed: the compiled routes are compiled (static shapes) at its size."""
     import timm
 
     import vitkit
+    from vitkit import kernels
     from vitkit.export import OnnxRunner, export_onnx, quantize_onnx_int8
     from vitkit.routes import compile_frozen, quantize_pt2e_int8
 
@@ -74,15 +77,27 @@ def build_routes(name: str, x: torch.Tensor, first: torch.Tensor, folder: Path, 
             notes[f"{label} compile_s"] = round(time.perf_counter() - t0, 1)
         except Exception as e:  # noqa: BLE001 - record why a route is missing
             notes[f"{label} compile"] = f"{type(e).__name__}: {str(e)[:300]}"
+        if label == "vitkit" and kernels.applicable(model):  # vitkit.kernels on a copy, compiled the same way
+            t0 = time.perf_counter()
+            try:
+                with_kernels = copy.deepcopy(model)
+                kernels.apply(with_kernels)
+                fn = compile_frozen(with_kernels, dynamic=False)
+                with torch.no_grad():
+                    fn(first)
+                routes["vitkit compile+kernels"] = fn
+                notes["vitkit compile+kernels_s"] = round(time.perf_counter() - t0, 1)
+            except Exception as e:  # noqa: BLE001
+                notes["vitkit compile+kernels"] = f"{type(e).__name__}: {str(e)[:300]}"
         try:
             onnx = export_onnx(model, folder / f"{label}-{name}.onnx", tuple(x.shape[1:]))
             routes[f"{label} onnxruntime"] = OnnxRunner(onnx)
-            if label == "vitkit":
+            if label == "vitkit" and int8:
                 q = quantize_onnx_int8(onnx, folder / f"{name}-int8.onnx", calib)
                 routes["vitkit int8 (onnxruntime)"] = OnnxRunner(q)
         except Exception as e:  # noqa: BLE001
             notes[f"{label} onnx"] = f"{type(e).__name__}: {str(e)[:300]}"
-    if importlib.util.find_spec("torchao"):  # vitkit's other int8 backend (PT2E; one program per batch size)
+    if int8 and importlib.util.find_spec("torchao"):  # vitkit's other int8 backend (PT2E; one program per batch size)
         try:
             routes["vitkit int8 (pt2e)"] = quantize_pt2e_int8(ours, first, calib)
         except Exception as e:  # noqa: BLE001
@@ -105,8 +120,8 @@ def measure(routes: dict, x: torch.Tensor, rounds: int, ref: torch.Tensor) -> di
     return out
 
 
-ROUTES = ["timm eager", "timm compile", "timm onnxruntime", "vitkit eager", "vitkit compile", "vitkit onnxruntime",
-          "vitkit int8 (onnxruntime)", "vitkit int8 (pt2e)"]  # fmt: skip
+ROUTES = ["timm eager", "timm compile", "timm onnxruntime", "vitkit eager", "vitkit compile", "vitkit compile+kernels",
+          "vitkit onnxruntime", "vitkit int8 (onnxruntime)", "vitkit int8 (pt2e)"]  # fmt: skip
 
 
 def _best(ms: dict, *routes: str) -> float | None:
@@ -124,8 +139,9 @@ def markdown_tables(results: dict) -> str:
         for name, m in t["models"].items():
             for b, row in m["batches"].items():
                 ms = {r: row.get(r, {}).get("ms") for r in ROUTES}
-                ours, theirs = _best(ms, "vitkit eager", "vitkit compile"), _best(ms, "timm eager", "timm compile")
-                ours_all = _best(ms, "vitkit eager", "vitkit compile", "vitkit onnxruntime")
+                ours = _best(ms, "vitkit eager", "vitkit compile", "vitkit compile+kernels")
+                theirs = _best(ms, "timm eager", "timm compile")
+                ours_all = _best(ms, "vitkit eager", "vitkit compile", "vitkit compile+kernels", "vitkit onnxruntime")
                 theirs_all = _best(ms, "timm eager", "timm compile", "timm onnxruntime")
                 r1 = f"{theirs / ours:.2f}x" if ours and theirs else "-"
                 r2 = f"{theirs_all / ours_all:.2f}x" if ours_all and theirs_all else "-"
@@ -162,6 +178,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(HERE / "results.json"))
     p.add_argument("--table", action="store_true", help="print the tables of --out and exit")
+    p.add_argument("--no-int8", action="store_true", help="skip the int8 routes (their quantization takes minutes)")
     p.add_argument("--merge", nargs="+", type=Path, help="merge these results files (one per process: per_core.sh) "
                    "into --out, model by model and batch by batch, and exit")  # fmt: skip
     args = p.parse_args()
@@ -193,7 +210,7 @@ def main() -> int:
                 size = timm.get_pretrained_cfg(name).input_size  # each model at its own size (halonet26t: 256)
                 notes["input_size"] = list(size)
                 x = torch.randn(max(2, *args.batches), *size)
-                routes = build_routes(name, x[:2], x[: args.batches[0]], Path(tmp), notes)
+                routes = build_routes(name, x[:2], x[: args.batches[0]], Path(tmp), notes, int8=not args.no_int8)
                 for b in args.batches:
                     xb = x[:b].contiguous()
                     with torch.no_grad():
