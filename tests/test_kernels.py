@@ -30,7 +30,9 @@ LAYERS = {
     "size padding masked": (dict(num_heads=4), 27),
     "every outside key masked": (dict(num_heads=4, mask_padding="all"), 30),
     "head width 8 (H1's first stage)": (dict(num_heads=8, dim_head=8), 16),
+    "widths of 12 (partial vectors)": (dict(num_heads=4), 16),
 }
+CHANNELS = {"widths of 12 (partial vectors)": 48}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -52,11 +54,12 @@ def counted(monkeypatch):
 def test_fused_layer_matches_the_plain_layer(case, counted):
     kw, size = LAYERS[case]
     torch.manual_seed(0)
-    plain = HaloAttention(64, 64, **kw).eval()
+    c = CHANNELS.get(case, 64)
+    plain = HaloAttention(c, c, **kw).eval()
     fused = copy.deepcopy(plain)
     assert kernels.apply(fused) == 1 and type(fused).__name__ == "FusedHaloAttention"
     assert fused.state_dict().keys() == plain.state_dict().keys()
-    x = torch.randn(2, 64, size, size)
+    x = torch.randn(2, c, size, size)
     with torch.no_grad():
         assert _rel(fused(x), plain(x)) < RTOL
     assert counted == [1]
@@ -64,21 +67,23 @@ def test_fused_layer_matches_the_plain_layer(case, counted):
 
 @needs_kernel
 def test_threads_split_blocks_without_changing_the_result():
-    torch.manual_seed(0)
-    fused = HaloAttention(64, 64, num_heads=4).eval()
-    kernels.apply(fused)
-    x = torch.randn(2, 64, 32, 32)
+    """The op alone (the layer's convolutions may round differently on 2 threads): each block is computed whole by
+    one thread, in the same order, so 1 and 2 threads give the same bits."""
+    from vitkit.kernels.halo import halo_attention
+
+    g = torch.Generator().manual_seed(0)
+    shapes = ((64, 16, 8), (64, 196, 24), (64, 16, 14), (64, 16, 14))  # q, kv (k width 8, v 16), rh, rw
+    q, kv, rh, rw = (torch.randn(*shape, generator=g) for shape in shapes)
+    mask = torch.zeros(8, 196).masked_fill(torch.rand(8, 196, generator=g) < 0.2, torch.finfo(torch.float32).min)
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        with torch.no_grad():
-            one = fused(x)
-        torch.set_num_threads(2)
-        with torch.no_grad():
-            two = fused(x)
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(halo_attention(q, kv, rh, rw, mask, 8, 0.35))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, two)  # each block is computed whole by one thread, in the same order
+    assert torch.equal(outs[0], outs[1])
 
 
 @needs_kernel
@@ -93,6 +98,14 @@ def test_training_and_the_eager_route_fall_back_to_the_plain_layer(counted):
     out.sum().backward()
     torch.testing.assert_close(out, plain(x), rtol=0, atol=0)
     assert fused.q.weight.grad is not None and counted == []
+    for module in (fused.q, fused.kv):  # only the relative-position tables train: still the plain core
+        module.requires_grad_(False)
+    fused(x).sum().backward()
+    assert fused.pos_embed.height_rel.grad is not None and counted == []
+    with torch.no_grad():  # float64: the kernel is float32 only
+        torch.testing.assert_close(fused.double()(x.double()), plain.double()(x.double()), rtol=0, atol=0)
+    fused.float()
+    assert counted == []
     fused.fused_attn = False
     seen = []
     fused.attn_probs.register_forward_hook(lambda m, i, o: seen.append(o.shape))
@@ -120,10 +133,32 @@ def test_a_model_with_kernels_compiles_in_one_graph_and_keeps_its_output():
     x = torch.randn(2, *input_size_for("halonet26t"))
     fused = copy.deepcopy(model)
     assert kernels.apply(fused) == kernels.applicable(model) > 0
+    graphs = []
+
+    def capture(gm, inputs):  # Dynamo's graph, run as captured
+        graphs.append(gm)
+        return gm.forward
+
     torch._dynamo.reset()
-    compiled = torch.compile(fused, backend="eager", fullgraph=True)  # any graph break is an error
+    compiled = torch.compile(fused, backend=capture, fullgraph=True)  # any graph break is an error
     with torch.no_grad():
         assert _rel(compiled(x), model(x)) < RTOL
+    torch._dynamo.reset()
+    calls = [n for n in graphs[0].graph.nodes if "vitkit.halo_attention" in str(n.target)]
+    assert len(graphs) == 1 and len(calls) == kernels.applicable(model)
+
+
+@pytest.mark.slow
+@needs_kernel
+def test_inductor_with_freezing_compiles_the_kernel_form():
+    """The form optimize builds: Inductor with freezing around the custom op (tens of seconds: slow run)."""
+    model = small_model("halonet26t", num_classes=5).eval()
+    x = torch.randn(2, *input_size_for("halonet26t"))
+    fused = copy.deepcopy(model)
+    kernels.apply(fused)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert _rel(opt.compile_frozen(fused)(x), model(x)) < RTOL
     torch._dynamo.reset()
 
 

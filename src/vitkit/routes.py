@@ -324,7 +324,8 @@ def optimize(
 
     wanted = [route]
     if route == "auto":
-        wanted = ["compile"] + (["compile+kernels"] if dtype == "fp32" and kernels.applicable(model) else [])
+        kernel_form = dtype == "fp32" and example.device.type == "cpu" and kernels.applicable(model)
+        wanted = ["compile"] + (["compile+kernels"] if kernel_form else [])
         wanted += ["onnxruntime"] if _onnx_route_possible(dtype) else []
     forms, notes = {}, []  # route -> (fn, build seconds, relative error)
     for name in wanted:

@@ -182,7 +182,8 @@ class FusedHaloAttention(HaloAttention):
         BH, blocks, L, dqk = q.shape
         if not (self.use_fused() and L % 4 == 0 and q.dtype == torch.float32 and q.device.type == "cpu"):
             return super()._attend(q, kv, key_bias)
-        if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
+        tables = (self.pos_embed.height_rel, self.pos_embed.width_rel)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, kv, *tables)):
             return super()._attend(q, kv, key_bias)  # the kernel has no backward
         rh, rw = self.pos_embed.factors(q)
         empty = q.new_empty(0)
