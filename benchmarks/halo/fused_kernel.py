@@ -15,7 +15,6 @@ interleaved (one call of each per round, median of the rounds), outputs compared
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ import vitkit
 from vitkit import kernels
 from vitkit.bench.speed import interleaved, timeit
 from vitkit.machine import cpu_info, cpu_line
-from vitkit.routes import compile_frozen, rel_err
+from vitkit.routes import compile_frozen, compile_with_kernels, rel_err
 
 HERE = Path(__file__).resolve().parent
 # (name, blocks (8 heads), qk width, v width, calls per H1 forward at 256 px, batch 1); 64 queries, 196 keys
@@ -69,17 +68,15 @@ def measure_core(blocks: int, d: int, e: int) -> dict:
 
 def measure_model(name: str, batch: int, rounds: int) -> dict:
     model = vitkit.create_model(name).eval()
-    fused = copy.deepcopy(model)
-    swapped = kernels.apply(fused)
     x = torch.randn(batch, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(0))
     forms = {"compiled": compile_frozen(model, dynamic=False)}
-    forms["compiled + kernels"] = compile_frozen(fused, dynamic=False)
+    forms["compiled + kernels"] = compile_with_kernels(model, dynamic=False)
     with torch.no_grad():
         ref = model(x)
         errs = {label: rel_err(fn(x), ref) for label, fn in forms.items()}
     ms = interleaved({"eager": model, **forms}, x, rounds=rounds)
     return {
-        "layers_swapped": swapped,
+        "layers_swapped": kernels.applicable(model),
         "ms": {k: round(v, 2) for k, v in ms.items()},
         "max_rel_err": errs,
         "kernels_speedup": round(ms["compiled"] / ms["compiled + kernels"], 3),

@@ -22,7 +22,6 @@ int8 routes (ONNX Runtime static quantization, and PT2E where torchao is install
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import re
@@ -56,7 +55,7 @@ def build_routes(name: str, x: torch.Tensor, first: torch.Tensor, folder: Path, 
     import vitkit
     from vitkit import kernels
     from vitkit.export import OnnxRunner, export_onnx, quantize_onnx_int8
-    from vitkit.routes import compile_frozen, quantize_pt2e_int8
+    from vitkit.routes import compile_frozen, compile_with_kernels, quantize_pt2e_int8
 
     torch.manual_seed(0)
     ref_model = timm.create_model(name, pretrained=False).eval()
@@ -80,9 +79,7 @@ def build_routes(name: str, x: torch.Tensor, first: torch.Tensor, folder: Path, 
         if label == "vitkit" and kernels.applicable(model):  # vitkit.kernels on a copy, compiled the same way
             t0 = time.perf_counter()
             try:
-                with_kernels = copy.deepcopy(model)
-                kernels.apply(with_kernels)
-                fn = compile_frozen(with_kernels, dynamic=False)
+                fn = compile_with_kernels(model, dynamic=False)
                 with torch.no_grad():
                     fn(first)
                 routes["vitkit compile+kernels"] = fn

@@ -151,6 +151,14 @@ def compile_frozen(model: nn.Module, dynamic: bool | None = None) -> nn.Module:
     return Frozen(model, dynamic)
 
 
+def compile_with_kernels(model: nn.Module, dynamic: bool | None = None) -> nn.Module:
+    """:func:`compile_frozen` of a copy of ``model`` with :func:`vitkit.kernels.apply` (``model`` keeps its plain
+    layers); ``RuntimeError`` with the reason where the kernels cannot be built here."""
+    with_kernels = copy.deepcopy(model)
+    kernels.apply(with_kernels)
+    return compile_frozen(with_kernels, dynamic)
+
+
 def _onnx_runner(model: nn.Module, example: torch.Tensor, calib=None, check=None) -> tuple[OnnxRunner, dict | None]:
     """The model exported to ONNX (dynamic batch, ``example``'s image size) and loaded in ONNX Runtime; with
     ``calib`` batches, quantized to int8 first, the op set chosen on the ``check`` batches
@@ -316,10 +324,8 @@ def optimize(
     def build(name: str):
         if name == "compile":
             return compile_frozen(model)
-        if name == "compile+kernels":  # vitkit.kernels on a copy (the caller's model keeps its plain layers)
-            with_kernels = copy.deepcopy(model)
-            kernels.apply(with_kernels)
-            return compile_frozen(with_kernels)
+        if name == "compile+kernels":
+            return compile_with_kernels(model)
         return _onnx_runner(model, example)[0]
 
     wanted = [route]

@@ -24,9 +24,13 @@ def unavailable_reason() -> str | None:
     return halo_reason()
 
 
+def _swappable(m: nn.Module) -> bool:  # a plain HaloAttention whose query blocks hold a multiple of 4 pixels
+    return type(m) is HaloAttention and m.block_size_ds**2 % 4 == 0
+
+
 def applicable(model: nn.Module) -> int:
     """How many of ``model``'s layers :func:`apply` would swap (plain HaloAttention with query blocks of 4k pixels)."""
-    return sum(type(m) is HaloAttention and m.block_size_ds**2 % 4 == 0 for m in model.modules())
+    return sum(map(_swappable, model.modules()))
 
 
 def apply(model: nn.Module) -> int:
@@ -36,12 +40,9 @@ def apply(model: nn.Module) -> int:
     do not know, so export the plain model."""
     from vitkit.kernels.halo import FusedHaloAttention, _extension
 
-    if not applicable(model):
-        return 0
-    _extension()
-    swapped = 0
-    for m in model.modules():
-        if type(m) is HaloAttention and m.block_size_ds**2 % 4 == 0:
-            m.__class__ = FusedHaloAttention  # a subclass without state of its own: the same parameters and buffers
-            swapped += 1
-    return swapped
+    targets = [m for m in model.modules() if _swappable(m)]
+    if targets:
+        _extension()
+    for m in targets:
+        m.__class__ = FusedHaloAttention  # a subclass without state of its own: the same parameters and buffers
+    return len(targets)
