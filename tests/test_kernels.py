@@ -31,6 +31,7 @@ LAYERS = {
     "every outside key masked": (dict(num_heads=4, mask_padding="all"), 30),
     "head width 8 (H1's first stage)": (dict(num_heads=8, dim_head=8), 16),
     "widths of 12 (partial vectors)": (dict(num_heads=4), 16),
+    "9 queries over 25 keys (part groups)": (dict(num_heads=4, block_size=3, halo_size=1), 14),
 }
 CHANNELS = {"widths of 12 (partial vectors)": 48}
 
@@ -65,25 +66,63 @@ def test_fused_layer_matches_the_plain_layer(case, counted):
     assert counted == [1]
 
 
+def _written_out(q, kv, height_rel, width_rel, key_bias, blocks, bs, scale):
+    """softmax(q k^T * scale + rh[ky] + rw[kx] + key_bias) v in float64, the factors of query (y, x) of its block
+    from table rows ky - y + win - 1 and kx - x + win - 1 (the paper's relative offsets)."""
+    q, kv, hrel, wrel, key_bias = (t.double() for t in (q, kv, height_rel, width_rel, key_bias))
+    win, d = (hrel.shape[0] + 1) // 2, q.shape[-1]
+    k, v = kv.split([d, kv.shape[-1] - d], dim=-1)
+    i = torch.arange(bs * bs)
+    rows = torch.arange(win)[None, :] + win - 1  # (query, key offset) -> table row
+    rh = (q @ hrel.t()).gather(-1, (rows - (i // bs)[:, None]).expand(q.shape[0], -1, -1))
+    rw = (q @ wrel.t()).gather(-1, (rows - (i % bs)[:, None]).expand(q.shape[0], -1, -1))
+    bias = (rh[..., :, None] + rw[..., None, :]).flatten(-2)
+    if key_bias.numel():
+        bias = bias + key_bias.repeat(q.shape[0] // blocks, 1)[:, None]
+    return ((q @ k.transpose(1, 2)) * scale + bias).softmax(-1) @ v
+
+
+def _op_inputs(n, bs, d, e, win, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, kv = torch.randn(n, bs * bs, d, generator=g), torch.randn(n, win * win, d + e, generator=g)
+    hrel, wrel = (torch.randn(2 * win - 1, d, generator=g) * d**-0.5 for _ in range(2))
+    return q, kv, hrel, wrel
+
+
 @needs_kernel
 def test_threads_split_blocks_without_changing_the_result():
-    """The op alone (the layer's convolutions may round differently on 2 threads): each block is computed whole by
-    one thread, in the same order, so 1 and 2 threads give the same bits."""
+    """The op alone (the layer's convolutions may round differently on 2 threads): each group of queries is computed
+    whole by one thread, in the same order, so 1 and 2 threads give the same bits."""
     from vitkit.kernels.halo import halo_attention
 
-    g = torch.Generator().manual_seed(0)
-    shapes = ((64, 16, 8), (64, 196, 24), (64, 16, 14), (64, 16, 14))  # q, kv (k width 8, v 16), rh, rw
-    q, kv, rh, rw = (torch.randn(*shape, generator=g) for shape in shapes)
+    q, kv, hrel, wrel = _op_inputs(64, 4, 8, 16, 14, seed=0)
+    g = torch.Generator().manual_seed(1)
     mask = torch.zeros(8, 196).masked_fill(torch.rand(8, 196, generator=g) < 0.2, torch.finfo(torch.float32).min)
     threads = torch.get_num_threads()
     try:
         outs = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            outs.append(halo_attention(q, kv, rh, rw, mask, 8, 0.35))
+            outs.append(halo_attention(q, kv, hrel, wrel, mask, 8, 4, 0.35))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("bs", [1, 2, 3, 4, 8])
+def test_the_op_matches_attention_written_out(bs):
+    """The op alone against the attention written out in float64: blocks of 1, 4 and 9 queries (part of one lane
+    group), 16 and 64 (whole groups); a 9 x 9 window, 81 keys (a tail after blocks of 8); head width 12, value width
+    20 (4 queries x 2 vectors, then a last single vector); a key mask repeating every 2 windows."""
+    from vitkit.kernels.halo import halo_attention
+
+    q, kv, hrel, wrel = _op_inputs(4, bs, 12, 20, 9, seed=bs)
+    mask = torch.zeros(2, 81).masked_fill(torch.rand(2, 81, generator=torch.Generator().manual_seed(0)) < 0.3, -3e38)
+    for key_bias, blocks in ((mask, 2), (q.new_empty(0), 1)):
+        got = halo_attention(q, kv, hrel, wrel, key_bias, blocks, bs, 0.3)
+        want = _written_out(q, kv, hrel, wrel, key_bias, blocks, bs, 0.3)
+        assert got.shape == (4, bs * bs, 20) and _rel(got.double(), want) < RTOL
 
 
 @needs_kernel
@@ -118,13 +157,18 @@ def test_training_and_the_eager_route_fall_back_to_the_plain_layer(counted):
 def test_the_kernel_names_bad_input():
     from vitkit.kernels.halo import halo_attention
 
-    q, kv, r = torch.randn(2, 16, 8), torch.randn(2, 196, 16), torch.randn(2, 16, 14)
+    q, kv, hrel, wrel = _op_inputs(2, 4, 8, 8, 14, seed=0)
+    empty = q.new_empty(0)
     with pytest.raises(RuntimeError, match="float32 CPU tensors only"):
-        halo_attention(q.double(), kv.double(), r.double(), r.double(), q.new_empty(0), 1, 1.0)
-    with pytest.raises(RuntimeError, match="multiple of 4, got 6"):
-        halo_attention(q[:, :6], kv, r[:, :6], r[:, :6], q.new_empty(0), 1, 1.0)
+        halo_attention(q.double(), kv.double(), hrel.double(), wrel.double(), empty, 1, 4, 1.0)
+    with pytest.raises(RuntimeError, match="Q must be bs\\*bs queries with bs <= win, got Q = 6, bs = 4"):
+        halo_attention(q[:, :6], kv, hrel, wrel, empty, 1, 4, 1.0)
     with pytest.raises(RuntimeError, match=r"kv must be \(N, win\*win, D \+ E\)"):
-        halo_attention(q, kv[:, :100], r, r, q.new_empty(0), 1, 1.0)
+        halo_attention(q, kv[:, :100], hrel, wrel, empty, 1, 4, 1.0)
+    with pytest.raises(RuntimeError, match=r"height_rel, width_rel must be \(2\*win - 1, D\)"):
+        halo_attention(q, kv, hrel[:, :4], wrel[:, :4], empty, 1, 4, 1.0)
+    with pytest.raises(RuntimeError, match="N must be a multiple of blocks"):
+        halo_attention(q, kv, hrel, wrel, torch.zeros(3, 196), 3, 4, 1.0)
 
 
 @needs_kernel

@@ -6,7 +6,8 @@ compiled plain layer on the machine at hand).
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/halo/fused_kernel.py --models halonet_h1 --batches 1
 
 -> ``fused_kernel.json``, one entry per CPU kind. The plain core is what ``HaloAttention._attend`` does: the
-relative-logit bias ``rh[ky] + rw[kx]`` broadcast over the window, then ``F.scaled_dot_product_attention``;
+relative-logit factors (the query against both tables' rows, gathered by offset), the bias ``rh[ky] + rw[kx]``
+broadcast over the window, then ``F.scaled_dot_product_attention``; the kernel takes the tables and does all of it;
 "compiled" is that function under ``torch.compile``. Errors are against float64 of the same attention. The model
 rows time ``vitkit.routes.compile_frozen`` of the model as it is and of a copy with ``vitkit.kernels.apply``,
 interleaved (one call of each per round, median of the rounds), outputs compared.
@@ -15,6 +16,7 @@ interleaved (one call of each per round, median of the rounds), outputs compared
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -31,37 +33,38 @@ from vitkit.routes import compile_frozen, compile_with_kernels, rel_err
 HERE = Path(__file__).resolve().parent
 # (name, blocks (8 heads), qk width, v width, calls per H1 forward at 256 px, batch 1); 64 queries, 196 keys
 SHAPES = [("stage 0", 64, 8, 8, 3), ("stage 1", 16, 16, 16, 2), ("stage 2", 4, 32, 32, 5)]
-HEADS, QUERIES, WIN = 8, 64, 14
+HEADS, BLOCK, QUERIES, WIN = 8, 8, 64, 14
 
 
 def measure_core(blocks: int, d: int, e: int) -> dict:
     """The plain core (eager and compiled) and the kernel on the layer's layout: (B*heads, blocks, L, width)."""
     from vitkit.kernels.halo import halo_attention
+    from vitkit.layers.halo_attention import PosEmbedRel
 
     L, S, scale = QUERIES, WIN * WIN, d**-0.5
+    torch.manual_seed(0)
+    pos = PosEmbedRel(BLOCK, WIN, d, scale).requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     q, kv = torch.randn(HEADS, blocks, L, d, generator=g), torch.randn(HEADS, blocks, S, d + e, generator=g)
-    rh, rw = (torch.randn(HEADS, blocks, L, WIN, generator=g) * 0.3 for _ in range(2))
 
-    def plain(q, kv, rh, rw):
+    def plain(q, kv):  # HaloAttention._attend's fused route: the factors, the bias, SDPA
         k, v = kv.split([d, e], dim=-1)
-        bias = (rh[..., :, None] + rw[..., None, :]).reshape(*rh.shape[:-1], S)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=pos(q), scale=scale)
 
-    def fused(q, kv, rh, rw):
-        flat = [t.flatten(0, 1) for t in (q, kv, rh, rw)]
-        return halo_attention(*flat, q.new_empty(0), blocks, scale).reshape(HEADS, blocks, L, e)
+    def fused(q, kv):
+        out = halo_attention(
+            q.flatten(0, 1), kv.flatten(0, 1), pos.height_rel, pos.width_rel, q.new_empty(0), blocks, BLOCK, scale
+        )
+        return out.reshape(HEADS, blocks, L, e)
 
     forms = {"eager": plain, "compiled": torch.compile(plain, dynamic=False), "fused kernel": fused}
     k, v = kv.double().split([d, e], dim=-1)
-    logits = (q.double() @ k.transpose(-1, -2)) * scale
-    ref = (logits + (rh.double()[..., :, None] + rw.double()[..., None, :]).reshape(HEADS, blocks, L, S)).softmax(-1)
-    ref = ref @ v
+    ref = ((q.double() @ k.transpose(-1, -2)) * scale + copy.deepcopy(pos).double()(q.double())).softmax(-1) @ v
     row = {"shape": {"heads": HEADS, "blocks": blocks, "queries": L, "keys": S, "qk": d, "v": e}}
     with torch.no_grad():
         for label, fn in forms.items():
-            err = ((fn(q, kv, rh, rw).double() - ref).abs().max() / ref.abs().max()).item()
-            ms = timeit(lambda fn=fn: fn(q, kv, rh, rw), warmup=2, repeats=9) * 1e3
+            err = ((fn(q, kv).double() - ref).abs().max() / ref.abs().max()).item()
+            ms = timeit(lambda fn=fn: fn(q, kv), warmup=2, repeats=9) * 1e3
             row[label] = {"ms": round(ms, 3), "max_rel_err": err}
     return row
 

@@ -24,12 +24,12 @@ def unavailable_reason() -> str | None:
     return halo_reason()
 
 
-def _swappable(m: nn.Module) -> bool:  # a plain HaloAttention whose query blocks hold a multiple of 4 pixels
-    return type(m) is HaloAttention and m.block_size_ds**2 % 4 == 0
+def _swappable(m: nn.Module) -> bool:  # a plain HaloAttention (not a subclass of the user's, not one swapped)
+    return type(m) is HaloAttention
 
 
 def applicable(model: nn.Module) -> int:
-    """How many of ``model``'s layers :func:`apply` would swap (plain HaloAttention with query blocks of 4k pixels)."""
+    """How many of ``model``'s layers :func:`apply` would swap (its plain ``HaloAttention`` layers)."""
     return sum(map(_swappable, model.modules()))
 
 
