@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vitkit
 import vitkit.kernels as kernels
@@ -66,27 +67,38 @@ def test_fused_layer_matches_the_plain_layer(case, counted):
     assert counted == [1]
 
 
-def _written_out(q, kv, height_rel, width_rel, key_bias, blocks, bs, scale):
-    """softmax(q k^T * scale + rh[ky] + rw[kx] + key_bias) v in float64, the factors of query (y, x) of its block
-    from table rows ky - y + win - 1 and kx - x + win - 1 (the paper's relative offsets)."""
+def _written_out(q, kv, height_rel, width_rel, key_bias, heads, block, halo, scale):
+    """The op's attention in float64, windows by ``unfold`` of the halo-padded map: softmax(q k^T * scale + rh[ky] +
+    rw[kx] + key_bias) v, the factors of query (y, x) of its block from table rows ky - y + win - 1 and kx - x +
+    win - 1 (the paper's relative offsets)."""
     q, kv, hrel, wrel, key_bias = (t.double() for t in (q, kv, height_rel, width_rel, key_bias))
-    win, d = (hrel.shape[0] + 1) // 2, q.shape[-1]
-    k, v = kv.split([d, kv.shape[-1] - d], dim=-1)
+    B, win = q.shape[0], block + 2 * halo
+    d, c = q.shape[1] // heads, kv.shape[1] // heads
+    nh, nw = (kv.shape[2] - 2 * halo) // block, (kv.shape[3] - 2 * halo) // block
+    bs = q.shape[2] // nh
+    qb = q.reshape(B * heads, d, nh, bs, nw, bs).permute(0, 2, 4, 3, 5, 1).reshape(B * heads, nh * nw, bs * bs, d)
+    windows = kv.reshape(B * heads, c, *kv.shape[2:]).unfold(2, win, block).unfold(3, win, block)
+    k, v = windows.permute(0, 2, 3, 4, 5, 1).reshape(B * heads, nh * nw, win * win, c).split([d, c - d], dim=-1)
     i = torch.arange(bs * bs)
     rows = torch.arange(win)[None, :] + win - 1  # (query, key offset) -> table row
-    rh = (q @ hrel.t()).gather(-1, (rows - (i // bs)[:, None]).expand(q.shape[0], -1, -1))
-    rw = (q @ wrel.t()).gather(-1, (rows - (i % bs)[:, None]).expand(q.shape[0], -1, -1))
+    rh = (qb @ hrel.t()).gather(-1, (rows - (i // bs)[:, None]).expand(*qb.shape[:2], -1, -1))
+    rw = (qb @ wrel.t()).gather(-1, (rows - (i % bs)[:, None]).expand(*qb.shape[:2], -1, -1))
     bias = (rh[..., :, None] + rw[..., None, :]).flatten(-2)
     if key_bias.numel():
-        bias = bias + key_bias.repeat(q.shape[0] // blocks, 1)[:, None]
-    return ((q @ k.transpose(1, 2)) * scale + bias).softmax(-1) @ v
+        bias = bias + key_bias[:, None]
+    out = ((qb @ k.transpose(-1, -2)) * scale + bias).softmax(-1) @ v  # (B*heads, blocks, bs*bs, e)
+    e = out.shape[-1]
+    return out.reshape(B, heads, nh, nw, bs, bs, e).permute(0, 1, 6, 2, 4, 3, 5).reshape(B, heads * e, nh * bs, -1)
 
 
-def _op_inputs(n, bs, d, e, win, seed):
+def _op_inputs(block, bs, halo, d, e, seed, heads=2, nh=2, nw=3):
     g = torch.Generator().manual_seed(seed)
-    q, kv = torch.randn(n, bs * bs, d, generator=g), torch.randn(n, win * win, d + e, generator=g)
+    win = block + 2 * halo
+    q = torch.randn(2, heads * d, nh * bs, nw * bs, generator=g)
+    kv = F.pad(torch.randn(2, heads * (d + e), nh * block, nw * block, generator=g), (halo,) * 4)  # zeros: the halo
     hrel, wrel = (torch.randn(2 * win - 1, d, generator=g) * d**-0.5 for _ in range(2))
-    return q, kv, hrel, wrel
+    mask = torch.zeros(nh * nw, win * win).masked_fill(torch.rand(nh * nw, win * win, generator=g) < 0.3, -3e38)
+    return q, kv, hrel, wrel, mask
 
 
 @needs_kernel
@@ -95,34 +107,32 @@ def test_threads_split_blocks_without_changing_the_result():
     whole by one thread, in the same order, so 1 and 2 threads give the same bits."""
     from vitkit.kernels.halo import halo_attention
 
-    q, kv, hrel, wrel = _op_inputs(64, 4, 8, 16, 14, seed=0)
-    g = torch.Generator().manual_seed(1)
-    mask = torch.zeros(8, 196).masked_fill(torch.rand(8, 196, generator=g) < 0.2, torch.finfo(torch.float32).min)
+    q, kv, hrel, wrel, mask = _op_inputs(8, 4, 3, 8, 16, seed=0, heads=4)
     threads = torch.get_num_threads()
     try:
         outs = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            outs.append(halo_attention(q, kv, hrel, wrel, mask, 8, 4, 0.35))
+            outs.append(halo_attention(q, kv, hrel, wrel, mask, 4, 8, 3, 0.35))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1])
 
 
 @needs_kernel
-@pytest.mark.parametrize("bs", [1, 2, 3, 4, 8])
-def test_the_op_matches_attention_written_out(bs):
-    """The op alone against the attention written out in float64: blocks of 1, 4 and 9 queries (part of one lane
-    group), 16 and 64 (whole groups); a 9 x 9 window, 81 keys (a tail after blocks of 8); head width 12, value width
-    20 (4 queries x 2 vectors, then a last single vector); a key mask repeating every 2 windows."""
+@pytest.mark.parametrize("block,bs,halo", [(8, 8, 3), (8, 4, 2), (3, 3, 1), (4, 2, 1), (2, 1, 1)])
+def test_the_op_matches_attention_written_out(block, bs, halo):
+    """The op alone against the attention written out in float64, on 2 heads of 2 x 3 blocks: 64 queries per block
+    (whole lane groups), 16 (strided), 9 and 4 (part of one group), 1; windows of 14, 12, 5, 6 and 4 pixels (key
+    counts with a tail after blocks of 8); head width 12, value width 20 (4 queries x 2 vectors, then a last single
+    vector); with and without a key mask; halo keys outside the map are zeros that take part."""
     from vitkit.kernels.halo import halo_attention
 
-    q, kv, hrel, wrel = _op_inputs(4, bs, 12, 20, 9, seed=bs)
-    mask = torch.zeros(2, 81).masked_fill(torch.rand(2, 81, generator=torch.Generator().manual_seed(0)) < 0.3, -3e38)
-    for key_bias, blocks in ((mask, 2), (q.new_empty(0), 1)):
-        got = halo_attention(q, kv, hrel, wrel, key_bias, blocks, bs, 0.3)
-        want = _written_out(q, kv, hrel, wrel, key_bias, blocks, bs, 0.3)
-        assert got.shape == (4, bs * bs, 20) and _rel(got.double(), want) < RTOL
+    q, kv, hrel, wrel, mask = _op_inputs(block, bs, halo, 12, 20, seed=block * 10 + bs)
+    for key_bias in (mask, q.new_empty(0)):
+        got = halo_attention(q, kv, hrel, wrel, key_bias, 2, block, halo, 0.3)
+        want = _written_out(q, kv, hrel, wrel, key_bias, 2, block, halo, 0.3)
+        assert got.shape == want.shape == (2, 40, 2 * bs, 3 * bs) and _rel(got.double(), want) < RTOL
 
 
 @needs_kernel
@@ -157,18 +167,19 @@ def test_training_and_the_eager_route_fall_back_to_the_plain_layer(counted):
 def test_the_kernel_names_bad_input():
     from vitkit.kernels.halo import halo_attention
 
-    q, kv, hrel, wrel = _op_inputs(2, 4, 8, 8, 14, seed=0)
-    empty = q.new_empty(0)
+    q, kv, hrel, wrel, mask = _op_inputs(8, 8, 3, 8, 8, seed=0)
     with pytest.raises(RuntimeError, match="float32 CPU tensors only"):
-        halo_attention(q.double(), kv.double(), hrel.double(), wrel.double(), empty, 1, 4, 1.0)
-    with pytest.raises(RuntimeError, match="Q must be bs\\*bs queries with bs <= win, got Q = 6, bs = 4"):
-        halo_attention(q[:, :6], kv, hrel, wrel, empty, 1, 4, 1.0)
-    with pytest.raises(RuntimeError, match=r"kv must be \(N, win\*win, D \+ E\)"):
-        halo_attention(q, kv[:, :100], hrel, wrel, empty, 1, 4, 1.0)
+        halo_attention(q.double(), kv.double(), hrel.double(), wrel.double(), mask.double(), 2, 8, 3, 1.0)
+    with pytest.raises(RuntimeError, match="channels must split into heads"):
+        halo_attention(q, kv, hrel, wrel, mask, 3, 8, 3, 1.0)
+    with pytest.raises(RuntimeError, match=r"kv must be \(B, heads \* \(D \+ E\), nh \* block \+ 2 \* halo"):
+        halo_attention(q, kv[:, :, :12], hrel, wrel, mask, 2, 8, 3, 1.0)
+    with pytest.raises(RuntimeError, match=r"q must be \(B, heads \* D, nh \* bs, nw \* bs\)"):
+        halo_attention(q[:, :, :15], kv, hrel, wrel, mask, 2, 8, 3, 1.0)
     with pytest.raises(RuntimeError, match=r"height_rel, width_rel must be \(2\*win - 1, D\)"):
-        halo_attention(q, kv, hrel[:, :4], wrel[:, :4], empty, 1, 4, 1.0)
-    with pytest.raises(RuntimeError, match="N must be a multiple of blocks"):
-        halo_attention(q, kv, hrel, wrel, torch.zeros(3, 196), 3, 4, 1.0)
+        halo_attention(q, kv, hrel[:, :4], wrel[:, :4], mask, 2, 8, 3, 1.0)
+    with pytest.raises(RuntimeError, match=r"key_bias must be \(nh \* nw, win \* win\)"):
+        halo_attention(q, kv, hrel, wrel, mask[:5], 2, 8, 3, 1.0)
 
 
 @needs_kernel

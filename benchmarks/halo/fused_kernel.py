@@ -5,12 +5,13 @@ compiled plain layer on the machine at hand).
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/halo/fused_kernel.py                      # cores, then models
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/halo/fused_kernel.py --models halonet_h1 --batches 1
 
--> ``fused_kernel.json``, one entry per CPU kind. The plain core is what ``HaloAttention._attend`` does: the
-relative-logit factors (the query against both tables' rows, gathered by offset), the bias ``rh[ky] + rw[kx]``
-broadcast over the window, then ``F.scaled_dot_product_attention``; the kernel takes the tables and does all of it;
-"compiled" is that function under ``torch.compile``. Errors are against float64 of the same attention. The model
-rows time ``vitkit.routes.compile_frozen`` of the model as it is and of a copy with ``vitkit.kernels.apply``,
-interleaved (one call of each per round, median of the rounds), outputs compared.
+-> ``fused_kernel.json``, one entry per CPU kind. The layer rows take the first HaloAttention layer of each of
+HaloNet-H1's stages with its real input (256 px, batch 1, random weights) and time it plain (eager: the two 1x1
+convolutions, the query blocks and key windows gathered, the relative-logit bias, SDPA, the output permuted back),
+plain under ``torch.compile``, and with the kernel (eager: the op does everything between the convolutions). Errors
+are against the plain layer in float64. The model rows time ``vitkit.routes.compile_frozen`` of the model as it is
+and of a copy with ``vitkit.kernels.apply``, interleaved (one call of each per round, median of the rounds), outputs
+compared.
 """
 
 from __future__ import annotations
@@ -22,49 +23,47 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import vitkit
 from vitkit import kernels
 from vitkit.bench.speed import interleaved, timeit
+from vitkit.layers.halo_attention import HaloAttention
 from vitkit.machine import cpu_info, cpu_line
 from vitkit.routes import compile_frozen, compile_with_kernels, rel_err
 
 HERE = Path(__file__).resolve().parent
-# (name, blocks (8 heads), qk width, v width, calls per H1 forward at 256 px, batch 1); 64 queries, 196 keys
-SHAPES = [("stage 0", 64, 8, 8, 3), ("stage 1", 16, 16, 16, 2), ("stage 2", 4, 32, 32, 5)]
-HEADS, BLOCK, QUERIES, WIN = 8, 8, 64, 14
 
 
-def measure_core(blocks: int, d: int, e: int) -> dict:
-    """The plain core (eager and compiled) and the kernel on the layer's layout: (B*heads, blocks, L, width)."""
-    from vitkit.kernels.halo import halo_attention
-    from vitkit.layers.halo_attention import PosEmbedRel
+def h1_layers() -> dict[str, tuple[HaloAttention, torch.Tensor]]:
+    """The first HaloAttention layer of each stage of HaloNet-H1 (random weights) with its input at 256 px, batch 1,
+    and how many layers of that shape a forward runs."""
+    model = vitkit.create_model("halonet_h1").eval()
+    seen: dict[tuple, list] = {}
 
-    L, S, scale = QUERIES, WIN * WIN, d**-0.5
-    torch.manual_seed(0)
-    pos = PosEmbedRel(BLOCK, WIN, d, scale).requires_grad_(False)
-    g = torch.Generator().manual_seed(0)
-    q, kv = torch.randn(HEADS, blocks, L, d, generator=g), torch.randn(HEADS, blocks, S, d + e, generator=g)
+    def keep(layer, inputs, _):
+        key = (tuple(inputs[0].shape), layer.block_stride, layer.dim_out_v)
+        seen.setdefault(key, [layer, inputs[0], 0])[2] += 1
 
-    def plain(q, kv):  # HaloAttention._attend's fused route: the factors, the bias, SDPA
-        k, v = kv.split([d, e], dim=-1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=pos(q), scale=scale)
+    hooks = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, HaloAttention)]
+    with torch.no_grad():
+        model(torch.randn(1, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(0)))
+    for h in hooks:
+        h.remove()
+    return {f"{tuple(x.shape[1:])} stride {layer.block_stride}": (layer, x, n) for layer, x, n in seen.values()}
 
-    def fused(q, kv):
-        out = halo_attention(
-            q.flatten(0, 1), kv.flatten(0, 1), pos.height_rel, pos.width_rel, q.new_empty(0), blocks, BLOCK, scale
-        )
-        return out.reshape(HEADS, blocks, L, e)
 
-    forms = {"eager": plain, "compiled": torch.compile(plain, dynamic=False), "fused kernel": fused}
-    k, v = kv.double().split([d, e], dim=-1)
-    ref = ((q.double() @ k.transpose(-1, -2)) * scale + copy.deepcopy(pos).double()(q.double())).softmax(-1) @ v
-    row = {"shape": {"heads": HEADS, "blocks": blocks, "queries": L, "keys": S, "qk": d, "v": e}}
+def measure_core(layer: HaloAttention, x: torch.Tensor) -> dict:
+    """One layer: plain eager, plain compiled, and a copy with the kernel (eager: the op is the layer's core)."""
+    fused = copy.deepcopy(layer)
+    kernels.apply(fused)
+    forms = {"eager": layer, "compiled": torch.compile(layer, dynamic=False), "fused kernel": fused}
+    ref = copy.deepcopy(layer).double()(x.double())
+    row = {"shape": {"heads": layer.num_heads, "qk": layer.dim_head_qk, "v": layer.dim_head_v,
+                     "block": layer.block_size, "halo": layer.halo_size, "stride": layer.block_stride}}  # fmt: skip
     with torch.no_grad():
         for label, fn in forms.items():
-            err = ((fn(q, kv).double() - ref).abs().max() / ref.abs().max()).item()
-            ms = timeit(lambda fn=fn: fn(q, kv), warmup=2, repeats=9) * 1e3
+            err = ((fn(x).double() - ref).abs().max() / ref.abs().max()).item()
+            ms = timeit(lambda fn=fn: fn(x), warmup=2, repeats=9) * 1e3
             row[label] = {"ms": round(ms, 3), "max_rel_err": err}
     return row
 
@@ -104,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     entry.update(cpu=cpu_line(), torch=torch.__version__)
     if not args.skip_cores:
         entry["cores"] = {}
-        for name, blocks, d, e, calls in SHAPES:
-            entry["cores"][name] = {**measure_core(blocks, d, e), "calls_per_forward": calls}
+        for name, (layer, x, calls) in h1_layers().items():
+            entry["cores"][name] = {**measure_core(layer, x), "calls_per_forward": calls}
             print(name, json.dumps(entry["cores"][name]), flush=True)
             out.write_text(json.dumps(results, indent=1) + "\n")
     models = entry.setdefault("models", {})

@@ -25,10 +25,12 @@ Measured (``benchmarks/halo/fused_kernel.py``, AMD EPYC, AVX2, 1 thread): see ``
 from __future__ import annotations
 
 import functools
+import math
 import os
 import shutil
 
 import torch
+import torch.nn.functional as F
 from torch.utils import cpp_extension
 
 from vitkit.layers.halo_attention import HaloAttention
@@ -45,118 +47,119 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t VL = Vec::size();  // queries per lane group (8: the file is built for AVX2)
 constexpr int KB = 8;                // keys per register block of the logits
 
-// p (W, VL): one group's probabilities, queries in lanes; vp (W, Ep): the window's values, rows padded to whole
-// vectors. Writes out rows (E values each) of queries r0 .. r0 + R that exist (nq in the group), value vectors
-// e .. e + EV: inv[r] * sum_j p[j][r] v[j].
-template <int R, int EV>
-inline void prob_v(const float* p, const float* vp, const float* inv, float* out, int64_t W, int64_t Ep, int64_t E,
-                   int64_t e, int64_t r0, int64_t nq) {
-  __m256 acc[R][EV];  // raw registers: GCC keeps an array of Vectorized in memory here
-  #pragma GCC unroll 8
-  for (int r = 0; r < R; r++)
-    #pragma GCC unroll 8
-    for (int u = 0; u < EV; u++) acc[r][u] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < W; j++) {
-    __m256 v[EV];
-    #pragma GCC unroll 8
-    for (int u = 0; u < EV; u++) v[u] = _mm256_loadu_ps(vp + j * Ep + e + u * VL);
-    #pragma GCC unroll 8
-    for (int r = 0; r < R; r++) {
-      const __m256 pj = _mm256_broadcast_ss(p + j * VL + r0 + r);
-      #pragma GCC unroll 8
-      for (int u = 0; u < EV; u++) acc[r][u] = _mm256_fmadd_ps(pj, v[u], acc[r][u]);
-    }
-  }
-  #pragma GCC unroll 8
-  for (int r = 0; r < R; r++)
-    #pragma GCC unroll 8
-    for (int u = 0; u < EV; u++) {
-      const int64_t e0 = e + u * VL;
-      if (r0 + r < nq && e0 < E)
-        (Vec(acc[r][u]) * Vec(inv[r0 + r])).store(out + (r0 + r) * E + e0, std::min(VL, E - e0));
-    }
-}
-
-// For rows i0 .. i0 + K of a matrix (row i at rows + i * stride, D values), queries in lanes (qT: (D, VL)):
-// emit(i, init(i) + q . row_i), the K sums in registers.
+// For K rows i0 .. i0 + K of a matrix whose row i starts at base + off[i], elements dstride apart: emit(i, init(i) +
+// q . row_i), the queries in lanes (qT: (D, VL)) and the K sums in registers.
 template <int K, class Init, class Emit>
-inline void dot_rows(const float* qT, const float* rows, int64_t stride, int64_t D, int64_t i0, Init init, Emit emit) {
+inline void dot_rows(const float* qT, const float* base, const int64_t* off, int64_t dstride, int64_t D, int64_t i0,
+                     Init init, Emit emit) {
   __m256 acc[K];
+  const float* r[K];
   #pragma GCC unroll 8
-  for (int u = 0; u < K; u++) acc[u] = init(i0 + u);
-  const float* r = rows + i0 * stride;
+  for (int u = 0; u < K; u++) { acc[u] = init(i0 + u); r[u] = base + off[i0 + u]; }
   for (int64_t d = 0; d < D; d++) {
     const __m256 qd = _mm256_loadu_ps(qT + d * VL);
     #pragma GCC unroll 8
-    for (int u = 0; u < K; u++) acc[u] = _mm256_fmadd_ps(qd, _mm256_broadcast_ss(r + u * stride + d), acc[u]);
+    for (int u = 0; u < K; u++) acc[u] = _mm256_fmadd_ps(qd, _mm256_broadcast_ss(r[u] + d * dstride), acc[u]);
   }
   #pragma GCC unroll 8
   for (int u = 0; u < K; u++) emit(i0 + u, acc[u]);
 }
 
 template <class Init, class Emit>
-inline void dot_all(const float* qT, const float* rows, int64_t stride, int64_t D, int64_t n, Init init, Emit emit) {
+inline void dot_all(const float* qT, const float* base, const int64_t* off, int64_t dstride, int64_t D, int64_t n,
+                    Init init, Emit emit) {
   int64_t i = 0;
-  for (; i + KB <= n; i += KB) dot_rows<KB>(qT, rows, stride, D, i, init, emit);
-  for (; i < n; i++) dot_rows<1>(qT, rows, stride, D, i, init, emit);
+  for (; i + KB <= n; i += KB) dot_rows<KB>(qT, base, off, dstride, D, i, init, emit);
+  for (; i < n; i++) dot_rows<1>(qT, base, off, dstride, D, i, init, emit);
 }
 
-// q (N, Q, D) with Q = bs * bs queries per block (row-major in the block); kv (N, W, D + E): each window key's k
-// then v, W = win * win; height_rel, width_rel (2 * win - 1, D); key_bias (blocks, W) added to every query's logits
-// of block n % blocks, or empty. Returns softmax(q . k * scale + q . height_rel[ky - y + win - 1]
-// + q . width_rel[kx - x + win - 1] + key_bias) v, (N, Q, E).
+// p (W, VL): probabilities, queries in lanes; v: value channel e of key j at v + e * dstride + off[j]. Emits
+// (e, sum_j p[j] v[j][e]) for channels e0 .. e0 + EB, the sums (queries in lanes) in registers.
+template <int EB, class Emit>
+inline void prob_v(const float* p, const float* v, const int64_t* off, int64_t dstride, int64_t W, int64_t e0,
+                   Emit emit) {
+  __m256 acc[EB];
+  #pragma GCC unroll 8
+  for (int u = 0; u < EB; u++) acc[u] = _mm256_setzero_ps();
+  const float* ve = v + e0 * dstride;
+  for (int64_t j = 0; j < W; j++) {
+    const __m256 pj = _mm256_loadu_ps(p + j * VL);
+    const float* vj = ve + off[j];
+    #pragma GCC unroll 8
+    for (int u = 0; u < EB; u++) acc[u] = _mm256_fmadd_ps(pj, _mm256_broadcast_ss(vj + u * dstride), acc[u]);
+  }
+  #pragma GCC unroll 8
+  for (int u = 0; u < EB; u++) emit(e0 + u, acc[u]);
+}
+
+// q (B, heads * D, Hq, Wq): the queries, Hq = nh * bs, Wq = nw * bs; kv (B, heads * (D + E), nh * b + 2 * halo,
+// nw * b + 2 * halo): each head's D channels of k then E of v (b = block), the map padded by the halo; height_rel,
+// width_rel (2 * win - 1, D), win = b + 2 * halo; key_bias (nh * nw, win * win) or empty. Block (by, bx) of a head:
+// its bs x bs queries attend to the win x win keys from row by * b, column bx * b of kv, with logits q . k * scale +
+// q . height_rel[ky - y + win - 1] + q . width_rel[kx - x + win - 1] + key_bias, (y, x) the query's place in its
+// block. Returns the attention output (B, heads * E, Hq, Wq).
 torch::Tensor halo_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor height_rel, torch::Tensor width_rel,
-                             torch::Tensor key_bias, int64_t blocks, int64_t bs, double scale) {
-  TORCH_CHECK(q.dim() == 3 && kv.dim() == 3 && height_rel.dim() == 2 && width_rel.dim() == 2,
-              "halo_attention: q, kv 3-D; height_rel, width_rel 2-D");
+                             torch::Tensor key_bias, int64_t heads, int64_t block, int64_t halo, double scale) {
+  TORCH_CHECK(q.dim() == 4 && kv.dim() == 4 && height_rel.dim() == 2 && width_rel.dim() == 2,
+              "halo_attention: q, kv 4-D (NCHW); height_rel, width_rel 2-D");
   for (const auto& t : {q, kv, height_rel, width_rel})
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), "halo_attention: float32 CPU tensors only");
   q = q.contiguous(); kv = kv.contiguous(); height_rel = height_rel.contiguous(); width_rel = width_rel.contiguous();
-  const int64_t N = q.size(0), Q = q.size(1), D = q.size(2), W = kv.size(1), E = kv.size(2) - D;
-  const int64_t win = (height_rel.size(0) + 1) / 2;
-  TORCH_CHECK(win * win == W && kv.size(0) == N && E > 0, "halo_attention: kv must be (N, win*win, D + E)");
+  TORCH_CHECK(heads > 0 && block > 0 && halo >= 0, "halo_attention: heads, block > 0 and halo >= 0");
+  TORCH_CHECK(q.size(1) % heads == 0 && kv.size(1) % heads == 0 && kv.size(0) == q.size(0),
+              "halo_attention: q and kv channels must split into heads, and their batch sizes agree");
+  const int64_t B = q.size(0), D = q.size(1) / heads, C = kv.size(1) / heads, E = C - D, win = block + 2 * halo;
+  const int64_t Hq = q.size(2), Wq = q.size(3), Hk = kv.size(2), Wk = kv.size(3);
+  const int64_t nh = (Hk - 2 * halo) / block, nw = (Wk - 2 * halo) / block;
+  TORCH_CHECK(E > 0 && nh > 0 && nw > 0 && Hk == nh * block + 2 * halo && Wk == nw * block + 2 * halo,
+              "halo_attention: kv must be (B, heads * (D + E), nh * block + 2 * halo, nw * block + 2 * halo), E > 0");
+  const int64_t bs = Hq / nh;
+  TORCH_CHECK(bs > 0 && bs <= block && Hq == nh * bs && Wq == nw * bs,
+              "halo_attention: q must be (B, heads * D, nh * bs, nw * bs) for kv's nh x nw blocks, bs <= block");
   TORCH_CHECK(height_rel.sizes() == width_rel.sizes() && height_rel.size(0) == 2 * win - 1 && height_rel.size(1) == D,
               "halo_attention: height_rel, width_rel must be (2*win - 1, D)");
-  TORCH_CHECK(bs > 0 && bs <= win && bs * bs == Q, "halo_attention: Q must be bs*bs queries with bs <= win, got Q = ",
-              Q, ", bs = ", bs);
-  TORCH_CHECK(blocks > 0 && N % blocks == 0, "halo_attention: N must be a multiple of blocks");
   const bool masked = key_bias.numel() > 0;
   if (masked) {
-    TORCH_CHECK(key_bias.scalar_type() == at::kFloat && key_bias.numel() == blocks * W, "halo_attention: key_bias");
+    TORCH_CHECK(key_bias.scalar_type() == at::kFloat && key_bias.numel() == nh * nw * win * win,
+                "halo_attention: key_bias must be (nh * nw, win * win)");
     key_bias = key_bias.contiguous();
   }
-  auto out = torch::empty({N, Q, E}, q.options());
+  auto out = torch::empty({B, heads * E, Hq, Wq}, q.options());
   const float* qp = q.data_ptr<float>(); const float* kvp = kv.data_ptr<float>();
   const float* hrel = height_rel.data_ptr<float>(); const float* wrel = width_rel.data_ptr<float>();
   const float* kbp = masked ? key_bias.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  const int64_t C = D + E, Ep = (E + VL - 1) / VL * VL, G = (Q + VL - 1) / VL, T = 2 * win - 1;
+  const int64_t W = win * win, Q = bs * bs, G = (Q + VL - 1) / VL, T = 2 * win - 1;
+  const int64_t blocks = nh * nw, QP = Hq * Wq, KP = Hk * Wk;
   const __m256 sc = _mm256_set1_ps((float)scale);
-  std::vector<int64_t> ky(W), kx(W);  // key j's window row and column
-  for (int64_t j = 0; j < W; j++) { ky[j] = j / win; kx[j] = j % win; }
+  std::vector<int64_t> ky(W), kx(W), koff(W), toff(T);  // key j: window row, column, offset in a channel plane
+  for (int64_t j = 0; j < W; j++) { ky[j] = j / win; kx[j] = j % win; koff[j] = ky[j] * Wk + kx[j]; }
+  for (int64_t t = 0; t < T; t++) toff[t] = t * D;  // table rows
   const auto zero = [](int64_t) { return _mm256_setzero_ps(); };
-  // one task: a group of VL queries of one window, the queries in vector lanes (lanes past Q are zeros)
-  at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qT(D * VL), qTs(D * VL), ph(T * VL), pw(T * VL), rhT(win * VL), rwT(win * VL);
-    std::vector<float> s(W * VL), vp(W * Ep, 0.f);
-    float inv[VL];
-    int64_t window = -1;
+  // one task: a group of VL queries of one block of one head, the queries in vector lanes (lanes past Q are zeros)
+  at::parallel_for(0, B * heads * blocks * G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qT(D * VL), qTs(D * VL), ph(T * VL), pw(T * VL), rhT(win * VL), rwT(win * VL), s(W * VL);
+    int64_t qoff[VL];  // each lane's pixel in a q / output channel plane
     for (int64_t t = begin; t < end; t++) {
       const int64_t n = t / G, i0 = (t % G) * VL, nq = std::min(VL, Q - i0);
-      const float* kvb = kvp + n * W * C;
-      if (n != window) {  // the window's values, rows padded to whole vectors
-        for (int64_t j = 0; j < W; j++) std::copy(kvb + j * C + D, kvb + (j + 1) * C, vp.data() + j * Ep);
-        window = n;
-      }
+      const int64_t bh = n / blocks, blk = n % blocks, by = blk / nw, bx = blk % nw;
+      const float* qb = qp + bh * D * QP;
+      const float* win0 = kvp + bh * C * KP + by * block * Wk + bx * block;  // the window's top-left key, channel 0
+      float* outb = op + bh * E * QP;
+      for (int64_t l = 0; l < nq; l++) qoff[l] = (by * bs + (i0 + l) / bs) * Wq + bx * bs + (i0 + l) % bs;
+      const bool row = nq == VL && bs % VL == 0;  // the group is VL pixels of one row: whole-vector loads and stores
       if (nq < VL) std::fill(qT.begin(), qT.end(), 0.f);
-      for (int64_t l = 0; l < nq; l++)  // q transposed, one lane per query
-        for (int64_t d = 0; d < D; d++) qT[d * VL + l] = qp[(n * Q + i0 + l) * D + d];
-      for (int64_t d = 0; d < D; d++)
+      for (int64_t d = 0; d < D; d++) {  // q transposed, one lane per query; scaled for the logits
+        if (row) _mm256_storeu_ps(qT.data() + d * VL, _mm256_loadu_ps(qb + d * QP + qoff[0]));
+        else for (int64_t l = 0; l < nq; l++) qT[d * VL + l] = qb[d * QP + qoff[l]];
         _mm256_storeu_ps(qTs.data() + d * VL, _mm256_mul_ps(sc, _mm256_loadu_ps(qT.data() + d * VL)));
+      }
       // relative logits, from the unscaled query as in the reference: q against every table row, then each query's
       // rows by its place (y, x) in the block: rh[ky] = q . height_rel[ky - y + win - 1], rw[kx] likewise
-      dot_all(qT.data(), hrel, D, D, T, zero, [&](int64_t i, __m256 a) { _mm256_storeu_ps(ph.data() + i * VL, a); });
-      dot_all(qT.data(), wrel, D, D, T, zero, [&](int64_t i, __m256 a) { _mm256_storeu_ps(pw.data() + i * VL, a); });
+      dot_all(qT.data(), hrel, toff.data(), 1, D, T, zero,
+              [&](int64_t i, __m256 a) { _mm256_storeu_ps(ph.data() + i * VL, a); });
+      dot_all(qT.data(), wrel, toff.data(), 1, D, T, zero,
+              [&](int64_t i, __m256 a) { _mm256_storeu_ps(pw.data() + i * VL, a); });
       for (int64_t l = 0; l < VL; l++) {
         const int64_t i = l < nq ? i0 + l : 0, y = i / bs, x = i % bs;
         for (int64_t k = 0; k < win; k++) {
@@ -164,35 +167,36 @@ torch::Tensor halo_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor he
           rwT[k * VL + l] = pw[(k - x + win - 1) * VL + l];
         }
       }
-      const float* kb = masked ? kbp + (n % blocks) * W : nullptr;
+      const float* kb = masked ? kbp + blk * W : nullptr;
       // logits (q . k * scale + rh[ky] + rw[kx] + key_bias), KB keys at a time, and each query's max
       __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-      dot_all(qTs.data(), kvb, C, D, W,
+      dot_all(qTs.data(), win0, koff.data(), KP, D, W,
               [&](int64_t j) {
                 const __m256 b = _mm256_add_ps(_mm256_loadu_ps(rhT.data() + ky[j] * VL),
                                                _mm256_loadu_ps(rwT.data() + kx[j] * VL));
                 return masked ? _mm256_add_ps(b, _mm256_set1_ps(kb[j])) : b;
               },
               [&](int64_t j, __m256 a) { _mm256_storeu_ps(s.data() + j * VL, a); mx = _mm256_max_ps(mx, a); });
-      Vec sum(0.f), vmx(mx);  // softmax numerators in place; 1 / their sums
+      Vec sum(0.f), vmx(mx);  // softmax numerators in place, then each query's 1 / sum
       for (int64_t j = 0; j < W; j++) {
         const Vec p = (Vec::loadu(s.data() + j * VL) - vmx).exp_u20();
         p.store(s.data() + j * VL);
         sum = sum + p;
       }
-      (Vec(1.f) / sum).store(inv);
-      float* ob = op + (n * Q + i0) * E;  // probabilities times v
-      if (Ep == VL) {
-        prob_v<VL, 1>(s.data(), vp.data(), inv, ob, W, Ep, E, 0, 0, nq);
-      } else {
-        for (int64_t e = 0; e < Ep; e += 2 * VL)
-          for (int64_t r0 = 0; r0 < nq; r0 += 4) {
-            if (e + VL == Ep)  // the last, odd vector: 4 queries x 2 vectors would leave half the sums idle
-              prob_v<4, 1>(s.data(), vp.data(), inv, ob, W, Ep, E, e, r0, nq);
-            else
-              prob_v<4, 2>(s.data(), vp.data(), inv, ob, W, Ep, E, e, r0, nq);
-          }
-      }
+      const __m256 inv = Vec(1.f) / sum;
+      // probabilities times v, VL channels at a time; each channel's VL queries go to their pixels
+      const auto emit = [&](int64_t e, __m256 a) {
+        float* dst = outb + e * QP;
+        a = _mm256_mul_ps(a, inv);
+        if (row) { _mm256_storeu_ps(dst + qoff[0], a); return; }
+        float lanes[VL];
+        _mm256_storeu_ps(lanes, a);
+        for (int64_t l = 0; l < nq; l++) dst[qoff[l]] = lanes[l];
+      };
+      const float* v0 = win0 + D * KP;
+      int64_t e = 0;
+      for (; e + VL <= E; e += VL) prob_v<VL>(s.data(), v0, koff.data(), KP, W, e, emit);
+      for (; e < E; e++) prob_v<1>(s.data(), v0, koff.data(), KP, W, e, emit);
     }
   });
   return out;
@@ -234,39 +238,40 @@ def halo_attention(
     height_rel: torch.Tensor,
     width_rel: torch.Tensor,
     key_bias: torch.Tensor,
-    blocks: int,
-    block_size: int,
+    heads: int,
+    block: int,
+    halo: int,
     scale: float,
 ) -> torch.Tensor:
-    """Halo attention of N windows with its relative logits: q (N, Q, D), the ``block_size``^2 queries of a block
-    row by row; kv (N, W, D + E), each of the ``win x win`` window keys' k then v; ``height_rel``/``width_rel``
-    (2 * win - 1, D), :class:`~vitkit.layers.halo_attention.PosEmbedRel`'s tables; key_bias (blocks, W) or empty.
-    Returns softmax(q k^T * scale + rh[ky] + rw[kx] + key_bias) v, (N, Q, E), the factors from the unscaled query."""
-    return _extension().halo_attention(q, kv, height_rel, width_rel, key_bias, blocks, block_size, scale)
+    """Halo attention on maps, as :class:`~vitkit.layers.halo_attention.HaloAttention` computes it between its 1x1
+    convolutions: q (B, heads * D, Hq, Wq) from the query convolution; kv (B, heads * (D + E), Hp + 2 * halo,
+    Wp + 2 * halo) from the key/value one (each head's k then v channels) on the map padded to whole ``block``s, then
+    zero-padded by the halo; ``height_rel``/``width_rel`` (2 * win - 1, D), ``PosEmbedRel``'s tables; key_bias
+    (blocks, win * win) or empty. Each ``block`` x ``block`` block's queries (``Hq / (Hp / block)`` to a side: fewer
+    for strided queries) attend to the window of ``win = block + 2 * halo`` around it. Returns (B, heads * E, Hq,
+    Wq)."""
+    return _extension().halo_attention(q, kv, height_rel, width_rel, key_bias, heads, block, halo, scale)
 
 
 @halo_attention.register_fake
-def _(q, kv, height_rel, width_rel, key_bias, blocks, block_size, scale):
-    return q.new_empty(q.shape[0], q.shape[1], kv.shape[2] - q.shape[2])
+def _(q, kv, height_rel, width_rel, key_bias, heads, block, halo, scale):
+    return q.new_empty(q.shape[0], kv.shape[1] - q.shape[1], q.shape[2], q.shape[3])
 
 
 class FusedHaloAttention(HaloAttention):
-    """``HaloAttention`` whose fused route calls :func:`halo_attention` (see the module docstring)."""
+    """``HaloAttention`` whose fused route between the two 1x1 convolutions is :func:`halo_attention` (see the
+    module docstring): no query blocks, key windows or output permutation are materialised."""
 
-    def _attend(self, q, kv, key_bias):
-        BH, blocks, L, dqk = q.shape
-        if not (self.use_fused() and q.dtype == torch.float32 and q.device.type == "cpu"):
-            return super()._attend(q, kv, key_bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         tables = (self.pos_embed.height_rel, self.pos_embed.width_rel)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, kv, *tables)):
-            return super()._attend(q, kv, key_bias)  # the kernel has no backward
-        out = halo_attention(
-            q.reshape(BH * blocks, L, dqk),
-            kv.reshape(BH * blocks, kv.shape[2], kv.shape[3]),
-            *tables,
-            q.new_empty(0) if key_bias is None else key_bias,
-            blocks,
-            self.pos_embed.block_size,
-            self.scale,
-        )
-        return out.reshape(BH, blocks, L, self.dim_head_v)
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if grad or not (self.use_fused() and x.dtype == torch.float32 and x.device.type == "cpu"):
+            return super().forward(x)  # the kernel has no backward; other dtypes and devices, the eager route
+        H, W, b, h, s = x.shape[2], x.shape[3], self.block_size, self.halo_size, self.block_stride
+        Hp, Wp = math.ceil(H / b) * b, math.ceil(W / b) * b
+        x = F.pad(x, (0, Wp - W, 0, Hp - H))
+        key_bias = self._key_bias(H, W, Hp, Wp, x)
+        empty = x.new_empty(0)
+        out = halo_attention(self.q(x), F.pad(self.kv(x), (h, h, h, h)), *tables,
+                             empty if key_bias is None else key_bias, self.num_heads, b, h, self.scale)  # fmt: skip
+        return self.pool(out[:, :, : math.ceil(H / s), : math.ceil(W / s)])
