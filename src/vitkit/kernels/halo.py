@@ -3,20 +3,23 @@
 ``HaloAttention``'s plain core builds the relative-logit bias ``rh[ky] + rw[kx]`` for every query and window key
 (6.4 M values per layer in HaloNet-H1's first stage at 256 px) and hands it to ``F.scaled_dot_product_attention``.
 Under ``torch.compile`` that bias is one scalar loop (Inductor does not vectorise an index divided by the window
-side) and SDPA's CPU kernel reads it back. This kernel never writes it. One task is a group of 8 queries of one
-window, **one query per vector lane** (ATen's ``Vectorized<float>``, AVX2 + FMA): a key's logit for the 8 queries
-is one vector, started from the factor rows ``rh[ky] + rw[kx]`` (two vector loads: no per-key bias row) and 8 keys
-at a time take their FMAs from broadcasts of ``k`` read in place; the softmax's max and sum run down the keys
-(vertical: no reduction across lanes); the value product puts the values in lanes instead (8 queries x 1 vector,
-or 4 queries x 2 vectors, the sums kept in registers). Lanes past the last query are zeros, so any block size
-works. ``at::parallel_for`` splits the groups; each is computed whole, in one order, so the thread count does not
-change a bit of the result. The arithmetic is the same attention in fp32, summed in another order.
+side) and SDPA's CPU kernel reads it back, and the layer's query blocks, key windows (3x the key/value map) and
+output are permuted copies. This kernel does everything between the two 1x1 convolutions on the maps as they are
+(NCHW; the key/value map halo-padded): one task is a group of 8 queries of one block of one head, **one query per
+vector lane** (AVX2 + FMA). The relative-logit factors are formed inside, from ``PosEmbedRel``'s tables and the
+unscaled query; a key's logits for the 8 queries are one vector started from ``rh[ky] + rw[kx]`` (two vector loads:
+no bias row), 8 keys at a time with ``k`` broadcast from where it lies in the map; the softmax's max and sum run down
+the keys (no reduction across lanes); the value product keeps the queries in lanes, 8 channels at a time with ``v``
+broadcast from the map, so a channel's result is 8 pixels of the output, stored in place. Lanes past the last query
+are zeros, so any block size works. ``at::parallel_for`` splits the groups; each is computed whole, in one order, so
+the thread count does not change a bit of the result. The arithmetic is the same attention in fp32 with the sums in
+another order and ATen's ``exp_u20`` (an exponential within 20 ulp, as in PyTorch's own CPU flash attention).
 
 It is built from source at first use by ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and ninja are
 needed; the build is cached under ``TORCH_EXTENSIONS_DIR``) and registered as the custom op
 ``vitkit::halo_attention`` with a fake implementation, so ``torch.compile`` keeps the model in one graph.
-:class:`FusedHaloAttention` takes it only where it applies (fp32 CPU tensors, no autograd, the fused route) and runs
-the plain core otherwise; ``attn_probs`` hooks still see the eager route.
+:class:`FusedHaloAttention` takes it only where it applies (fp32 CPU input, no autocast, no autograd, the fused route)
+and runs the plain layer otherwise; ``attn_probs`` hooks still see the eager route.
 
 Measured (``benchmarks/halo/fused_kernel.py``, AMD EPYC, AVX2, 1 thread): see ``benchmarks/halo/README.md``
 ("A fused kernel"); ``optimize`` measures the kernel form against the plain compiled one before it keeps it.
@@ -258,6 +261,14 @@ def _(q, kv, height_rel, width_rel, key_bias, heads, block, halo, scale):
     return q.new_empty(q.shape[0], kv.shape[1] - q.shape[1], q.shape[2], q.shape[3])
 
 
+def _autocast_cpu() -> bool:
+    """CPU autocast is on (the convolutions would hand the op bfloat16)."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled()
+
+
 class FusedHaloAttention(HaloAttention):
     """``HaloAttention`` whose fused route between the two 1x1 convolutions is :func:`halo_attention` (see the
     module docstring): no query blocks, key windows or output permutation are materialised."""
@@ -265,8 +276,9 @@ class FusedHaloAttention(HaloAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tables = (self.pos_embed.height_rel, self.pos_embed.width_rel)
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if grad or not (self.use_fused() and x.dtype == torch.float32 and x.device.type == "cpu"):
-            return super().forward(x)  # the kernel has no backward; other dtypes and devices, the eager route
+        fp32 = x.dtype == torch.float32 and x.device.type == "cpu" and not _autocast_cpu()
+        if grad or not (fp32 and self.use_fused()):
+            return super().forward(x)  # the kernel has no backward; other dtypes (autocast too), devices, eager route
         H, W, b, h, s = x.shape[2], x.shape[3], self.block_size, self.halo_size, self.block_stride
         Hp, Wp = math.ceil(H / b) * b, math.ceil(W / b) * b
         x = F.pad(x, (0, Wp - W, 0, Hp - H))
