@@ -28,7 +28,6 @@ Measured (``benchmarks/halo/fused_kernel.py``, AMD EPYC, AVX2, 1 thread): see ``
 from __future__ import annotations
 
 import functools
-import math
 import os
 import shutil
 
@@ -273,17 +272,13 @@ class FusedHaloAttention(HaloAttention):
     """``HaloAttention`` whose fused route between the two 1x1 convolutions is :func:`halo_attention` (see the
     module docstring): no query blocks, key windows or output permutation are materialised."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tables = (self.pos_embed.height_rel, self.pos_embed.width_rel)
+    def _attend(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         fp32 = x.dtype == torch.float32 and x.device.type == "cpu" and not _autocast_cpu()
         if grad or not (fp32 and self.use_fused()):
-            return super().forward(x)  # the kernel has no backward; other dtypes (autocast too), devices, eager route
-        H, W, b, h, s = x.shape[2], x.shape[3], self.block_size, self.halo_size, self.block_stride
-        Hp, Wp = math.ceil(H / b) * b, math.ceil(W / b) * b
-        x = F.pad(x, (0, Wp - W, 0, Hp - H))
-        key_bias = self._key_bias(H, W, Hp, Wp, x)
-        empty = x.new_empty(0)
-        out = halo_attention(self.q(x), F.pad(self.kv(x), (h, h, h, h)), *tables,
-                             empty if key_bias is None else key_bias, self.num_heads, b, h, self.scale)  # fmt: skip
-        return self.pool(out[:, :, : math.ceil(H / s), : math.ceil(W / s)])
+            return super()._attend(x, H, W)  # the kernel has no backward; other dtypes (autocast too), devices, eager
+        h, key_bias = self.halo_size, self._key_bias(H, W, x.shape[2], x.shape[3], x)
+        key_bias = x.new_empty(0) if key_bias is None else key_bias
+        tables = (self.pos_embed.height_rel, self.pos_embed.width_rel)
+        kv = F.pad(self.kv(x), (h, h, h, h))
+        return halo_attention(self.q(x), kv, *tables, key_bias, self.num_heads, self.block_size, h, self.scale)

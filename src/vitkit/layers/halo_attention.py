@@ -47,12 +47,8 @@ class PosEmbedRel(nn.Module):
         self.width_rel = nn.Parameter(torch.randn(win_size * 2 - 1, dim_head) * scale)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        """``q``: (N, blocks, bs*bs, d) -> relative logits (N, blocks, bs*bs, win*win), ``rh[ky] + rw[kx]``."""
-        rh, rw = self.factors(q)
-        return (rh[..., :, None] + rw[..., None, :]).reshape(*q.shape[:3], self.win_size**2)
-
-    def factors(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``rh``, ``rw`` (N, blocks, bs*bs, win): as the reference, q times all ``2 * win - 1`` rows, then gathered."""
+        """``q``: (N, blocks, bs*bs, d) -> relative logits (N, blocks, bs*bs, win*win), ``rh[ky] + rw[kx]``. As the
+        reference: the query times every table row (all ``2 * win - 1`` offsets), then its window keys' offsets."""
         bs, win = self.block_size, self.win_size
         pos = torch.arange(win, device=q.device)[None, :] - torch.arange(bs, device=q.device)[:, None]
         index = pos + win - 1  # (query position in the block, key position in the window) -> table row
@@ -61,7 +57,7 @@ class PosEmbedRel(nn.Module):
         rh, rw = qb @ self.height_rel.t().to(q.dtype), qb @ self.width_rel.t().to(q.dtype)
         rh = rh.gather(-1, index[None, :, None].expand(*rh.shape[:-1], win))  # (gather: a dynamic batch)
         rw = rw.gather(-1, index[None, None].expand(*rw.shape[:-1], win))
-        return rh.reshape(*q.shape[:3], win), rw.reshape(*q.shape[:3], win)
+        return (rh[..., :, None] + rw[..., None, :]).reshape(*q.shape[:2], bs * bs, win * win)
 
 
 class HaloAttention(nn.Module):
@@ -153,12 +149,17 @@ class HaloAttention(nn.Module):
         return (rows[:, None, :, None] * (nw * b + 2 * self.halo_size) + cols[None, :, None, :]).reshape(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, _, H, W = x.shape
-        b, h, s, bs, win = self.block_size, self.halo_size, self.block_stride, self.block_size_ds, self.win_size
+        H, W, b, s = x.shape[2], x.shape[3], self.block_size, self.block_stride
         Hp, Wp = math.ceil(H / b) * b, math.ceil(W / b) * b
-        x = F.pad(x, (0, Wp - W, 0, Hp - H))
-        nh, nw, heads, dqk, dv = Hp // b, Wp // b, self.num_heads, self.dim_head_qk, self.dim_head_v
+        out = self._attend(F.pad(x, (0, Wp - W, 0, Hp - H)), H, W)
+        return self.pool(out[:, :, : math.ceil(H / s), : math.ceil(W / s)])
 
+    def _attend(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """Between the 1x1 convolutions: ``x`` (B, C, Hp, Wp), the (H, W) map size-padded -> (B, dim_out, Hp / s,
+        Wp / s) (:mod:`vitkit.kernels` overrides this)."""
+        B, _, Hp, Wp = x.shape
+        b, h, bs, win = self.block_size, self.halo_size, self.block_size_ds, self.win_size
+        nh, nw, heads, dqk, dv = Hp // b, Wp // b, self.num_heads, self.dim_head_qk, self.dim_head_v
         q = self.q(x).reshape(B * heads * dqk, nh, bs, nw, bs).transpose(2, 3)  # (rank <= 5 throughout: Core ML)
         # (B*heads, blocks, bs*bs, d), stored in that order: SDPA's fused CPU kernel needs unit stride on d
         q = q.reshape(B * heads, dqk, nh * nw, bs * bs).permute(0, 2, 3, 1).contiguous()
@@ -166,19 +167,16 @@ class HaloAttention(nn.Module):
         # gathered as whole rows of a (B*heads, position, d) copy (a fraction of the cost of gathering columns)
         kv = F.pad(self.kv(x), (h, h, h, h)).reshape(B * heads, dqk + dv, -1).transpose(1, 2).contiguous()
         kv = kv.index_select(1, self._windows(nh, nw, x.device)).reshape(B * heads, nh * nw, win * win, dqk + dv)
-        out = self._attend(q, kv, self._key_bias(H, W, Hp, Wp, q))  # (B*heads, blocks, bs*bs, dv)
-        out = out.permute(0, 3, 1, 2).reshape(B * heads * dv, nh, nw, bs, bs).transpose(2, 3)
-        out = out.reshape(B, heads * dv, nh * bs, nw * bs)[:, :, : math.ceil(H / s), : math.ceil(W / s)]
-        return self.pool(out)
-
-    def _attend(self, q: torch.Tensor, kv: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
-        """Each block's queries over its window: ``kv`` holds each key's k then v (``vitkit.kernels`` overrides)."""
-        k, v = kv.split([self.dim_head_qk, self.dim_head_v], dim=-1)
+        k, v = kv.split([dqk, dv], dim=-1)
         bias = self.pos_embed(q)  # from the unscaled query, as in the reference
+        key_bias = self._key_bias(H, W, Hp, Wp, q)
         bias = bias if key_bias is None else bias + key_bias[:, None, :]
         if self.use_fused():
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        return self.attn_probs(((q @ k.transpose(-2, -1)) * self.scale + bias).softmax(dim=-1)) @ v
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        else:
+            out = self.attn_probs(((q @ k.transpose(-2, -1)) * self.scale + bias).softmax(dim=-1)) @ v
+        out = out.permute(0, 3, 1, 2).reshape(B * heads * dv, nh, nw, bs, bs).transpose(2, 3)  # (out: B*heads, ...)
+        return out.reshape(B, heads * dv, nh * bs, nw * bs)
 
     def attention_geometry(self, record: AttentionRecord, query: ImageQuery) -> torch.Tensor:
         """(B*heads, blocks, bs*bs, win*win) on the layer's (Hf, Wf) input map: the query's block window, the
