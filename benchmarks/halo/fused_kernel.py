@@ -28,7 +28,7 @@ import vitkit
 from vitkit import kernels
 from vitkit.bench.speed import interleaved, timeit
 from vitkit.layers.halo_attention import HaloAttention
-from vitkit.machine import cpu_info, cpu_line
+from vitkit.machine import cpu_kind, cpu_line
 from vitkit.routes import compile_frozen, compile_with_kernels, rel_err
 
 HERE = Path(__file__).resolve().parent
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     out = HERE / "fused_kernel.json"
     results = json.loads(out.read_text()) if out.exists() else {}
-    entry = results.setdefault(cpu_info()["model"], {})  # one entry per CPU kind
+    entry = results.setdefault(cpu_kind(), {})  # one entry per CPU kind
     entry.update(cpu=cpu_line(), torch=torch.__version__)
     if not args.skip_cores:
         entry["cores"] = {}

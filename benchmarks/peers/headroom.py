@@ -164,7 +164,7 @@ def gemm_rates(threads: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     import vitkit
     from vitkit.bench.speed import matmul_peak
-    from vitkit.machine import cpu_info, cpu_line
+    from vitkit.machine import cpu_info, cpu_kind, cpu_line
     from vitkit.routes import compile_frozen
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", action="store_true", help="print the table of this CPU kind in --out and exit")
     args = p.parse_args(argv)
     if args.table:
-        table = json.loads(args.out.read_text())[cpu_info()["model"]]
+        table = json.loads(args.out.read_text())[cpu_kind()]
         derive(table)
         print_table(table)
         return 0

@@ -28,7 +28,7 @@ import torch
 
 from vitkit.bench.speed import interleaved
 from vitkit.config import load_config
-from vitkit.machine import cpu_info, cpu_line
+from vitkit.machine import cpu_kind, cpu_line
 from vitkit.routes import compile_frozen, optimize
 from vitkit.train import Trainer, evaluate, load_run
 from vitkit.train.inference import calibration_batches
@@ -96,7 +96,7 @@ def main() -> int:
         }  # fmt: skip
         print(recipe, json.dumps(out["recipes"][recipe]), flush=True)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results[cpu_info()["model"]] = out  # one entry per CPU kind, as benchmarks/peers/run.py keeps them
+    results[cpu_kind()] = out  # one entry per CPU kind, as benchmarks/peers/run.py keeps them
     args.out.write_text(json.dumps(results, indent=1))
     return 0
 

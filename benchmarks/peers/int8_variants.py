@@ -30,7 +30,7 @@ from torch import nn
 
 from vitkit.bench.speed import interleaved
 from vitkit.export import OnnxRunner, export_onnx, preprocess_for_int8
-from vitkit.machine import cpu_info, cpu_line, int8_dot_units
+from vitkit.machine import cpu_kind, cpu_line, int8_dot_units
 from vitkit.train import evaluate, load_run
 from vitkit.train.inference import calibration_batches
 
@@ -111,7 +111,7 @@ def main() -> int:
     out = json.loads(out_path.read_text()) if out_path.is_file() else {}
     # one entry per run, setting list and CPU kind: a run elsewhere never overwrites this one's
     flag = " --ops" if args.ops else " --calib" if args.calib else ""
-    out[f"{args.run.name}{flag} ({cpu_info()['model']})"] = {
+    out[f"{args.run.name}{flag} ({cpu_kind()})"] = {
         "cpu": cpu_line(),
         "model": run.cfg.model.name,
         "rows": rows,

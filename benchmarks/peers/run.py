@@ -47,9 +47,12 @@ MODELS = [
 ]
 
 
-def build_routes(name: str, x: torch.Tensor, first: torch.Tensor, folder: Path, notes: dict, int8: bool = True) -> dict:
-    """Every route of ``name``. ``x`` (batch 2: a batch of 1 would fix the export's batch size) is the export's
-    example, ``first`` the first batch to be timed: the compiled routes are compiled (static shapes) at its size."""
+def build_routes(
+    name: str, x: torch.Tensor, first: torch.Tensor, folder: Path, notes: dict, int8: bool = True, skip: tuple = ()
+) -> dict:
+    """Every route of ``name`` but those in ``skip``. ``x`` (batch 2: a batch of 1 would fix the export's batch size)
+    is the export's example, ``first`` the first batch to be timed: the compiled routes are compiled (static shapes)
+    at its size."""
     import timm
 
     import vitkit
@@ -66,26 +69,28 @@ def build_routes(name: str, x: torch.Tensor, first: torch.Tensor, folder: Path, 
     calib = [torch.randn(4, *x.shape[1:]) for _ in range(8)]  # int8 calibration (random weights: speed only)
     with torch.no_grad():
         notes["parity_rel"] = rel_err(ours(x), ref_model(x))
-    for label, model in (("timm", ref_model), ("vitkit", ours)):
+
+    def compiled(route: str, build) -> None:  # a compiled route, specialised on ``first``; why not, in the notes
+        if route in skip:
+            notes[route] = "skipped (--skip)"
+            return
         t0 = time.perf_counter()
         try:
-            fn = compile_frozen(model, dynamic=False)  # one program per batch size, each timed
+            fn = build()
             with torch.no_grad():
                 fn(first)
-            routes[f"{label} compile"] = fn
-            notes[f"{label} compile_s"] = round(time.perf_counter() - t0, 1)
+            routes[route] = fn
+            notes[f"{route}_s"] = round(time.perf_counter() - t0, 1)
         except Exception as e:  # noqa: BLE001 - record why a route is missing
-            notes[f"{label} compile"] = f"{type(e).__name__}: {str(e)[:300]}"
+            notes[route] = f"{type(e).__name__}: {str(e)[:300]}"
+
+    for label, model in (("timm", ref_model), ("vitkit", ours)):
+        compiled(f"{label} compile", lambda m=model: compile_frozen(m, dynamic=False))  # one program per batch size
         if label == "vitkit" and kernels.applicable(model):  # vitkit.kernels on a copy, compiled the same way
-            t0 = time.perf_counter()
-            try:
-                fn = compile_with_kernels(model, dynamic=False)
-                with torch.no_grad():
-                    fn(first)
-                routes["vitkit compile+kernels"] = fn
-                notes["vitkit compile+kernels_s"] = round(time.perf_counter() - t0, 1)
-            except Exception as e:  # noqa: BLE001
-                notes["vitkit compile+kernels"] = f"{type(e).__name__}: {str(e)[:300]}"
+            compiled("vitkit compile+kernels", lambda m=model: compile_with_kernels(m, dynamic=False))
+        if f"{label} onnxruntime" in skip:
+            notes[f"{label} onnx"] = "skipped (--skip)"
+            continue
         try:
             onnx = export_onnx(model, folder / f"{label}-{name}.onnx", tuple(x.shape[1:]))
             routes[f"{label} onnxruntime"] = OnnxRunner(onnx)
@@ -176,6 +181,8 @@ def main() -> int:
     p.add_argument("--out", default=str(HERE / "results.json"))
     p.add_argument("--table", action="store_true", help="print the tables of --out and exit")
     p.add_argument("--no-int8", action="store_true", help="skip the int8 routes (their quantization takes minutes)")
+    p.add_argument("--skip", nargs="+", default=[], help="routes not built where time is short: timm compile, "
+                   "timm onnxruntime, vitkit compile, vitkit compile+kernels, vitkit onnxruntime")  # fmt: skip
     p.add_argument("--merge", nargs="+", type=Path, help="merge these results files (one per process: per_core.sh) "
                    "into --out, model by model and batch by batch, and exit")  # fmt: skip
     args = p.parse_args()
@@ -187,13 +194,13 @@ def main() -> int:
         return 0
     torch.set_num_threads(args.threads)
     from vitkit.bench.allocator import tune_allocator
-    from vitkit.machine import cpu_info, cpu_line
+    from vitkit.machine import cpu_info, cpu_kind, cpu_line
 
     tune_allocator()
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
     cpu = cpu_line()
-    key = cpu_info()["model"]  # one table per CPU kind: never overwrite one with another
+    key = cpu_kind()  # one table per CPU kind: never overwrite one with another
     table = results.setdefault(key, {"cpu": cpu, "cpu_info": cpu_info(), "torch": torch.__version__, "models": {}})
     table.update(cpu=cpu, cpu_info=cpu_info())
     for name in args.models:
@@ -207,7 +214,8 @@ def main() -> int:
                 size = timm.get_pretrained_cfg(name).input_size  # each model at its own size (halonet26t: 256)
                 notes["input_size"] = list(size)
                 x = torch.randn(max(2, *args.batches), *size)
-                routes = build_routes(name, x[:2], x[: args.batches[0]], Path(tmp), notes, int8=not args.no_int8)
+                first = x[: args.batches[0]]
+                routes = build_routes(name, x[:2], first, Path(tmp), notes, not args.no_int8, tuple(args.skip))
                 for b in args.batches:
                     xb = x[:b].contiguous()
                     with torch.no_grad():

@@ -68,6 +68,15 @@ def cpu_line() -> str:
     )
 
 
+def cpu_kind() -> str:
+    """The key a benchmark record is filed under: the model name and the speed flags, ``AMD EPYC [avx2 fma]``.
+
+    The model name alone does not tell CPU kinds apart (virtual machines report ``AMD EPYC`` for an AVX2-only Zen 3
+    and for a Zen 4 with AVX-512, VNNI and bf16), and a record of one must never overwrite the other's."""
+    c = cpu_info()
+    return f"{c['model']} [{' '.join(c['flags'])}]"
+
+
 def native_bf16(device: str | torch.device = "cpu") -> bool:
     """Whether bf16 matrix math has hardware support on ``device`` (CUDA: always treated as yes)."""
     if torch.device(device).type == "cuda":
