@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +27,8 @@ import torch
 
 import vitkit
 from vitkit import kernels
-from vitkit.bench.speed import interleaved, timeit
+from vitkit.bench.speed import interleaved
+from vitkit.kernels import halo
 from vitkit.layers.halo_attention import HaloAttention
 from vitkit.machine import cpu_kind, cpu_line
 from vitkit.routes import compile_frozen, compile_with_kernels, rel_err
@@ -52,36 +54,58 @@ def h1_layers() -> dict[str, tuple[HaloAttention, torch.Tensor]]:
     return {f"{tuple(x.shape[1:])} stride {layer.block_stride}": (layer, x, n) for layer, x, n in seen.values()}
 
 
+def at_width(fn, width: str):
+    """``fn`` run with the kernel build ``width`` (``VITKIT_HALO_WIDTH``, read at each call of the op)."""
+
+    def run(*args):
+        old = os.environ.get("VITKIT_HALO_WIDTH")
+        os.environ["VITKIT_HALO_WIDTH"] = width
+        try:
+            return fn(*args)
+        finally:
+            os.environ.pop("VITKIT_HALO_WIDTH") if old is None else os.environ.__setitem__("VITKIT_HALO_WIDTH", old)
+
+    return run
+
+
 def measure_core(layer: HaloAttention, x: torch.Tensor) -> dict:
-    """One layer: plain eager, plain compiled, and a copy with the kernel (eager: the op is the layer's core)."""
+    """One layer: plain eager, plain compiled, and a copy with the kernel at each vector width this CPU runs (eager:
+    the op is the layer's core)."""
     fused = copy.deepcopy(layer)
     kernels.apply(fused)
-    forms = {"eager": layer, "compiled": torch.compile(layer, dynamic=False), "fused kernel": fused}
+    forms = {"eager": layer, "compiled": torch.compile(layer, dynamic=False)}
+    forms.update({f"fused kernel ({w})": at_width(fused, w) for w in halo.widths()})
     ref = copy.deepcopy(layer).double()(x.double())
     row = {"shape": {"heads": layer.num_heads, "qk": layer.dim_head_qk, "v": layer.dim_head_v,
                      "block": layer.block_size, "halo": layer.halo_size, "stride": layer.block_stride}}  # fmt: skip
     with torch.no_grad():
         for label, fn in forms.items():
             err = ((fn(x).double() - ref).abs().max() / ref.abs().max()).item()
-            ms = timeit(lambda fn=fn: fn(x), warmup=2, repeats=9) * 1e3
-            row[label] = {"ms": round(ms, 3), "max_rel_err": err}
+            row[label] = {"max_rel_err": err}
+        for label, ms in interleaved(forms, x, rounds=25).items():
+            row[label]["ms"] = round(ms, 3)
     return row
 
 
 def measure_model(name: str, batch: int, rounds: int) -> dict:
+    """The model eager, compiled, and compiled with the kernels (one compiled program; the op at each width this CPU
+    runs), interleaved."""
     model = vitkit.create_model(name).eval()
     x = torch.randn(batch, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(0))
     forms = {"compiled": compile_frozen(model, dynamic=False)}
-    forms["compiled + kernels"] = compile_with_kernels(model, dynamic=False)
+    fused = compile_with_kernels(model, dynamic=False)
+    forms.update({f"compiled + kernels ({w})": at_width(fused, w) for w in halo.widths()})
     with torch.no_grad():
         ref = model(x)
         errs = {label: rel_err(fn(x), ref) for label, fn in forms.items()}
     ms = interleaved({"eager": model, **forms}, x, rounds=rounds)
+    best = min((k for k in ms if k.startswith("compiled + kernels")), key=ms.get)
     return {
         "layers_swapped": kernels.applicable(model),
         "ms": {k: round(v, 2) for k, v in ms.items()},
         "max_rel_err": errs,
-        "kernels_speedup": round(ms["compiled"] / ms["compiled + kernels"], 3),
+        "kernels_speedup": round(ms["compiled"] / ms[best], 3),
+        "fastest width": best,
     }
 
 
@@ -91,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--skip-cores", action="store_true")
+    p.add_argument("--out", type=Path, default=HERE / "fused_kernel.json")
     args = p.parse_args(argv)
     reason = kernels.unavailable_reason()
     if reason:
         print(f"fused_kernel.py: the kernel cannot be built here: {reason} ({cpu_line()})")
         return 1
     torch.set_num_threads(1)
-    out = HERE / "fused_kernel.json"
+    out = args.out
     results = json.loads(out.read_text()) if out.exists() else {}
     entry = results.setdefault(cpu_kind(), {})  # one entry per CPU kind
     entry.update(cpu=cpu_line(), torch=torch.__version__)
