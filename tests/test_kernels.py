@@ -124,20 +124,13 @@ def test_threads_split_blocks_without_changing_the_result():
 
 
 @needs_kernel
-@pytest.mark.parametrize("width", ["avx2", "avx512"])
-@pytest.mark.parametrize("block,bs,halo", [(8, 8, 3), (16, 16, 1), (8, 4, 2), (3, 3, 1), (4, 2, 1), (2, 1, 1)])
-def test_the_op_matches_attention_written_out(block, bs, halo, width, monkeypatch):
-    """The op alone, at each vector width this CPU runs (8 or 16 queries in lanes), against the attention written
-    out in float64, on 2 heads of 2 x 3 blocks: 64 queries per block (whole lane groups: one row of 8 pixels per
-    AVX2 vector, two per AVX-512 one), 256 (rows of 16: two AVX2 vectors, one AVX-512), 16 (strided), 9 and 4 (part
-    of one group), 1; windows of 14, 18, 12, 5, 6 and 4 pixels (key counts with a tail after register blocks); head
-    width 12, value width 20 (the value product runs a vector's width of channels at a time, then one at a time);
-    with and without a key mask; the halo zeros take part."""
-    from vitkit.kernels.halo import halo_attention, widths
-
-    if width not in widths():
-        pytest.skip(f"this CPU runs the kernel at {widths()}, not {width}")
-    monkeypatch.setenv("VITKIT_HALO_WIDTH", width)
+@pytest.mark.parametrize("block,bs,halo", [(8, 8, 3), (8, 4, 2), (3, 3, 1), (4, 2, 1), (2, 1, 1)])
+def test_the_op_matches_attention_written_out(block, bs, halo):
+    """The op alone against the attention written out in float64, on 2 heads of 2 x 3 blocks: 64 queries per block
+    (whole lane groups), 16 (strided), 9 and 4 (part of one group), 1; windows of 14, 12, 5, 6 and 4 pixels (key
+    counts with a tail after blocks of 8); head width 12, value width 20 (the value product runs 8 channels at a
+    time, then one at a time: 2 x 8 + 4); with and without a key mask; the halo zeros take part."""
+    from vitkit.kernels.halo import halo_attention
 
     q, kv, hrel, wrel, mask = _op_inputs(block, bs, halo, 12, 20, seed=block * 10 + bs)
     for key_bias in (mask, q.new_empty(0)):
@@ -287,18 +280,3 @@ def test_the_reason_a_kernel_cannot_be_built_is_named(monkeypatch):
     assert "'no-such-compiler-xyz' not found" in kernels.unavailable_reason()
     with pytest.raises(RuntimeError, match=r"vitkit.kernels.halo: the fused kernel needs a C\+\+ compiler"):
         halo._extension.__wrapped__()  # the build itself (uncached): it stops at the reason, before the compiler
-
-
-def test_a_width_this_cpu_cannot_run_is_refused_by_name(monkeypatch):
-    """``VITKIT_HALO_WIDTH`` picks the build; one this CPU cannot run (or a misspelling) is named, never run."""
-    import vitkit.kernels.halo as halo
-
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert halo.widths() == ["avx2"] and halo.width() == "avx2"
-    monkeypatch.setenv("VITKIT_HALO_WIDTH", "avx512")
-    with pytest.raises(ValueError, match=r"VITKIT_HALO_WIDTH='avx512': this CPU runs \['avx2'\]"):
-        halo.width()
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert halo.width() == "avx512"
-    monkeypatch.delenv("VITKIT_HALO_WIDTH")
-    assert halo.widths() == ["avx2", "avx512"] and halo.width() == "avx512"

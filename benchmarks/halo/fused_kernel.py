@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,7 +27,6 @@ import torch
 import vitkit
 from vitkit import kernels
 from vitkit.bench.speed import interleaved
-from vitkit.kernels import halo
 from vitkit.layers.halo_attention import HaloAttention
 from vitkit.machine import cpu_kind, cpu_line
 from vitkit.routes import compile_frozen, compile_with_kernels, rel_err
@@ -54,27 +52,12 @@ def h1_layers() -> dict[str, tuple[HaloAttention, torch.Tensor]]:
     return {f"{tuple(x.shape[1:])} stride {layer.block_stride}": (layer, x, n) for layer, x, n in seen.values()}
 
 
-def at_width(fn, width: str):
-    """``fn`` run with the kernel build ``width`` (``VITKIT_HALO_WIDTH``, read at each call of the op)."""
-
-    def run(*args):
-        old = os.environ.get("VITKIT_HALO_WIDTH")
-        os.environ["VITKIT_HALO_WIDTH"] = width
-        try:
-            return fn(*args)
-        finally:
-            os.environ.pop("VITKIT_HALO_WIDTH") if old is None else os.environ.__setitem__("VITKIT_HALO_WIDTH", old)
-
-    return run
-
-
 def measure_core(layer: HaloAttention, x: torch.Tensor) -> dict:
-    """One layer: plain eager, plain compiled, and a copy with the kernel at each vector width this CPU runs (eager:
-    the op is the layer's core)."""
+    """One layer: plain eager, plain compiled, and a copy with the kernel (eager: the op is the layer's core), timed
+    interleaved."""
     fused = copy.deepcopy(layer)
     kernels.apply(fused)
-    forms = {"eager": layer, "compiled": torch.compile(layer, dynamic=False)}
-    forms.update({f"fused kernel ({w})": at_width(fused, w) for w in halo.widths()})
+    forms = {"eager": layer, "compiled": torch.compile(layer, dynamic=False), "fused kernel": fused}
     ref = copy.deepcopy(layer).double()(x.double())
     row = {"shape": {"heads": layer.num_heads, "qk": layer.dim_head_qk, "v": layer.dim_head_v,
                      "block": layer.block_size, "halo": layer.halo_size, "stride": layer.block_stride}}  # fmt: skip
@@ -88,24 +71,20 @@ def measure_core(layer: HaloAttention, x: torch.Tensor) -> dict:
 
 
 def measure_model(name: str, batch: int, rounds: int) -> dict:
-    """The model eager, compiled, and compiled with the kernels (one compiled program; the op at each width this CPU
-    runs), interleaved."""
+    """The model eager, compiled, and compiled with the kernels, interleaved."""
     model = vitkit.create_model(name).eval()
     x = torch.randn(batch, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(0))
     forms = {"compiled": compile_frozen(model, dynamic=False)}
-    fused = compile_with_kernels(model, dynamic=False)
-    forms.update({f"compiled + kernels ({w})": at_width(fused, w) for w in halo.widths()})
+    forms["compiled + kernels"] = compile_with_kernels(model, dynamic=False)
     with torch.no_grad():
         ref = model(x)
         errs = {label: rel_err(fn(x), ref) for label, fn in forms.items()}
     ms = interleaved({"eager": model, **forms}, x, rounds=rounds)
-    best = min((k for k in ms if k.startswith("compiled + kernels")), key=ms.get)
     return {
         "layers_swapped": kernels.applicable(model),
         "ms": {k: round(v, 2) for k, v in ms.items()},
         "max_rel_err": errs,
-        "kernels_speedup": round(ms["compiled"] / ms[best], 3),
-        "fastest width": best,
+        "kernels_speedup": round(ms["compiled"] / ms["compiled + kernels"], 3),
     }
 
 

@@ -21,8 +21,11 @@ needed; the build is cached under ``TORCH_EXTENSIONS_DIR``) and registered as th
 :class:`FusedHaloAttention` takes it only where it applies (fp32 CPU input, no autocast, no autograd, the fused route)
 and runs the plain layer otherwise; ``attn_probs`` hooks still see the eager route.
 
-Measured (``benchmarks/halo/fused_kernel.py``, AMD EPYC, AVX2, 1 thread): see ``benchmarks/halo/README.md``
-("A fused kernel"); ``optimize`` measures the kernel form against the plain compiled one before it keeps it.
+Measured (``benchmarks/halo/fused_kernel.py``, 1 thread, on an AVX2 AMD EPYC, an AVX-512 AMD EPYC and an Intel
+Xeon with AMX): see ``benchmarks/halo/README.md`` ("A fused kernel"); ``optimize`` measures the kernel form against
+the plain compiled one before it keeps it. The AVX2 build runs on the AVX-512 CPUs too: a 16-lane AVX-512 build of
+the same source was a tie there (HaloNet-H1 within 5% either way; commit 78a5f7d, ``fused_kernel_widths.json``) and
+was not kept.
 """
 
 from __future__ import annotations
@@ -46,53 +49,22 @@ _SOURCE = r"""
 #include <limits>
 #include <vector>
 using Vec = at::vec::Vectorized<float>;
-constexpr int64_t VL = Vec::size();  // queries per lane group: 8 (built for AVX2) or 16 (built for AVX-512)
-// the few vector operations the kernel uses, at the width it is built for
-#if defined(CPU_CAPABILITY_AVX512)
-using V = __m512;
-constexpr int KB = 8;  // keys per register block of the logits
-inline V vload(const float* p) { return _mm512_loadu_ps(p); }
-inline void vstore(float* p, V a) { _mm512_storeu_ps(p, a); }
-inline V vset1(float a) { return _mm512_set1_ps(a); }
-inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
-inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
-inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
-// lanes 8s .. 8s + 7 from / to the 8 consecutive floats at p + off[8s] (rows of 8 pixels of a map)
-inline V vload_rows(const float* p, const int64_t* off) {
-  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(p + off[0])), _mm256_loadu_ps(p + off[8]), 1);
-}
-inline void vstore_rows(float* p, const int64_t* off, V a) {
-  _mm256_storeu_ps(p + off[0], _mm512_castps512_ps256(a));
-  _mm256_storeu_ps(p + off[8], _mm512_extractf32x8_ps(a, 1));
-}
-#else
-using V = __m256;
-constexpr int KB = 8;
-inline V vload(const float* p) { return _mm256_loadu_ps(p); }
-inline void vstore(float* p, V a) { _mm256_storeu_ps(p, a); }
-inline V vset1(float a) { return _mm256_set1_ps(a); }
-inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
-inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
-inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }
-inline V vload_rows(const float* p, const int64_t* off) { return _mm256_loadu_ps(p + off[0]); }
-inline void vstore_rows(float* p, const int64_t* off, V a) { _mm256_storeu_ps(p + off[0], a); }
-#endif
+constexpr int64_t VL = Vec::size();  // queries per lane group (8: the file is built for AVX2)
+constexpr int KB = 8;                // keys per register block of the logits
 
 // For K rows i0 .. i0 + K of a matrix whose row i starts at base + off[i], elements dstride apart: emit(i, init(i) +
 // q . row_i), the queries in lanes (qT: (D, VL)) and the K sums in registers.
 template <int K, class Init, class Emit>
 inline void dot_rows(const float* qT, const float* base, const int64_t* off, int64_t dstride, int64_t D, int64_t i0,
                      Init init, Emit emit) {
-  V acc[K];
+  __m256 acc[K];
   const float* r[K];
   #pragma GCC unroll 8
   for (int u = 0; u < K; u++) { acc[u] = init(i0 + u); r[u] = base + off[i0 + u]; }
   for (int64_t d = 0; d < D; d++) {
-    const V qd = vload(qT + d * VL);
+    const __m256 qd = _mm256_loadu_ps(qT + d * VL);
     #pragma GCC unroll 8
-    for (int u = 0; u < K; u++) acc[u] = vfma(qd, vset1(r[u][d * dstride]), acc[u]);
+    for (int u = 0; u < K; u++) acc[u] = _mm256_fmadd_ps(qd, _mm256_broadcast_ss(r[u] + d * dstride), acc[u]);
   }
   #pragma GCC unroll 8
   for (int u = 0; u < K; u++) emit(i0 + u, acc[u]);
@@ -111,15 +83,15 @@ inline void dot_all(const float* qT, const float* base, const int64_t* off, int6
 template <int EB, class Emit>
 inline void prob_v(const float* p, const float* v, const int64_t* off, int64_t dstride, int64_t W, int64_t e0,
                    Emit emit) {
-  V acc[EB];
+  __m256 acc[EB];
   #pragma GCC unroll 8
-  for (int u = 0; u < EB; u++) acc[u] = vset1(0.f);
+  for (int u = 0; u < EB; u++) acc[u] = _mm256_setzero_ps();
   const float* ve = v + e0 * dstride;
   for (int64_t j = 0; j < W; j++) {
-    const V pj = vload(p + j * VL);
+    const __m256 pj = _mm256_loadu_ps(p + j * VL);
     const float* vj = ve + off[j];
     #pragma GCC unroll 8
-    for (int u = 0; u < EB; u++) acc[u] = vfma(pj, vset1(vj[u * dstride]), acc[u]);
+    for (int u = 0; u < EB; u++) acc[u] = _mm256_fmadd_ps(pj, _mm256_broadcast_ss(vj + u * dstride), acc[u]);
   }
   #pragma GCC unroll 8
   for (int u = 0; u < EB; u++) emit(e0 + u, acc[u]);
@@ -164,11 +136,11 @@ torch::Tensor halo_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor he
   float* op = out.data_ptr<float>();
   const int64_t W = win * win, Q = bs * bs, G = (Q + VL - 1) / VL, T = 2 * win - 1;
   const int64_t blocks = nh * nw, QP = Hq * Wq, KP = Hk * Wk;
-  const V sc = vset1((float)scale);
+  const __m256 sc = _mm256_set1_ps((float)scale);
   std::vector<int64_t> ky(W), kx(W), koff(W), toff(T);  // key j: window row, column, offset in a channel plane
   for (int64_t j = 0; j < W; j++) { ky[j] = j / win; kx[j] = j % win; koff[j] = ky[j] * Wk + kx[j]; }
   for (int64_t t = 0; t < T; t++) toff[t] = t * D;  // table rows
-  const auto zero = [](int64_t) { return vset1(0.f); };
+  const auto zero = [](int64_t) { return _mm256_setzero_ps(); };
   // one task: a group of VL queries of one block of one head, the queries in vector lanes (lanes past Q are zeros)
   at::parallel_for(0, B * heads * blocks * G, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qT(D * VL), qTs(D * VL), ph(T * VL), pw(T * VL), rhT(win * VL), rwT(win * VL), s(W * VL);
@@ -180,19 +152,19 @@ torch::Tensor halo_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor he
       const float* win0 = kvp + bh * C * KP + by * block * Wk + bx * block;  // the window's top-left key, channel 0
       float* outb = op + bh * E * QP;
       for (int64_t l = 0; l < nq; l++) qoff[l] = (by * bs + (i0 + l) / bs) * Wq + bx * bs + (i0 + l) % bs;
-      const bool row = nq == VL && bs % 8 == 0;  // the group is rows of 8 pixels: whole-vector loads and stores
+      const bool row = nq == VL && bs % VL == 0;  // the group is VL pixels of one row: whole-vector loads and stores
       if (nq < VL) std::fill(qT.begin(), qT.end(), 0.f);
       for (int64_t d = 0; d < D; d++) {  // q transposed, one lane per query; scaled for the logits
-        if (row) vstore(qT.data() + d * VL, vload_rows(qb + d * QP, qoff));
+        if (row) _mm256_storeu_ps(qT.data() + d * VL, _mm256_loadu_ps(qb + d * QP + qoff[0]));
         else for (int64_t l = 0; l < nq; l++) qT[d * VL + l] = qb[d * QP + qoff[l]];
-        vstore(qTs.data() + d * VL, vmul(sc, vload(qT.data() + d * VL)));
+        _mm256_storeu_ps(qTs.data() + d * VL, _mm256_mul_ps(sc, _mm256_loadu_ps(qT.data() + d * VL)));
       }
       // relative logits, from the unscaled query as in the reference: q against every table row, then each query's
       // rows by its place (y, x) in the block: rh[ky] = q . height_rel[ky - y + win - 1], rw[kx] likewise
       dot_all(qT.data(), hrel, toff.data(), 1, D, T, zero,
-              [&](int64_t i, V a) { vstore(ph.data() + i * VL, a); });
+              [&](int64_t i, __m256 a) { _mm256_storeu_ps(ph.data() + i * VL, a); });
       dot_all(qT.data(), wrel, toff.data(), 1, D, T, zero,
-              [&](int64_t i, V a) { vstore(pw.data() + i * VL, a); });
+              [&](int64_t i, __m256 a) { _mm256_storeu_ps(pw.data() + i * VL, a); });
       for (int64_t l = 0; l < VL; l++) {
         const int64_t i = l < nq ? i0 + l : 0, y = i / bs, x = i % bs;
         for (int64_t k = 0; k < win; k++) {
@@ -202,27 +174,28 @@ torch::Tensor halo_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor he
       }
       const float* kb = masked ? kbp + blk * W : nullptr;
       // logits (q . k * scale + rh[ky] + rw[kx] + key_bias), KB keys at a time, and each query's max
-      V mx = vset1(-std::numeric_limits<float>::infinity());
+      __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
       dot_all(qTs.data(), win0, koff.data(), KP, D, W,
               [&](int64_t j) {
-                const V b = vadd(vload(rhT.data() + ky[j] * VL), vload(rwT.data() + kx[j] * VL));
-                return masked ? vadd(b, vset1(kb[j])) : b;
+                const __m256 b = _mm256_add_ps(_mm256_loadu_ps(rhT.data() + ky[j] * VL),
+                                               _mm256_loadu_ps(rwT.data() + kx[j] * VL));
+                return masked ? _mm256_add_ps(b, _mm256_set1_ps(kb[j])) : b;
               },
-              [&](int64_t j, V a) { vstore(s.data() + j * VL, a); mx = vmax(mx, a); });
+              [&](int64_t j, __m256 a) { _mm256_storeu_ps(s.data() + j * VL, a); mx = _mm256_max_ps(mx, a); });
       Vec sum(0.f), vmx(mx);  // softmax numerators in place, then each query's 1 / sum
       for (int64_t j = 0; j < W; j++) {
         const Vec p = (Vec::loadu(s.data() + j * VL) - vmx).exp_u20();
         p.store(s.data() + j * VL);
         sum = sum + p;
       }
-      const V inv = Vec(1.f) / sum;
+      const __m256 inv = Vec(1.f) / sum;
       // probabilities times v, VL channels at a time; each channel's VL queries go to their pixels
-      const auto emit = [&](int64_t e, V a) {
+      const auto emit = [&](int64_t e, __m256 a) {
         float* dst = outb + e * QP;
-        a = vmul(a, inv);
-        if (row) { vstore_rows(dst, qoff, a); return; }
+        a = _mm256_mul_ps(a, inv);
+        if (row) { _mm256_storeu_ps(dst + qoff[0], a); return; }
         float lanes[VL];
-        vstore(lanes, a);
+        _mm256_storeu_ps(lanes, a);
         for (int64_t l = 0; l < nq; l++) dst[qoff[l]] = lanes[l];
       };
       const float* v0 = win0 + D * KP;
@@ -234,11 +207,7 @@ torch::Tensor halo_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor he
   return out;
 }
 """
-_FLAGS = {  # the same source at two vector widths; ATen's Vectorized<float> follows CPU_CAPABILITY
-    "avx2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
-    "avx512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-DCPU_CAPABILITY_AVX512",
-               "-DCPU_CAPABILITY=AVX512"],
-}  # fmt: skip
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2", "-fopenmp"]
 
 
 def unavailable_reason() -> str | None:
@@ -253,31 +222,16 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def widths() -> list[str]:
-    """The builds this CPU can run: ``["avx2"]``, or ``["avx2", "avx512"]`` where torch's own kernels use AVX-512."""
-    return ["avx2", "avx512"] if torch.backends.cpu.get_cpu_capability() == "AVX512" else ["avx2"]
-
-
-def width() -> str:
-    """The build :func:`halo_attention` uses: ``VITKIT_HALO_WIDTH`` (``avx2`` or ``avx512``) if set, else the widest
-    this CPU runs (``benchmarks/halo/fused_kernel.py`` measures the two against each other)."""
-    chosen = os.environ.get("VITKIT_HALO_WIDTH") or widths()[-1]
-    if chosen not in widths():
-        raise ValueError(f"VITKIT_HALO_WIDTH={chosen!r}: this CPU runs {widths()}")
-    return chosen
-
-
 @functools.cache
-def _extension(isa: str | None = None):
+def _extension():
     reason = unavailable_reason()
     if reason:
         raise RuntimeError(f"vitkit.kernels.halo: the fused kernel {reason}")
-    isa = isa or width()
     return cpp_extension.load_inline(
-        f"vitkit_halo_attention_{isa}",
+        "vitkit_halo_attention",
         cpp_sources=[_SOURCE],
         functions=["halo_attention"],
-        extra_cflags=["-O3", "-fopenmp", *_FLAGS[isa]],
+        extra_cflags=_FLAGS,
         extra_ldflags=["-fopenmp"],
     )
 
