@@ -8,7 +8,7 @@ import torch
 import vitkit
 from conftest import small_model
 from vitkit.bench import count_macs, count_params
-from vitkit.models.mobilevit import LinearSelfAttention, fold_patches, unfold_patches
+from vitkit.models.mobilevit import LinearSelfAttention, fold_patches, patch_sequences, unfold_patches
 
 
 def _meta(name):
@@ -37,6 +37,25 @@ def test_unfold_fold_export_with_at_most_4d_tensors():
     ep = torch.export.export(Roundtrip(), (torch.randn(1, 8, 8, 8),))
     ranks = [len(n.meta["val"].shape) for n in ep.graph.nodes if "val" in n.meta and hasattr(n.meta["val"], "shape")]
     assert max(ranks) <= 4
+
+
+@pytest.mark.parametrize("batch,h,w,ph,pw", [(1, 8, 8, 2, 2), (2, 12, 6, 2, 3), (3, 6, 9, 3, 3), (1, 16, 8, 4, 2)])
+def test_patch_sequences_are_the_unfolded_patches_in_a_fresh_row_major_buffer(batch, h, w, ph, pw):
+    """The transformer's input: one sequence per image and pixel place, the same values as the unfolded patches
+    permuted, and a new row-major buffer at every batch size (batch 1 included, where the other order ends in a view
+    whose rows are channel planes), written with at most 4-D tensors."""
+    x = torch.randn(batch, 5, h, w)
+    got = patch_sequences(x, (ph, pw))
+    P, N = ph * pw, (h // ph) * (w // pw)
+    assert torch.equal(got, unfold_patches(x, (ph, pw)).permute(0, 2, 3, 1).reshape(batch * P, N, 5))
+    assert got.is_contiguous() and got.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+
+    class Sequences(torch.nn.Module):
+        def forward(self, x):
+            return patch_sequences(x, (ph, pw))
+
+    ep = torch.export.export(Sequences(), (x,))
+    assert max(len(n.meta["val"].shape) for n in ep.graph.nodes if hasattr(n.meta.get("val"), "shape")) <= 4
 
 
 @pytest.mark.parametrize(
