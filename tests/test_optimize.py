@@ -246,6 +246,19 @@ class _Net(torch.nn.Module):  # torch_program exports a forward(x)
         return self.body(x)
 
 
+def test_a_pt2e_quantizer_that_quantizes_nothing_is_refused_by_name(monkeypatch):
+    """Seen on a lent Xeon (torchao 0.17 with torch 2.11): the quantizer matched none of the exported ops, and the
+    "int8" program was the fp32 model (its output within 1e-6 of fp32, its speed fp32's). Such a result is an error
+    naming both versions, never an int8 form. A quantizer with no configuration annotates nothing the same way."""
+    pytest.importorskip("torchao", reason="PT2E int8 needs the int8 extra (torchao)")
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    monkeypatch.setattr(xiq, "get_default_x86_inductor_quantization_config", lambda **kw: None)
+    model = _Net(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU())).eval()
+    with pytest.raises(RuntimeError, match=r"annotated none of _Net's ops \(torchao .*, torch .*\)"):
+        opt.quantize_pt2e_int8(model, torch.randn(2, 3, 8, 8), [torch.randn(2, 3, 8, 8)])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("vnni", [False, True])
 def test_int8_through_pt2e_computes_the_quantized_model(tmp_path, monkeypatch, vnni):

@@ -197,10 +197,20 @@ def quantize_pt2e_int8(model: nn.Module, example: torch.Tensor, calibration: Ite
     with torch.no_grad():
         for x in calibration:
             prepared(x)
+    converted = convert_pt2e(prepared)
+    quantized = sum(str(n.target).startswith("quantized_decomposed.quantize") for n in converted.graph.nodes)
+    if not quantized:  # seen with torchao 0.17 and torch 2.11: the quantizer matched nothing and the "int8" was fp32
+        import torchao
+
+        raise RuntimeError(
+            f"int8 through PT2E: the quantizer annotated none of {type(model).__name__}'s ops (torchao "
+            f"{torchao.__version__}, torch {torch.__version__}), so the result would be the fp32 model; use "
+            "int8_backend='onnxruntime' or a torchao release made for this torch"
+        )
     # one program per batch size: with a dynamic batch, torch 2.13's Inductor recompiled the int8 ViT into code that
     # failed its own stride assertion at the second batch size. A callable, not a module: an exported program
     # refuses train()/eval(), which a wrapping module passes down
-    return compile_frozen(convert_pt2e(prepared), dynamic=False).forward
+    return compile_frozen(converted, dynamic=False).forward
 
 
 def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, repeats: int, report):
