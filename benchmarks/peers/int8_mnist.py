@@ -58,7 +58,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=HERE / "int8_mnist.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    out = {"cpu": cpu_line(), "command": "python benchmarks/peers/int8_mnist.py", "recipes": {}}
+    out = {"cpu": cpu_line(), "command": " ".join(["python", *sys.argv]), "recipes": {}}
     for recipe, epochs in RECIPES.items():
         run = load_run(train(recipe, epochs, args), "best")
         held_out = run.task.dataset(run.cfg.data.val_split)
