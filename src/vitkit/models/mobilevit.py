@@ -7,11 +7,12 @@ its ByobNet: ``stem``, ``stages.i.j``, ``final_conv``, ``head.fc``), so timm/cvn
 
 * MV2 block: 1x1 expand + BN + SiLU, 3x3 depthwise (stride s) + BN + SiLU, 1x1 project + BN; residual when the
   shape is unchanged (ARCHITECTURES.md §4.1).
-* MobileViT block: 3x3 conv + 1x1 to d; :func:`unfold_patches` into 2x2 patches; L Transformer layers across
+* MobileViT block: 3x3 conv + 1x1 to d; :func:`patch_sequences` into 2x2 patches; L Transformer layers across
   patches for each intra-patch position; :func:`fold_patches`; 1x1 back to C; concat with the input; 3x3 fusion.
 * v2 block: depthwise 3x3 + 1x1; separable (linear) self-attention layers on ``[B, d, P, N]``; fold; 1x1 + BN.
 
-Export path: :func:`unfold_patches` and :func:`fold_patches` use only reshapes/permutes of at most 4-D tensors.
+Export path: :func:`unfold_patches`, :func:`patch_sequences` and :func:`fold_patches` use only reshapes/permutes of
+at most 4-D tensors.
 
 Input sizes: there are no position embeddings, so any size whose sides are multiples of 32 runs without
 resampling anything. Other sizes of at least 32 are accepted: a MobileViT block whose map has an odd side
