@@ -72,10 +72,11 @@ def test_fused_layer_matches_the_plain_layer(case, counted):
 
 
 def _written_out(q, kv, height_rel, width_rel, key_bias, heads, block, halo, scale):
-    """The op's attention in float64, windows by ``unfold`` of the halo-padded map: softmax(q k^T * scale + rh[ky] +
-    rw[kx] + key_bias) v, the factors of query (y, x) of its block from table rows ky - y + win - 1 and kx - x +
-    win - 1 (the paper's relative offsets)."""
+    """The op's attention in float64, windows by ``unfold`` of the map zero-padded by the halo: softmax(q k^T * scale
+    + rh[ky] + rw[kx] + key_bias) v, the factors of query (y, x) of its block from table rows ky - y + win - 1 and
+    kx - x + win - 1 (the paper's relative offsets)."""
     q, kv, hrel, wrel, key_bias = (t.double() for t in (q, kv, height_rel, width_rel, key_bias))
+    kv = F.pad(kv, (halo,) * 4)
     B, win = q.shape[0], block + 2 * halo
     d, c = q.shape[1] // heads, kv.shape[1] // heads
     nh, nw = (kv.shape[2] - 2 * halo) // block, (kv.shape[3] - 2 * halo) // block
@@ -99,7 +100,7 @@ def _op_inputs(block, bs, halo, d, e, seed, heads=2, nh=2, nw=3):
     g = torch.Generator().manual_seed(seed)
     win = block + 2 * halo
     q = torch.randn(2, heads * d, nh * bs, nw * bs, generator=g)
-    kv = F.pad(torch.randn(2, heads * (d + e), nh * block, nw * block, generator=g), (halo,) * 4)  # zeros: the halo
+    kv = torch.randn(2, heads * (d + e), nh * block, nw * block, generator=g)
     hrel, wrel = (torch.randn(2 * win - 1, d, generator=g) * d**-0.5 for _ in range(2))
     mask = torch.zeros(nh * nw, win * win).masked_fill(torch.rand(nh * nw, win * win, generator=g) < 0.3, -3e38)
     return q, kv, hrel, wrel, mask
@@ -137,6 +138,26 @@ def test_the_op_matches_attention_written_out(block, bs, halo):
         got = halo_attention(q, kv, hrel, wrel, key_bias, 2, block, halo, 0.3)
         want = _written_out(q, kv, hrel, wrel, key_bias, 2, block, halo, 0.3)
         assert got.shape == want.shape == (2, 40, 2 * bs, 3 * bs) and _rel(got.double(), want) < RTOL
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_kernel
+def test_the_op_reads_any_layout_and_writes_channels_last():
+    """Channels-last maps (oneDNN's convolutions under torch.compile) are read in place, anything else is copied
+    first: the same bits either way, and the output is channels-last, as the fake implementation tells Inductor."""
+    from vitkit.kernels.halo import halo_attention
+
+    q, kv, hrel, wrel, mask = _op_inputs(8, 8, 3, 8, 16, seed=1)
+    cl = torch.channels_last
+    args = (hrel, wrel, mask, 2, 8, 3, 0.35)
+    plain = halo_attention(q, kv, *args)
+    last = halo_attention(q.contiguous(memory_format=cl), kv.contiguous(memory_format=cl), *args)
+    cropped = F.pad(kv, (0, 2, 1, 0))[:, :, 1:, :-2]  # a view with row strides of its own
+    assert torch.equal(plain, last) and torch.equal(plain, halo_attention(q, cropped, *args))
+    with torch._subclasses.FakeTensorMode() as mode:
+        args = [mode.from_tensor(t) for t in (q, kv, hrel, wrel, mask)]
+        fake = torch.ops.vitkit.halo_attention(*args, 2, 8, 3, 0.35)
+    assert fake.shape == plain.shape and fake.stride() == plain.stride()
 
 
 @needs_kernel
@@ -178,7 +199,7 @@ def test_the_kernel_names_bad_input():
         halo_attention(q.double(), kv.double(), hrel.double(), wrel.double(), mask.double(), 2, 8, 3, 1.0)
     with pytest.raises(RuntimeError, match="channels must split into heads"):
         halo_attention(q, kv, hrel, wrel, mask, 3, 8, 3, 1.0)
-    with pytest.raises(RuntimeError, match=r"kv must be \(B, heads \* \(D \+ E\), nh \* block \+ 2 \* halo"):
+    with pytest.raises(RuntimeError, match=r"kv must be \(B, heads \* \(D \+ E\), nh \* block, nw \* block\)"):
         halo_attention(q, kv[:, :, :12], hrel, wrel, mask, 2, 8, 3, 1.0)
     with pytest.raises(RuntimeError, match=r"q must be \(B, heads \* D, nh \* bs, nw \* bs\)"):
         halo_attention(q[:, :, :15], kv, hrel, wrel, mask, 2, 8, 3, 1.0)

@@ -4,16 +4,20 @@
 (6.4 M values per layer in HaloNet-H1's first stage at 256 px) and hands it to ``F.scaled_dot_product_attention``.
 Under ``torch.compile`` that bias is one scalar loop (Inductor does not vectorise an index divided by the window
 side) and SDPA's CPU kernel reads it back, and the layer's query blocks, key windows (3x the key/value map) and
-output are permuted copies. This kernel does everything between the two 1x1 convolutions on the maps as they are
-(NCHW; the key/value map halo-padded): one task is a group of 8 queries of one block of one head, **one query per
-vector lane** (AVX2 + FMA). The relative-logit factors are formed inside, from ``PosEmbedRel``'s tables and the
-unscaled query; a key's logits for the 8 queries are one vector started from ``rh[ky] + rw[kx]`` (two vector loads:
-no bias row), 8 keys at a time with ``k`` broadcast from where it lies in the map; the softmax's max and sum run down
-the keys (no reduction across lanes); the value product keeps the queries in lanes, 8 channels at a time with ``v``
-broadcast from the map, so a channel's result is 8 pixels of the output, stored in place. Lanes past the last query
-are zeros, so any block size works. ``at::parallel_for`` splits the groups; each is computed whole, in one order, so
-the thread count does not change a bit of the result. The arithmetic is the same attention in fp32 with the sums in
-another order and ATen's ``exp_u20`` (an exponential within 20 ulp, as in PyTorch's own CPU flash attention).
+output are permuted copies. This kernel does everything between the two 1x1 convolutions on the maps as they are,
+**channels-last** (the layout oneDNN's convolutions hand over under ``torch.compile``; the op is registered with a
+flexible layout, so Inductor passes its buffers without the copies to NCHW it would otherwise make, and the halo
+padding is never materialised). One block's window of keys, every head's, is packed once (zeros beyond the map: the
+halo), read from the map in order; then one task is a group of 8 queries of the block for one head, **one query per
+vector lane** (AVX2 + FMA; the queries moved into lanes by 8 x 8 register transposes). The relative-logit factors are
+formed inside, from ``PosEmbedRel``'s tables and the unscaled query; a key's logits for the 8 queries are one vector
+started from ``rh[ky] + rw[kx]`` (two vector loads: no bias row), 8 keys at a time with ``k`` broadcast from the
+packed window; the softmax's max and sum run down the keys (no reduction across lanes); the value product keeps the
+queries in lanes, 8 channels at a time, and is transposed back to 8 pixels' channels for the store. Lanes past the
+last query are zeros, so any block size works. ``at::parallel_for`` splits the groups; each is computed whole, in
+one order, so the thread count does not change a bit of the result. The arithmetic is the same attention in fp32
+with the sums in another order and ATen's ``exp_u20`` (an exponential within 20 ulp, as in PyTorch's own CPU flash
+attention).
 
 It is built from source at first use by ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and ninja are
 needed; the build is cached under ``TORCH_EXTENSIONS_DIR``) and registered as the custom op
@@ -35,7 +39,6 @@ import os
 import shutil
 
 import torch
-import torch.nn.functional as F
 from torch.utils import cpp_extension
 
 from vitkit.layers.halo_attention import HaloAttention
@@ -52,72 +55,85 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t VL = Vec::size();  // queries per lane group (8: the file is built for AVX2)
 constexpr int KB = 8;                // keys per register block of the logits
 
-// For K rows i0 .. i0 + K of a matrix whose row i starts at base + off[i], elements dstride apart: emit(i, init(i) +
-// q . row_i), the queries in lanes (qT: (D, VL)) and the K sums in registers.
+// 8 x 8 transpose in registers: lane j of r[i] goes to lane i of r[j]
+inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20); r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20); r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31); r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31); r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// For K rows i0 .. i0 + K of a matrix whose row i holds D values from base + i * ld: emit(i, init(i) + q . row_i),
+// the queries in lanes (qT: (D, VL)) and the K sums in registers.
 template <int K, class Init, class Emit>
-inline void dot_rows(const float* qT, const float* base, const int64_t* off, int64_t dstride, int64_t D, int64_t i0,
-                     Init init, Emit emit) {
+inline void dot_rows(const float* qT, const float* base, int64_t ld, int64_t D, int64_t i0, Init init, Emit emit) {
   __m256 acc[K];
-  const float* r[K];
+  const float* r = base + i0 * ld;
   #pragma GCC unroll 8
-  for (int u = 0; u < K; u++) { acc[u] = init(i0 + u); r[u] = base + off[i0 + u]; }
+  for (int u = 0; u < K; u++) acc[u] = init(i0 + u);
   for (int64_t d = 0; d < D; d++) {
     const __m256 qd = _mm256_loadu_ps(qT + d * VL);
     #pragma GCC unroll 8
-    for (int u = 0; u < K; u++) acc[u] = _mm256_fmadd_ps(qd, _mm256_broadcast_ss(r[u] + d * dstride), acc[u]);
+    for (int u = 0; u < K; u++) acc[u] = _mm256_fmadd_ps(qd, _mm256_broadcast_ss(r + u * ld + d), acc[u]);
   }
   #pragma GCC unroll 8
   for (int u = 0; u < K; u++) emit(i0 + u, acc[u]);
 }
 
 template <class Init, class Emit>
-inline void dot_all(const float* qT, const float* base, const int64_t* off, int64_t dstride, int64_t D, int64_t n,
-                    Init init, Emit emit) {
+inline void dot_all(const float* qT, const float* base, int64_t ld, int64_t D, int64_t n, Init init, Emit emit) {
   int64_t i = 0;
-  for (; i + KB <= n; i += KB) dot_rows<KB>(qT, base, off, dstride, D, i, init, emit);
-  for (; i < n; i++) dot_rows<1>(qT, base, off, dstride, D, i, init, emit);
+  for (; i + KB <= n; i += KB) dot_rows<KB>(qT, base, ld, D, i, init, emit);
+  for (; i < n; i++) dot_rows<1>(qT, base, ld, D, i, init, emit);
 }
 
-// p (W, VL): probabilities, queries in lanes; v: value channel e of key j at v + e * dstride + off[j]. Emits
-// (e, sum_j p[j] v[j][e]) for channels e0 .. e0 + EB, the sums (queries in lanes) in registers.
+// p (W, VL): probabilities, queries in lanes; value channel e of key j at v[j * ld + e]. Emits (e, sum_j p[j]
+// v[j][e]) for channels e0 .. e0 + EB, the sums (queries in lanes) in registers.
 template <int EB, class Emit>
-inline void prob_v(const float* p, const float* v, const int64_t* off, int64_t dstride, int64_t W, int64_t e0,
-                   Emit emit) {
+inline void prob_v(const float* p, const float* v, int64_t ld, int64_t W, int64_t e0, Emit emit) {
   __m256 acc[EB];
   #pragma GCC unroll 8
   for (int u = 0; u < EB; u++) acc[u] = _mm256_setzero_ps();
-  const float* ve = v + e0 * dstride;
   for (int64_t j = 0; j < W; j++) {
     const __m256 pj = _mm256_loadu_ps(p + j * VL);
-    const float* vj = ve + off[j];
+    const float* vj = v + j * ld + e0;
     #pragma GCC unroll 8
-    for (int u = 0; u < EB; u++) acc[u] = _mm256_fmadd_ps(pj, _mm256_broadcast_ss(vj + u * dstride), acc[u]);
+    for (int u = 0; u < EB; u++) acc[u] = _mm256_fmadd_ps(pj, _mm256_broadcast_ss(vj + u), acc[u]);
   }
   #pragma GCC unroll 8
   for (int u = 0; u < EB; u++) emit(e0 + u, acc[u]);
 }
 
-// q (B, heads * D, Hq, Wq): the queries, Hq = nh * bs, Wq = nw * bs; kv (B, heads * (D + E), nh * b + 2 * halo,
-// nw * b + 2 * halo): each head's D channels of k then E of v (b = block), the map padded by the halo; height_rel,
-// width_rel (2 * win - 1, D), win = b + 2 * halo; key_bias (nh * nw, win * win) or empty. Block (by, bx) of a head:
-// its bs x bs queries attend to the win x win keys from row by * b, column bx * b of kv, with logits q . k * scale +
-// q . height_rel[ky - y + win - 1] + q . width_rel[kx - x + win - 1] + key_bias, (y, x) the query's place in its
-// block. Returns the attention output (B, heads * E, Hq, Wq).
+// q (B, heads * D, Hq, Wq): the queries, Hq = nh * bs, Wq = nw * bs; kv (B, heads * (D + E), nh * b, nw * b): each
+// head's D channels of k then E of v (b = block); height_rel, width_rel (2 * win - 1, D), win = b + 2 * halo;
+// key_bias (nh * nw, win * win) or empty. Block (by, bx) of a head: its bs x bs queries attend to the win x win keys
+// from row by * b - halo, column bx * b - halo of kv, keys outside the map being zeros (the halo padding), with logits
+// q . k * scale + q . height_rel[ky - y + win - 1] + q . width_rel[kx - x + win - 1] + key_bias, (y, x) the query's
+// place in its block. Works on channels-last maps (the layout oneDNN's convolutions give under torch.compile; others
+// are copied to it); returns the attention output (B, heads * E, Hq, Wq), channels-last.
 torch::Tensor halo_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor height_rel, torch::Tensor width_rel,
                              torch::Tensor key_bias, int64_t heads, int64_t block, int64_t halo, double scale) {
   TORCH_CHECK(q.dim() == 4 && kv.dim() == 4 && height_rel.dim() == 2 && width_rel.dim() == 2,
-              "halo_attention: q, kv 4-D (NCHW); height_rel, width_rel 2-D");
+              "halo_attention: q, kv 4-D (B, C, H, W); height_rel, width_rel 2-D");
   for (const auto& t : {q, kv, height_rel, width_rel})
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), "halo_attention: float32 CPU tensors only");
-  q = q.contiguous(); kv = kv.contiguous(); height_rel = height_rel.contiguous(); width_rel = width_rel.contiguous();
+  q = q.contiguous(at::MemoryFormat::ChannelsLast); kv = kv.contiguous(at::MemoryFormat::ChannelsLast);
+  height_rel = height_rel.contiguous(); width_rel = width_rel.contiguous();
   TORCH_CHECK(heads > 0 && block > 0 && halo >= 0, "halo_attention: heads, block > 0 and halo >= 0");
   TORCH_CHECK(q.size(1) % heads == 0 && kv.size(1) % heads == 0 && kv.size(0) == q.size(0),
               "halo_attention: q and kv channels must split into heads, and their batch sizes agree");
   const int64_t B = q.size(0), D = q.size(1) / heads, C = kv.size(1) / heads, E = C - D, win = block + 2 * halo;
-  const int64_t Hq = q.size(2), Wq = q.size(3), Hk = kv.size(2), Wk = kv.size(3);
-  const int64_t nh = (Hk - 2 * halo) / block, nw = (Wk - 2 * halo) / block;
-  TORCH_CHECK(E > 0 && nh > 0 && nw > 0 && Hk == nh * block + 2 * halo && Wk == nw * block + 2 * halo,
-              "halo_attention: kv must be (B, heads * (D + E), nh * block + 2 * halo, nw * block + 2 * halo), E > 0");
+  const int64_t Hq = q.size(2), Wq = q.size(3), Hk = kv.size(2), Wk = kv.size(3), nh = Hk / block, nw = Wk / block;
+  TORCH_CHECK(E > 0 && nh > 0 && nw > 0 && Hk == nh * block && Wk == nw * block,
+              "halo_attention: kv must be (B, heads * (D + E), nh * block, nw * block), E > 0");
   const int64_t bs = Hq / nh;
   TORCH_CHECK(bs > 0 && bs <= block && Hq == nh * bs && Wq == nw * bs,
               "halo_attention: q must be (B, heads * D, nh * bs, nw * bs) for kv's nh x nw blocks, bs <= block");
@@ -129,42 +145,73 @@ torch::Tensor halo_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor he
                 "halo_attention: key_bias must be (nh * nw, win * win)");
     key_bias = key_bias.contiguous();
   }
-  auto out = torch::empty({B, heads * E, Hq, Wq}, q.options());
+  auto out = torch::empty({B, heads * E, Hq, Wq}, q.options().memory_format(at::MemoryFormat::ChannelsLast));
   const float* qp = q.data_ptr<float>(); const float* kvp = kv.data_ptr<float>();
-  const float* hrel = height_rel.data_ptr<float>(); const float* wrel = width_rel.data_ptr<float>();
   const float* kbp = masked ? key_bias.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   const int64_t W = win * win, Q = bs * bs, G = (Q + VL - 1) / VL, T = 2 * win - 1;
-  const int64_t blocks = nh * nw, QP = Hq * Wq, KP = Hk * Wk;
+  const int64_t blocks = nh * nw, QP = Hq * Wq, KP = Hk * Wk, CQ = heads * D, CK = heads * C, CO = heads * E;
   const __m256 sc = _mm256_set1_ps((float)scale);
-  std::vector<int64_t> ky(W), kx(W), koff(W), toff(T);  // key j: window row, column, offset in a channel plane
-  for (int64_t j = 0; j < W; j++) { ky[j] = j / win; kx[j] = j % win; koff[j] = ky[j] * Wk + kx[j]; }
-  for (int64_t t = 0; t < T; t++) toff[t] = t * D;  // table rows
+  std::vector<int64_t> ky(W), kx(W);  // key j's window row and column
+  for (int64_t j = 0; j < W; j++) { ky[j] = j / win; kx[j] = j % win; }
+  const float* hrel = height_rel.data_ptr<float>(); const float* wrel = width_rel.data_ptr<float>();
   const auto zero = [](int64_t) { return _mm256_setzero_ps(); };
   // one task: a group of VL queries of one block of one head, the queries in vector lanes (lanes past Q are zeros)
   at::parallel_for(0, B * heads * blocks * G, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qT(D * VL), qTs(D * VL), ph(T * VL), pw(T * VL), rhT(win * VL), rwT(win * VL), s(W * VL);
-    int64_t qoff[VL];  // each lane's pixel in a q / output channel plane
+    // the block's window, every head's keys packed head after head, key after key (k then v channels): in the map
+    // a window's keys lie a pixel's channels apart; packed, each is read from memory once, in order, for all heads
+    std::vector<float> oT(E * VL), kw(heads * W * C);
+    int64_t qpix[VL], window = -1;  // each lane's pixel; the block whose window kw holds
     for (int64_t t = begin; t < end; t++) {
       const int64_t n = t / G, i0 = (t % G) * VL, nq = std::min(VL, Q - i0);
-      const int64_t bh = n / blocks, blk = n % blocks, by = blk / nw, bx = blk % nw;
-      const float* qb = qp + bh * D * QP;
-      const float* win0 = kvp + bh * C * KP + by * block * Wk + bx * block;  // the window's top-left key, channel 0
-      float* outb = op + bh * E * QP;
-      for (int64_t l = 0; l < nq; l++) qoff[l] = (by * bs + (i0 + l) / bs) * Wq + bx * bs + (i0 + l) % bs;
-      const bool row = nq == VL && bs % VL == 0;  // the group is VL pixels of one row: whole-vector loads and stores
-      if (nq < VL) std::fill(qT.begin(), qT.end(), 0.f);
-      for (int64_t d = 0; d < D; d++) {  // q transposed, one lane per query; scaled for the logits
-        if (row) _mm256_storeu_ps(qT.data() + d * VL, _mm256_loadu_ps(qb + d * QP + qoff[0]));
-        else for (int64_t l = 0; l < nq; l++) qT[d * VL + l] = qb[d * QP + qoff[l]];
-        _mm256_storeu_ps(qTs.data() + d * VL, _mm256_mul_ps(sc, _mm256_loadu_ps(qT.data() + d * VL)));
+      // blocks outermost, heads within
+      const int64_t bb = n / heads, h = n % heads, b = bb / blocks, blk = bb % blocks, by = blk / nw, bx = blk % nw;
+      if (bb != window) {  // rows by * block - halo .., columns bx * block - halo ..; zeros beyond the map (the halo)
+        for (int64_t j = 0; j < W; j++) {
+          const int64_t y = by * block - halo + ky[j], x = bx * block - halo + kx[j];
+          const bool inside = y >= 0 && y < Hk && x >= 0 && x < Wk;
+          const float* src = kvp + b * KP * CK + (y * Wk + x) * CK;
+          for (int64_t hh = 0; hh < heads; hh++) {
+            float* dst = kw.data() + (hh * W + j) * C;
+            int64_t c = 0;
+            if (inside) {
+              for (; c + VL <= C; c += VL) _mm256_storeu_ps(dst + c, _mm256_loadu_ps(src + hh * C + c));
+              for (; c < C; c++) dst[c] = src[hh * C + c];
+            } else {
+              for (; c < C; c++) dst[c] = 0.f;
+            }
+          }
+        }
+        window = bb;
+      }
+      const float* kh = kw.data() + h * W * C;  // this head's keys: k of key j at kh + j * C, v at kh + j * C + D
+      const float* qb = qp + b * QP * CQ + h * D;
+      float* outb = op + b * QP * CO + h * E;
+      for (int64_t l = 0; l < nq; l++) qpix[l] = (by * bs + (i0 + l) / bs) * Wq + bx * bs + (i0 + l) % bs;
+      // q transposed, one lane per query (VL pixels x VL channels at a time in registers), and scaled for the logits
+      const bool whole = nq == VL;
+      int64_t d = 0;
+      for (; whole && d + VL <= D; d += VL) {
+        __m256 r[VL];
+        for (int64_t l = 0; l < VL; l++) r[l] = _mm256_loadu_ps(qb + qpix[l] * CQ + d);
+        transpose8(r);
+        for (int64_t u = 0; u < VL; u++) {
+          _mm256_storeu_ps(qT.data() + (d + u) * VL, r[u]);
+          _mm256_storeu_ps(qTs.data() + (d + u) * VL, _mm256_mul_ps(sc, r[u]));
+        }
+      }
+      for (; d < D; d++) {
+        float lanes[VL] = {};
+        for (int64_t l = 0; l < nq; l++) lanes[l] = qb[qpix[l] * CQ + d];
+        const __m256 r = _mm256_loadu_ps(lanes);
+        _mm256_storeu_ps(qT.data() + d * VL, r);
+        _mm256_storeu_ps(qTs.data() + d * VL, _mm256_mul_ps(sc, r));
       }
       // relative logits, from the unscaled query as in the reference: q against every table row, then each query's
       // rows by its place (y, x) in the block: rh[ky] = q . height_rel[ky - y + win - 1], rw[kx] likewise
-      dot_all(qT.data(), hrel, toff.data(), 1, D, T, zero,
-              [&](int64_t i, __m256 a) { _mm256_storeu_ps(ph.data() + i * VL, a); });
-      dot_all(qT.data(), wrel, toff.data(), 1, D, T, zero,
-              [&](int64_t i, __m256 a) { _mm256_storeu_ps(pw.data() + i * VL, a); });
+      dot_all(qT.data(), hrel, D, D, T, zero, [&](int64_t i, __m256 a) { _mm256_storeu_ps(ph.data() + i * VL, a); });
+      dot_all(qT.data(), wrel, D, D, T, zero, [&](int64_t i, __m256 a) { _mm256_storeu_ps(pw.data() + i * VL, a); });
       for (int64_t l = 0; l < VL; l++) {
         const int64_t i = l < nq ? i0 + l : 0, y = i / bs, x = i % bs;
         for (int64_t k = 0; k < win; k++) {
@@ -175,7 +222,7 @@ torch::Tensor halo_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor he
       const float* kb = masked ? kbp + blk * W : nullptr;
       // logits (q . k * scale + rh[ky] + rw[kx] + key_bias), KB keys at a time, and each query's max
       __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-      dot_all(qTs.data(), win0, koff.data(), KP, D, W,
+      dot_all(qTs.data(), kh, C, D, W,
               [&](int64_t j) {
                 const __m256 b = _mm256_add_ps(_mm256_loadu_ps(rhT.data() + ky[j] * VL),
                                                _mm256_loadu_ps(rwT.data() + kx[j] * VL));
@@ -183,25 +230,25 @@ torch::Tensor halo_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor he
               },
               [&](int64_t j, __m256 a) { _mm256_storeu_ps(s.data() + j * VL, a); mx = _mm256_max_ps(mx, a); });
       Vec sum(0.f), vmx(mx);  // softmax numerators in place, then each query's 1 / sum
-      for (int64_t j = 0; j < W; j++) {
+      for (int64_t j = 0, nk = W; j < nk; j++) {
         const Vec p = (Vec::loadu(s.data() + j * VL) - vmx).exp_u20();
         p.store(s.data() + j * VL);
         sum = sum + p;
       }
       const __m256 inv = Vec(1.f) / sum;
-      // probabilities times v, VL channels at a time; each channel's VL queries go to their pixels
-      const auto emit = [&](int64_t e, __m256 a) {
-        float* dst = outb + e * QP;
-        a = _mm256_mul_ps(a, inv);
-        if (row) { _mm256_storeu_ps(dst + qoff[0], a); return; }
-        float lanes[VL];
-        _mm256_storeu_ps(lanes, a);
-        for (int64_t l = 0; l < nq; l++) dst[qoff[l]] = lanes[l];
-      };
-      const float* v0 = win0 + D * KP;
+      // probabilities times v, VL channels at a time (queries in lanes), then each query's E channels to its pixel
+      const auto emit = [&](int64_t e, __m256 a) { _mm256_storeu_ps(oT.data() + e * VL, _mm256_mul_ps(a, inv)); };
       int64_t e = 0;
-      for (; e + VL <= E; e += VL) prob_v<VL>(s.data(), v0, koff.data(), KP, W, e, emit);
-      for (; e < E; e++) prob_v<1>(s.data(), v0, koff.data(), KP, W, e, emit);
+      for (; e + VL <= E; e += VL) prob_v<VL>(s.data(), kh + D, C, W, e, emit);
+      for (; e < E; e++) prob_v<1>(s.data(), kh + D, C, W, e, emit);
+      for (e = 0; whole && e + VL <= E; e += VL) {  // back to channels-last, VL channels x VL pixels at a time
+        __m256 r[VL];
+        for (int64_t u = 0; u < VL; u++) r[u] = _mm256_loadu_ps(oT.data() + (e + u) * VL);
+        transpose8(r);
+        for (int64_t l = 0; l < VL; l++) _mm256_storeu_ps(outb + qpix[l] * CO + e, r[l]);
+      }
+      for (; e < E; e++)
+        for (int64_t l = 0; l < nq; l++) outb[qpix[l] * CO + e] = oT[e * VL + l];
     }
   });
   return out;
@@ -236,7 +283,9 @@ def _extension():
     )
 
 
-@torch.library.custom_op("vitkit::halo_attention", mutates_args=())
+# flexible_layout: Inductor hands the op its buffers as they are (channels-last from oneDNN's convolutions), not copied
+# to the strides an eager run would have had; the op copies any other layout to channels-last itself
+@torch.library.custom_op("vitkit::halo_attention", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def halo_attention(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -249,18 +298,19 @@ def halo_attention(
     scale: float,
 ) -> torch.Tensor:
     """Halo attention on maps, as :class:`~vitkit.layers.halo_attention.HaloAttention` computes it between its 1x1
-    convolutions: q (B, heads * D, Hq, Wq) from the query convolution; kv (B, heads * (D + E), Hp + 2 * halo,
-    Wp + 2 * halo) from the key/value one (each head's k then v channels) on the map padded to whole ``block``s, then
-    zero-padded by the halo; ``height_rel``/``width_rel`` (2 * win - 1, D), ``PosEmbedRel``'s tables; key_bias
-    (blocks, win * win) or empty. Each ``block`` x ``block`` block's queries (``Hq / (Hp / block)`` to a side: fewer
-    for strided queries) attend to the window of ``win = block + 2 * halo`` around it. Returns (B, heads * E, Hq,
-    Wq)."""
+    convolutions: q (B, heads * D, Hq, Wq) from the query convolution; kv (B, heads * (D + E), Hp, Wp) from the
+    key/value one (each head's k then v channels) on the map padded to whole ``block``s; ``height_rel``/``width_rel``
+    (2 * win - 1, D), ``PosEmbedRel``'s tables; key_bias (blocks, win * win) or empty. Each ``block`` x ``block``
+    block's queries (``Hq / (Hp / block)`` to a side: fewer for strided queries) attend to the window of ``win = block
+    + 2 * halo`` around it, keys beyond the map being zeros (the reference's halo padding, never materialised here).
+    Any memory format in; returns (B, heads * E, Hq, Wq) channels-last."""
     return _extension().halo_attention(q, kv, height_rel, width_rel, key_bias, heads, block, halo, scale)
 
 
 @halo_attention.register_fake
 def _(q, kv, height_rel, width_rel, key_bias, heads, block, halo, scale):
-    return q.new_empty(q.shape[0], kv.shape[1] - q.shape[1], q.shape[2], q.shape[3])
+    shape = (q.shape[0], kv.shape[1] - q.shape[1], q.shape[2], q.shape[3])
+    return torch.empty(shape, dtype=q.dtype, device=q.device, memory_format=torch.channels_last)
 
 
 def _autocast_cpu() -> bool:
@@ -283,5 +333,4 @@ class FusedHaloAttention(HaloAttention):
         h, key_bias = self.halo_size, self._key_bias(H, W, x.shape[2], x.shape[3], x)
         key_bias = x.new_empty(0) if key_bias is None else key_bias
         tables = (self.pos_embed.height_rel, self.pos_embed.width_rel)
-        kv = F.pad(self.kv(x), (h, h, h, h))
-        return halo_attention(self.q(x), kv, *tables, key_bias, self.num_heads, self.block_size, h, self.scale)
+        return halo_attention(self.q(x), self.kv(x), *tables, key_bias, self.num_heads, self.block_size, h, self.scale)
