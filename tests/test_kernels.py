@@ -158,6 +158,8 @@ def test_the_op_reads_any_layout_and_writes_channels_last():
         args = [mode.from_tensor(t) for t in (q, kv, hrel, wrel, mask)]
         fake = torch.ops.vitkit.halo_attention(*args, 2, 8, 3, 0.35)
     assert fake.shape == plain.shape and fake.stride() == plain.stride()
+    # registered with a flexible layout: Inductor passes its channels-last buffers as they are
+    assert torch.Tag.flexible_layout in torch.ops.vitkit.halo_attention.default.tags
 
 
 @needs_kernel

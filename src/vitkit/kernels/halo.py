@@ -35,6 +35,7 @@ was not kept.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import shutil
 
@@ -284,8 +285,16 @@ def _extension():
 
 
 # flexible_layout: Inductor hands the op its buffers as they are (channels-last from oneDNN's convolutions), not copied
-# to the strides an eager run would have had; the op copies any other layout to channels-last itself
-@torch.library.custom_op("vitkit::halo_attention", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+# to the strides an eager run would have had; the op copies any other layout to channels-last itself. (A torch
+# without the tag on custom ops gets the default constraint: correct, with Inductor's copies to NCHW.)
+_LAYOUT = (
+    {"tags": (torch.Tag.flexible_layout,)}
+    if hasattr(torch.Tag, "flexible_layout") and "tags" in inspect.signature(torch.library.custom_op).parameters
+    else {}
+)
+
+
+@torch.library.custom_op("vitkit::halo_attention", mutates_args=(), **_LAYOUT)
 def halo_attention(
     q: torch.Tensor,
     kv: torch.Tensor,
