@@ -342,4 +342,5 @@ class FusedHaloAttention(HaloAttention):
         h, key_bias = self.halo_size, self._key_bias(H, W, x.shape[2], x.shape[3], x)
         key_bias = x.new_empty(0) if key_bias is None else key_bias
         tables = (self.pos_embed.height_rel, self.pos_embed.width_rel)
+        x = x.contiguous(memory_format=torch.channels_last)  # eager: the convolutions then leave channels-last maps
         return halo_attention(self.q(x), self.kv(x), *tables, key_bias, self.num_heads, self.block_size, h, self.scale)
