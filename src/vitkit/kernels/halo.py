@@ -172,7 +172,7 @@ torch::Tensor halo_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor he
         for (int64_t j = 0; j < W; j++) {
           const int64_t y = by * block - halo + ky[j], x = bx * block - halo + kx[j];
           const bool inside = y >= 0 && y < Hk && x >= 0 && x < Wk;
-          const float* src = kvp + b * KP * CK + (y * Wk + x) * CK;
+          const float* src = inside ? kvp + (b * KP + y * Wk + x) * CK : nullptr;  // (no pointer off the map)
           for (int64_t hh = 0; hh < heads; hh++) {
             float* dst = kw.data() + (hh * W + j) * C;
             int64_t c = 0;
