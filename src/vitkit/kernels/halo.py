@@ -209,15 +209,24 @@ torch::Tensor halo_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor he
         _mm256_storeu_ps(qT.data() + d * VL, r);
         _mm256_storeu_ps(qTs.data() + d * VL, _mm256_mul_ps(sc, r));
       }
-      // relative logits, from the unscaled query as in the reference: q against every table row, then each query's
-      // rows by its place (y, x) in the block: rh[ky] = q . height_rel[ky - y + win - 1], rw[kx] likewise
-      dot_all(qT.data(), hrel, D, D, T, zero, [&](int64_t i, __m256 a) { _mm256_storeu_ps(ph.data() + i * VL, a); });
-      dot_all(qT.data(), wrel, D, D, T, zero, [&](int64_t i, __m256 a) { _mm256_storeu_ps(pw.data() + i * VL, a); });
-      for (int64_t l = 0; l < VL; l++) {
-        const int64_t i = l < nq ? i0 + l : 0, y = i / bs, x = i % bs;
-        for (int64_t k = 0; k < win; k++) {
-          rhT[k * VL + l] = ph[(k - y + win - 1) * VL + l];
-          rwT[k * VL + l] = pw[(k - x + win - 1) * VL + l];
+      // relative logits, from the unscaled query as in the reference: rh[ky] = q . height_rel[ky - y + win - 1],
+      // rw[kx] = q . width_rel[kx - x + win - 1], (y, x) the query's place in its block
+      const auto put = [](float* dst) { return [dst](int64_t i, __m256 a) { _mm256_storeu_ps(dst + i * VL, a); }; };
+      if (whole && bs % VL == 0) {  // the group is VL pixels of one row: y shared, x = x0 .. x0 + VL - 1
+        const int64_t y = i0 / bs, x0 = i0 % bs;
+        dot_all(qT.data(), hrel + (win - 1 - y) * D, D, D, win, zero, put(rhT.data()));  // the win rows of row y
+        dot_all(qT.data(), wrel + (win - VL - x0) * D, D, D, win + VL - 1, zero, put(pw.data()));  // every lane's
+        for (int64_t l = 0; l < VL; l++)
+          for (int64_t k = 0; k < win; k++) rwT[k * VL + l] = pw[(k + VL - 1 - l) * VL + l];
+      } else {  // every table row, then each lane's rows
+        dot_all(qT.data(), hrel, D, D, T, zero, put(ph.data()));
+        dot_all(qT.data(), wrel, D, D, T, zero, put(pw.data()));
+        for (int64_t l = 0; l < VL; l++) {
+          const int64_t i = l < nq ? i0 + l : 0, y = i / bs, x = i % bs;
+          for (int64_t k = 0; k < win; k++) {
+            rhT[k * VL + l] = ph[(k - y + win - 1) * VL + l];
+            rwT[k * VL + l] = pw[(k - x + win - 1) * VL + l];
+          }
         }
       }
       const float* kb = masked ? kbp + blk * W : nullptr;
