@@ -6,8 +6,8 @@ Until commit 3e099a5 ``vitkit::halo_attention`` took NCHW maps with the key/valu
 takes channels-last maps, unpadded. This script builds the old op's C++ from git (``git show COMMIT:...``) under
 another extension name, next to the current one, feeds each its own layout of the same random tensors (HaloNet-H1's
 seven layer shapes at 256 px, batch 1), checks that both give the same attention (1e-5 relative), and times them
-interleaved (one call of each per round, median of the rounds): what the op costs apart from the copies Inductor
-made around the old one. -> ``layout_ab.json``, one entry per CPU kind.
+interleaved (``vitkit.bench.speed.interleaved``: one call of each per round, median of the rounds): what the op
+costs apart from the copies Inductor made around the old one. -> ``layout_ab.json``, one entry per CPU kind.
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ import functools
 import json
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils import cpp_extension
 
+from vitkit.bench.speed import interleaved
 from vitkit.kernels import halo
 from vitkit.machine import cpu_kind, cpu_line
 
@@ -38,10 +37,11 @@ def old_extension(commit: str):
     """The C++ of ``vitkit/kernels/halo.py`` at ``commit``, built as its own extension."""
     text = subprocess.run(["git", "show", f"{commit}:src/vitkit/kernels/halo.py"], cwd=ROOT, check=True,
                           capture_output=True, text=True).stdout  # fmt: skip
-    source = re.search(r'_SOURCE = r"""(.*?)"""', text, re.S).group(1)
-    return cpp_extension.load_inline(f"vitkit_halo_attention_{commit}", cpp_sources=[source],
-                                     functions=["halo_attention"], extra_cflags=halo._FLAGS,
-                                     extra_ldflags=["-fopenmp"])  # fmt: skip
+    return halo.build(f"vitkit_halo_attention_{commit}", re.search(r'_SOURCE = r"""(.*?)"""', text, re.S).group(1))
+
+
+def _call(op, q, kv, rest, _x):  # each form holds its own layout of the inputs (``interleaved``'s x is unused)
+    return op(q, kv, *rest)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,20 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         qc, kvc, kvp = q.contiguous(memory_format=cl), kv.contiguous(memory_format=cl), F.pad(kv, (3, 3, 3, 3))
         rest = (hrel, wrel, none, heads, 8, 3, d**-0.5)
         forms = {
-            f"NCHW op ({args.against})": functools.partial(old.halo_attention, q, kvp, *rest),
-            "channels-last op": functools.partial(new.halo_attention, qc, kvc, *rest),
+            f"NCHW op ({args.against})": functools.partial(_call, old.halo_attention, q, kvp, rest),
+            "channels-last op": functools.partial(_call, new.halo_attention, qc, kvc, rest),
         }
-        a, b = (f() for f in forms.values())
+        a, b = (f(None) for f in forms.values())
         err = ((a - b).abs().max() / a.abs().max()).item()
         assert err < 1e-5, f"the two ops disagree: {err:.3g}"
-        times: dict[str, list[float]] = {k: [] for k in forms}
-        for _ in range(args.rounds):
-            for k, f in forms.items():
-                t0 = time.perf_counter()
-                f()
-                times[k].append((time.perf_counter() - t0) * 1e3)
+        times = interleaved(forms, q, rounds=args.rounds)
         row = {"map": side, "heads": heads, "head_width": d, "stride": stride, "layers_per_forward": layers,
-               "max_rel_diff": err, **{k: round(sorted(v)[len(v) // 2], 3) for k, v in times.items()}}  # fmt: skip
+               "max_rel_diff": err, **{k: round(ms, 3) for k, ms in times.items()}}  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}

@@ -279,18 +279,20 @@ def unavailable_reason() -> str | None:
     return None
 
 
-@functools.cache
-def _extension():
+def build(name: str = "vitkit_halo_attention", source: str = _SOURCE):
+    """Build (or load from ``TORCH_EXTENSIONS_DIR``) the C++ of ``halo_attention`` as extension ``name``; a
+    different ``source`` (an earlier version, for ``benchmarks/halo/layout_ab.py``) under its own name."""
     reason = unavailable_reason()
     if reason:
         raise RuntimeError(f"vitkit.kernels.halo: the fused kernel {reason}")
     return cpp_extension.load_inline(
-        "vitkit_halo_attention",
-        cpp_sources=[_SOURCE],
-        functions=["halo_attention"],
-        extra_cflags=_FLAGS,
-        extra_ldflags=["-fopenmp"],
+        name, cpp_sources=[source], functions=["halo_attention"], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"]
     )
+
+
+@functools.cache
+def _extension():
+    return build()
 
 
 # flexible_layout: Inductor hands the op its buffers as they are (channels-last from oneDNN's convolutions), not copied
