@@ -126,11 +126,14 @@ def test_threads_split_blocks_without_changing_the_result():
 
 
 @needs_kernel
-@pytest.mark.parametrize("block,bs,halo", [(8, 8, 3), (16, 16, 2), (8, 4, 2), (3, 3, 1), (4, 2, 1), (2, 1, 1)])
+@pytest.mark.parametrize(
+    "block,bs,halo", [(8, 8, 3), (16, 16, 2), (8, 4, 2), (6, 6, 1), (3, 3, 1), (4, 2, 1), (2, 1, 1)]
+)
 def test_the_op_matches_attention_written_out(block, bs, halo):
     """The op alone against the attention written out in float64, on 2 heads of 2 x 3 blocks: 64 and 256 queries per
-    block (whole lane groups: rows of 8 pixels, two to a row of 16), 16 (strided), 9 and 4 (part of one group), 1;
-    windows of 14, 20, 12, 5, 6 and 4 pixels (key counts with a tail after blocks of 8); head width 12, value width
+    block (whole lane groups: rows of 8 pixels, two to a row of 16), 16 (strided), 36 (groups of 16 that start and
+    end inside a row of 6, then 4 left), 9 (one whole lane vector and one lane) and 4 (part of one), 1; windows of 14,
+    20, 12, 8, 5, 6 and 4 pixels (key counts with a tail after blocks of 8); head width 12, value width
     20 (the value product runs 8 channels at a time, then one at a time: 2 x 8 + 4); with and without a key mask;
     the halo zeros take part."""
     from vitkit.kernels.halo import halo_attention

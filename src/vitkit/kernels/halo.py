@@ -8,16 +8,18 @@ output are permuted copies. This kernel does everything between the two 1x1 conv
 **channels-last** (the layout oneDNN's convolutions hand over under ``torch.compile``; the op is registered with a
 flexible layout, so Inductor passes its buffers without the copies to NCHW it would otherwise make, and the halo
 padding is never materialised). One block's window of keys, every head's, is packed once (zeros beyond the map: the
-halo), read from the map in order; then one task is a group of 8 queries of the block for one head, **one query per
-vector lane** (AVX2 + FMA; the queries moved into lanes by 8 x 8 register transposes). The relative-logit factors are
-formed inside, from ``PosEmbedRel``'s tables and the unscaled query; a key's logits for the 8 queries are one vector
-started from ``rh[ky] + rw[kx]`` (two vector loads: no bias row), 8 keys at a time with ``k`` broadcast from the
-packed window; the softmax's max and sum run down the keys (no reduction across lanes); the value product keeps the
-queries in lanes, 8 channels at a time, and is transposed back to 8 pixels' channels for the store. Lanes past the
-last query are zeros, so any block size works. ``at::parallel_for`` splits the groups; each is computed whole, in
-one order, so the thread count does not change a bit of the result. The arithmetic is the same attention in fp32
-with the sums in another order and ATen's ``exp_u20`` (an exponential within 20 ulp, as in PyTorch's own CPU flash
-attention).
+halo), read from the map in order; then one task is a group of up to 16 queries of the block for one head, **one
+query per vector lane**, two vectors of 8 (AVX2 + FMA; the queries moved into lanes by 8 x 8 register transposes).
+The relative-logit factors are formed inside, from ``PosEmbedRel``'s tables (only the rows the group's lanes need)
+and the unscaled query; a key's logits for 8 queries are one vector started from ``rh[ky] + rw[kx]`` (two vector
+loads: no bias row), 4 keys at a time with each ``k`` value broadcast from the packed window once for both query
+vectors (a broadcast from memory takes a vector-pipe slot on AMD's Zen cores: one per multiply-add ran at half the
+rate); the softmax's max and sum run down the keys (no reduction across lanes); the value product keeps the queries
+in lanes, 4 channels of both vectors at a time, and is transposed back to 8 pixels' channels for the store. Lanes
+past the last query are zeros, so any block size works. ``at::parallel_for`` splits the groups; each is computed
+whole, in one order, so the thread count does not change a bit of the result. The arithmetic is the same attention in fp32
+with the sums in another order and the arithmetic of ATen's ``exp_u20`` (an exponential within 20 ulp, as in
+PyTorch's own CPU flash attention) without its range masks, which a softmax's non-positive arguments do not need.
 
 It is built from source at first use by ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and ninja are
 needed; the build is cached under ``TORCH_EXTENSIONS_DIR``) and registered as the custom op
@@ -54,7 +56,6 @@ _SOURCE = r"""
 #include <vector>
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t VL = Vec::size();  // queries per lane group (8: the file is built for AVX2)
-constexpr int KB = 8;                // keys per register block of the logits
 
 // 8 x 8 transpose in registers: lane j of r[i] goes to lane i of r[j]
 inline void transpose8(__m256 r[8]) {
@@ -72,45 +73,84 @@ inline void transpose8(__m256 r[8]) {
   r[6] = _mm256_permute2f128_ps(s2, s6, 0x31); r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
-// For K rows i0 .. i0 + K of a matrix whose row i holds D values from base + i * ld: emit(i, init(i) + q . row_i),
-// the queries in lanes (qT: (D, VL)) and the K sums in registers.
-template <int K, class Init, class Emit>
-inline void dot_rows(const float* qT, const float* base, int64_t ld, int64_t D, int64_t i0, Init init, Emit emit) {
-  __m256 acc[K];
+// exp(x) for the softmax's x = logit - max <= 0, the same arithmetic as ATen's exp_u20 (2^n times its degree-5
+// polynomial of r = x - n ln 2, n = x log2 e rounded) without its range masks: n is rounded by adding 1.5 * 2^23 + 127,
+// which leaves n + 127 in the sum's low bits, ready to shift into a float's exponent; x is clamped at -80 (exp(-80) ~
+// 2e-35: no denormal, and nothing a sum of at least 1 can see). 11 vector operations against exp_u20's 17, the same
+// bits wherever x >= -80 (the halo tests compare both).
+inline __m256 softmax_exp(__m256 x) {
+  const __m256 magic = _mm256_set1_ps(12582912.f + 127.f);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-80.f));
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 r = _mm256_fnmadd_ps(_mm256_sub_ps(t, magic), _mm256_set1_ps(0.693147180559945f), x);
+  __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(0.00828929059f), _mm256_set1_ps(0.0418978221f));
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.166676521f));
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.499991506f));
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.999999701f));
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(1.f));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
+}
+
+// The products below take NV vectors of queries (NV * VL queries, one per lane) against K rows at a time: each row
+// value is broadcast once for NV multiply-adds. A broadcast from memory takes a slot of the vector pipes on AMD's Zen
+// cores (one per multiply-add halves the rate: 41-48 against 80-88 GFLOP/s measured on a Zen 4), so two query vectors
+// per broadcast (NV = 2) run near the multiply-add rate.
+//
+// For K rows i0 .. i0 + K of a matrix whose row i holds D values from base + i * ld: emit(i, v, init(i, v) + q_v .
+// row_i) for the NV query vectors v, q_v's channel d at qT + d * qs + v * VL; the K x NV sums in registers.
+template <int NV, int K, class Init, class Emit>
+inline void dot_rows(const float* qT, int64_t qs, const float* base, int64_t ld, int64_t D, int64_t i0, Init init,
+                     Emit emit) {
+  __m256 acc[K][NV];
   const float* r = base + i0 * ld;
   #pragma GCC unroll 8
-  for (int u = 0; u < K; u++) acc[u] = init(i0 + u);
+  for (int u = 0; u < K; u++)
+    for (int v = 0; v < NV; v++) acc[u][v] = init(i0 + u, v);
   for (int64_t d = 0; d < D; d++) {
-    const __m256 qd = _mm256_loadu_ps(qT + d * VL);
+    __m256 qd[NV];
+    for (int v = 0; v < NV; v++) qd[v] = _mm256_loadu_ps(qT + d * qs + v * VL);
     #pragma GCC unroll 8
-    for (int u = 0; u < K; u++) acc[u] = _mm256_fmadd_ps(qd, _mm256_broadcast_ss(r + u * ld + d), acc[u]);
+    for (int u = 0; u < K; u++) {
+      const __m256 b = _mm256_broadcast_ss(r + u * ld + d);
+      for (int v = 0; v < NV; v++) acc[u][v] = _mm256_fmadd_ps(qd[v], b, acc[u][v]);
+    }
   }
   #pragma GCC unroll 8
-  for (int u = 0; u < K; u++) emit(i0 + u, acc[u]);
+  for (int u = 0; u < K; u++)
+    for (int v = 0; v < NV; v++) emit(i0 + u, v, acc[u][v]);
 }
 
-template <class Init, class Emit>
-inline void dot_all(const float* qT, const float* base, int64_t ld, int64_t D, int64_t n, Init init, Emit emit) {
-  int64_t i = 0;
-  for (; i + KB <= n; i += KB) dot_rows<KB>(qT, base, ld, D, i, init, emit);
-  for (; i < n; i++) dot_rows<1>(qT, base, ld, D, i, init, emit);
+// rows i0 .. i0 + n, 8 / NV at a time (8 accumulators)
+template <int NV, class Init, class Emit>
+inline void dot_all(const float* qT, int64_t qs, const float* base, int64_t ld, int64_t D, int64_t i0, int64_t n,
+                    Init init, Emit emit) {
+  constexpr int K = 8 / NV;
+  int64_t i = i0;
+  for (; i + K <= i0 + n; i += K) dot_rows<NV, K>(qT, qs, base, ld, D, i, init, emit);
+  for (; i < i0 + n; i++) dot_rows<NV, 1>(qT, qs, base, ld, D, i, init, emit);
 }
 
-// p (W, VL): probabilities, queries in lanes; value channel e of key j at v[j * ld + e]. Emits (e, sum_j p[j]
-// v[j][e]) for channels e0 .. e0 + EB, the sums (queries in lanes) in registers.
-template <int EB, class Emit>
+// p (W, NV * VL): probabilities, queries in lanes; value channel e of key j at v[j * ld + e]. Emits (e, v, sum_j
+// p[j][v] v[j][e]) for channels e0 .. e0 + EB and the NV query vectors, the sums in registers.
+template <int NV, int EB, class Emit>
 inline void prob_v(const float* p, const float* v, int64_t ld, int64_t W, int64_t e0, Emit emit) {
-  __m256 acc[EB];
+  __m256 acc[EB][NV];
   #pragma GCC unroll 8
-  for (int u = 0; u < EB; u++) acc[u] = _mm256_setzero_ps();
+  for (int u = 0; u < EB; u++)
+    for (int w = 0; w < NV; w++) acc[u][w] = _mm256_setzero_ps();
   for (int64_t j = 0; j < W; j++) {
-    const __m256 pj = _mm256_loadu_ps(p + j * VL);
+    __m256 pj[NV];
+    for (int w = 0; w < NV; w++) pj[w] = _mm256_loadu_ps(p + (j * NV + w) * VL);
     const float* vj = v + j * ld + e0;
     #pragma GCC unroll 8
-    for (int u = 0; u < EB; u++) acc[u] = _mm256_fmadd_ps(pj, _mm256_broadcast_ss(vj + u), acc[u]);
+    for (int u = 0; u < EB; u++) {
+      const __m256 b = _mm256_broadcast_ss(vj + u);
+      for (int w = 0; w < NV; w++) acc[u][w] = _mm256_fmadd_ps(pj[w], b, acc[u][w]);
+    }
   }
   #pragma GCC unroll 8
-  for (int u = 0; u < EB; u++) emit(e0 + u, acc[u]);
+  for (int u = 0; u < EB; u++)
+    for (int w = 0; w < NV; w++) emit(e0 + u, w, acc[u][w]);
 }
 
 // q (B, heads * D, Hq, Wq): the queries, Hq = nh * bs, Wq = nw * bs; kv (B, heads * (D + E), nh * b, nw * b): each
@@ -150,22 +190,24 @@ torch::Tensor halo_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor he
   const float* qp = q.data_ptr<float>(); const float* kvp = kv.data_ptr<float>();
   const float* kbp = masked ? key_bias.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  const int64_t W = win * win, Q = bs * bs, G = (Q + VL - 1) / VL, T = 2 * win - 1;
+  constexpr int64_t NL = 2 * VL;  // queries per task: two lane vectors (one where at most VL are left)
+  const int64_t W = win * win, Q = bs * bs, G = (Q + NL - 1) / NL;
   const int64_t blocks = nh * nw, QP = Hq * Wq, KP = Hk * Wk, CQ = heads * D, CK = heads * C, CO = heads * E;
   const __m256 sc = _mm256_set1_ps((float)scale);
   std::vector<int64_t> ky(W), kx(W);  // key j's window row and column
   for (int64_t j = 0; j < W; j++) { ky[j] = j / win; kx[j] = j % win; }
   const float* hrel = height_rel.data_ptr<float>(); const float* wrel = width_rel.data_ptr<float>();
-  const auto zero = [](int64_t) { return _mm256_setzero_ps(); };
-  // one task: a group of VL queries of one block of one head, the queries in vector lanes (lanes past Q are zeros)
+  const auto zero = [](int64_t, int) { return _mm256_setzero_ps(); };
+  // one task: up to NL queries of one block of one head, the queries in vector lanes (lanes past Q are zeros)
   at::parallel_for(0, B * heads * blocks * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qT(D * VL), qTs(D * VL), ph(T * VL), pw(T * VL), rhT(win * VL), rwT(win * VL), s(W * VL);
+    std::vector<float> qT(D * NL), qTs(D * NL), ph((2 * win - 1) * NL), pw((2 * win - 1) * NL), rhT(win * NL),
+        rwT(win * NL), s(W * NL), oT(E * NL);
     // the block's window, every head's keys packed head after head, key after key (k then v channels): in the map
     // a window's keys lie a pixel's channels apart; packed, each is read from memory once, in order, for all heads
-    std::vector<float> oT(E * VL), kw(heads * W * C);
-    int64_t qpix[VL], window = -1;  // each lane's pixel; the block whose window kw holds
+    std::vector<float> kw(heads * W * C);
+    int64_t qpix[NL], window = -1;  // each lane's pixel; the block whose window kw holds
     for (int64_t t = begin; t < end; t++) {
-      const int64_t n = t / G, i0 = (t % G) * VL, nq = std::min(VL, Q - i0);
+      const int64_t n = t / G, i0 = (t % G) * NL, nq = std::min(NL, Q - i0);
       // blocks outermost, heads within
       const int64_t bb = n / heads, h = n % heads, b = bb / blocks, blk = bb % blocks, by = blk / nw, bx = blk % nw;
       if (bb != window) {  // rows by * block - halo .., columns bx * block - halo ..; zeros beyond the map (the halo)
@@ -190,75 +232,97 @@ torch::Tensor halo_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor he
       const float* qb = qp + b * QP * CQ + h * D;
       float* outb = op + b * QP * CO + h * E;
       for (int64_t l = 0; l < nq; l++) qpix[l] = (by * bs + (i0 + l) / bs) * Wq + bx * bs + (i0 + l) % bs;
-      // q transposed, one lane per query (VL pixels x VL channels at a time in registers), and scaled for the logits
-      const bool whole = nq == VL;
-      int64_t d = 0;
-      for (; whole && d + VL <= D; d += VL) {
-        __m256 r[VL];
-        for (int64_t l = 0; l < VL; l++) r[l] = _mm256_loadu_ps(qb + qpix[l] * CQ + d);
-        transpose8(r);
-        for (int64_t u = 0; u < VL; u++) {
-          _mm256_storeu_ps(qT.data() + (d + u) * VL, r[u]);
-          _mm256_storeu_ps(qTs.data() + (d + u) * VL, _mm256_mul_ps(sc, r[u]));
-        }
-      }
-      for (; d < D; d++) {
-        float lanes[VL] = {};
-        for (int64_t l = 0; l < nq; l++) lanes[l] = qb[qpix[l] * CQ + d];
-        const __m256 r = _mm256_loadu_ps(lanes);
-        _mm256_storeu_ps(qT.data() + d * VL, r);
-        _mm256_storeu_ps(qTs.data() + d * VL, _mm256_mul_ps(sc, r));
-      }
-      // relative logits, from the unscaled query as in the reference: rh[ky] = q . height_rel[ky - y + win - 1],
-      // rw[kx] = q . width_rel[kx - x + win - 1], (y, x) the query's place in its block
-      const auto put = [](float* dst) { return [dst](int64_t i, __m256 a) { _mm256_storeu_ps(dst + i * VL, a); }; };
-      if (whole && bs % VL == 0) {  // the group is VL pixels of one row: y shared, x = x0 .. x0 + VL - 1
-        const int64_t y = i0 / bs, x0 = i0 % bs;
-        dot_all(qT.data(), hrel + (win - 1 - y) * D, D, D, win, zero, put(rhT.data()));  // the win rows of row y
-        dot_all(qT.data(), wrel + (win - VL - x0) * D, D, D, win + VL - 1, zero, put(pw.data()));  // every lane's
-        for (int64_t l = 0; l < VL; l++)
-          for (int64_t k = 0; k < win; k++) rwT[k * VL + l] = pw[(k + VL - 1 - l) * VL + l];
-      } else {  // every table row, then each lane's rows
-        dot_all(qT.data(), hrel, D, D, T, zero, put(ph.data()));
-        dot_all(qT.data(), wrel, D, D, T, zero, put(pw.data()));
-        for (int64_t l = 0; l < VL; l++) {
-          const int64_t i = l < nq ? i0 + l : 0, y = i / bs, x = i % bs;
-          for (int64_t k = 0; k < win; k++) {
-            rhT[k * VL + l] = ph[(k - y + win - 1) * VL + l];
-            rwT[k * VL + l] = pw[(k - x + win - 1) * VL + l];
+      // the group's rows of its block: the relative-logit table rows it needs run from the last row's to the first's
+      const int64_t ylo = i0 / bs, yhi = (i0 + nq - 1) / bs;
+      const int64_t xlo = nq > bs - i0 % bs ? 0 : i0 % bs, xhi = yhi > ylo ? bs - 1 : (i0 + nq - 1) % bs;
+      const auto group = [&](auto nv) {  // the task with NV lane vectors
+        constexpr int NV = decltype(nv)::value;
+        constexpr int64_t L = NV * VL;  // lanes; q's channel d of lane vector v at qT + (d * NV + v) * VL
+        // q transposed, one lane per query (VL pixels x VL channels at a time in registers), and scaled for the logits
+        for (int v = 0; v < NV; v++) {
+          const int64_t* pix = qpix + v * VL;
+          const int64_t m = std::min<int64_t>(VL, nq - v * VL);
+          int64_t d = 0;
+          for (; m == VL && d + VL <= D; d += VL) {
+            __m256 r[VL];
+            for (int64_t l = 0; l < VL; l++) r[l] = _mm256_loadu_ps(qb + pix[l] * CQ + d);
+            transpose8(r);
+            for (int64_t u = 0; u < VL; u++) {
+              _mm256_storeu_ps(qT.data() + ((d + u) * NV + v) * VL, r[u]);
+              _mm256_storeu_ps(qTs.data() + ((d + u) * NV + v) * VL, _mm256_mul_ps(sc, r[u]));
+            }
+          }
+          for (; d < D; d++) {
+            float lanes[VL] = {};
+            for (int64_t l = 0; l < m; l++) lanes[l] = qb[pix[l] * CQ + d];
+            const __m256 r = _mm256_loadu_ps(lanes);
+            _mm256_storeu_ps(qT.data() + (d * NV + v) * VL, r);
+            _mm256_storeu_ps(qTs.data() + (d * NV + v) * VL, _mm256_mul_ps(sc, r));
           }
         }
-      }
-      const float* kb = masked ? kbp + blk * W : nullptr;
-      // logits (q . k * scale + rh[ky] + rw[kx] + key_bias), KB keys at a time, and each query's max
-      __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-      dot_all(qTs.data(), kh, C, D, W,
-              [&](int64_t j) {
-                const __m256 b = _mm256_add_ps(_mm256_loadu_ps(rhT.data() + ky[j] * VL),
-                                               _mm256_loadu_ps(rwT.data() + kx[j] * VL));
-                return masked ? _mm256_add_ps(b, _mm256_set1_ps(kb[j])) : b;
-              },
-              [&](int64_t j, __m256 a) { _mm256_storeu_ps(s.data() + j * VL, a); mx = _mm256_max_ps(mx, a); });
-      Vec sum(0.f), vmx(mx);  // softmax numerators in place, then each query's 1 / sum
-      for (int64_t j = 0, nk = W; j < nk; j++) {
-        const Vec p = (Vec::loadu(s.data() + j * VL) - vmx).exp_u20();
-        p.store(s.data() + j * VL);
-        sum = sum + p;
-      }
-      const __m256 inv = Vec(1.f) / sum;
-      // probabilities times v, VL channels at a time (queries in lanes), then each query's E channels to its pixel
-      const auto emit = [&](int64_t e, __m256 a) { _mm256_storeu_ps(oT.data() + e * VL, _mm256_mul_ps(a, inv)); };
-      int64_t e = 0;
-      for (; e + VL <= E; e += VL) prob_v<VL>(s.data(), kh + D, C, W, e, emit);
-      for (; e < E; e++) prob_v<1>(s.data(), kh + D, C, W, e, emit);
-      for (e = 0; whole && e + VL <= E; e += VL) {  // back to channels-last, VL channels x VL pixels at a time
-        __m256 r[VL];
-        for (int64_t u = 0; u < VL; u++) r[u] = _mm256_loadu_ps(oT.data() + (e + u) * VL);
-        transpose8(r);
-        for (int64_t l = 0; l < VL; l++) _mm256_storeu_ps(outb + qpix[l] * CO + e, r[l]);
-      }
-      for (; e < E; e++)
-        for (int64_t l = 0; l < nq; l++) outb[qpix[l] * CO + e] = oT[e * VL + l];
+        // relative logits, from the unscaled query as in the reference: rh[ky] = q . height_rel[ky - y + win - 1],
+        // rw[kx] = q . width_rel[kx - x + win - 1], (y, x) the query's place in its block: only the table rows some
+        // lane needs (a row of 8 pixels: 14 of 27 height rows, 21 of 27 width rows at win 14), then each lane's
+        const int64_t h0 = win - 1 - yhi, nhr = win + yhi - ylo, w0 = win - 1 - xhi, nwr = win + xhi - xlo;
+        const auto put = [](float* dst, int64_t first) {
+          return [dst, first](int64_t i, int v, __m256 a) { _mm256_storeu_ps(dst + ((i - first) * NV + v) * VL, a); };
+        };
+        dot_all<NV>(qT.data(), L, hrel, D, D, h0, nhr, zero, put(ph.data(), h0));
+        dot_all<NV>(qT.data(), L, wrel, D, D, w0, nwr, zero, put(pw.data(), w0));
+        for (int64_t l = 0; l < L; l++) {
+          const int64_t i = l < nq ? i0 + l : i0, y = i / bs - ylo, x = i % bs - xlo;
+          for (int64_t k = 0; k < win; k++) {  // table row k - y + win - 1 is row k + yhi - ylo - y of ph
+            rhT[k * L + l] = ph[(k + yhi - ylo - y) * L + l];
+            rwT[k * L + l] = pw[(k + xhi - xlo - x) * L + l];
+          }
+        }
+        const float* kb = masked ? kbp + blk * W : nullptr;
+        // logits (q . k * scale + rh[ky] + rw[kx] + key_bias), 8 / NV keys at a time, and each query's max
+        __m256 mx[NV];
+        for (int v = 0; v < NV; v++) mx[v] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+        dot_all<NV>(qTs.data(), L, kh, C, D, 0, W,
+                    [&](int64_t j, int v) {
+                      const __m256 b = _mm256_add_ps(_mm256_loadu_ps(rhT.data() + ky[j] * L + v * VL),
+                                                     _mm256_loadu_ps(rwT.data() + kx[j] * L + v * VL));
+                      return masked ? _mm256_add_ps(b, _mm256_set1_ps(kb[j])) : b;
+                    },
+                    [&](int64_t j, int v, __m256 a) {
+                      _mm256_storeu_ps(s.data() + (j * NV + v) * VL, a);
+                      mx[v] = _mm256_max_ps(mx[v], a);
+                    });
+        __m256 sum[NV], inv[NV];  // softmax numerators in place, then each query's 1 / sum
+        for (int v = 0; v < NV; v++) sum[v] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < W; j++)
+          for (int v = 0; v < NV; v++) {
+            float* sj = s.data() + (j * NV + v) * VL;
+            const __m256 p = softmax_exp(_mm256_sub_ps(_mm256_loadu_ps(sj), mx[v]));
+            _mm256_storeu_ps(sj, p);
+            sum[v] = _mm256_add_ps(sum[v], p);
+          }
+        for (int v = 0; v < NV; v++) inv[v] = _mm256_div_ps(_mm256_set1_ps(1.f), sum[v]);
+        // probabilities times v, 8 / NV channels at a time, then each query's E channels to its pixel
+        const auto emit = [&](int64_t e, int v, __m256 a) {
+          _mm256_storeu_ps(oT.data() + (e * NV + v) * VL, _mm256_mul_ps(a, inv[v]));
+        };
+        constexpr int EB = 8 / NV;
+        int64_t e = 0;
+        for (; e + EB <= E; e += EB) prob_v<NV, EB>(s.data(), kh + D, C, W, e, emit);
+        for (; e < E; e++) prob_v<NV, 1>(s.data(), kh + D, C, W, e, emit);
+        for (int v = 0; v < NV; v++) {
+          const int64_t* pix = qpix + v * VL;
+          const int64_t m = std::min<int64_t>(VL, nq - v * VL);
+          for (e = 0; m == VL && e + VL <= E; e += VL) {  // back to channels-last, VL channels x VL pixels at a time
+            __m256 r[VL];
+            for (int64_t u = 0; u < VL; u++) r[u] = _mm256_loadu_ps(oT.data() + ((e + u) * NV + v) * VL);
+            transpose8(r);
+            for (int64_t l = 0; l < VL; l++) _mm256_storeu_ps(outb + pix[l] * CO + e, r[l]);
+          }
+          for (; e < E; e++)
+            for (int64_t l = 0; l < m; l++) outb[pix[l] * CO + e] = oT[(e * NV + v) * VL + l];
+        }
+      };
+      if (nq > VL) group(std::integral_constant<int, 2>{});
+      else group(std::integral_constant<int, 1>{});
     }
   });
   return out;
