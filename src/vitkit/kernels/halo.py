@@ -17,8 +17,8 @@ vectors (a broadcast from memory takes a vector-pipe slot on AMD's Zen cores: on
 rate); the softmax's max and sum run down the keys (no reduction across lanes); the value product keeps the queries
 in lanes, 4 channels of both vectors at a time, and is transposed back to 8 pixels' channels for the store. Lanes
 past the last query are zeros, so any block size works. ``at::parallel_for`` splits the groups; each is computed
-whole, in one order, so the thread count does not change a bit of the result. The arithmetic is the same attention in fp32
-with the sums in another order and the arithmetic of ATen's ``exp_u20`` (an exponential within 20 ulp, as in
+whole, in one order, so the thread count does not change a bit of the result. The arithmetic is the same attention
+in fp32 with the sums in another order and the arithmetic of ATen's ``exp_u20`` (an exponential within 20 ulp, as in
 PyTorch's own CPU flash attention) without its range masks, which a softmax's non-positive arguments do not need.
 
 It is built from source at first use by ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and ninja are
