@@ -125,25 +125,43 @@ def test_threads_split_blocks_without_changing_the_result():
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+OP_CASES = [(8, 8, 3, 12, 20), (16, 16, 2, 12, 20), (8, 4, 2, 12, 20), (6, 6, 1, 12, 20), (3, 3, 1, 12, 20),
+            (4, 2, 1, 12, 20), (2, 1, 1, 12, 20), (4, 4, 0, 3, 5), (3, 3, 0, 1, 1)]  # fmt: skip
+
+
 @needs_kernel
-@pytest.mark.parametrize(
-    "block,bs,halo", [(8, 8, 3), (16, 16, 2), (8, 4, 2), (6, 6, 1), (3, 3, 1), (4, 2, 1), (2, 1, 1)]
-)
-def test_the_op_matches_attention_written_out(block, bs, halo):
+@pytest.mark.parametrize("block,bs,halo,d,e", OP_CASES)
+def test_the_op_matches_attention_written_out(block, bs, halo, d, e):
     """The op alone against the attention written out in float64, on 2 heads of 2 x 3 blocks: 64 and 256 queries per
     block (whole lane groups: rows of 8 pixels, two to a row of 16), 16 (strided), 36 (groups of 16 that start and
     end inside a row of 6, then 4 left), 9 (one whole lane vector and one lane) and 4 (part of one), 1; windows of 14,
-    20, 12, 8, 5, 6 and 4 pixels (key counts with a tail after blocks of 8); head width 12, value width
-    20 (the value product runs 8 channels at a time, then one at a time: 2 x 8 + 4); with and without a key mask;
-    the halo zeros take part."""
+    20, 12, 8, 5, 6 and 4 pixels (key counts with a tail after blocks of 8); head width 12, value width 20 (the value
+    product runs 8 channels at a time, then one at a time: 2 x 8 + 4), and widths 3 / 5 and 1 / 1 without a halo (one
+    group's lanes then need every relative-table row); with and without a key mask; the halo zeros take part."""
     from vitkit.kernels.halo import halo_attention
 
-    q, kv, hrel, wrel, mask = _op_inputs(block, bs, halo, 12, 20, seed=block * 10 + bs)
+    q, kv, hrel, wrel, mask = _op_inputs(block, bs, halo, d, e, seed=block * 10 + bs)
     for key_bias in (mask, q.new_empty(0)):
         got = halo_attention(q, kv, hrel, wrel, key_bias, 2, block, halo, 0.3)
         want = _written_out(q, kv, hrel, wrel, key_bias, 2, block, halo, 0.3)
-        assert got.shape == want.shape == (2, 40, 2 * bs, 3 * bs) and _rel(got.double(), want) < RTOL
+        assert got.shape == want.shape == (2, 2 * e, 2 * bs, 3 * bs) and _rel(got.double(), want) < RTOL
         assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_kernel
+def test_masked_keys_weigh_exactly_zero_and_an_all_masked_row_is_nan():
+    """A masked key's weight is 0, not a tiny exponential: one pixel whose only key with a value is masked (its
+    window's other 8 keys are the halo's zeros) gives exactly 0 even with a value of 1e36; a row whose every key is
+    -inf gives NaN, as the softmax written out does."""
+    from vitkit.kernels.halo import halo_attention
+
+    q = torch.ones(1, 1, 1, 1)
+    kv = torch.tensor([1.0, 1e36]).reshape(1, 2, 1, 1)
+    rel = torch.zeros(5, 1)
+    mask = torch.zeros(1, 9)
+    mask[0, 4] = -3e38  # the centre key, the pixel itself
+    assert halo_attention(q, kv, rel, rel, mask, 1, 1, 1, 1.0).item() == 0.0
+    assert halo_attention(q, kv, rel, rel, torch.full((1, 9), float("-inf")), 1, 1, 1, 1.0).isnan().all()
 
 
 @needs_kernel

@@ -19,7 +19,9 @@ in lanes, 4 channels of both vectors at a time, and is transposed back to 8 pixe
 past the last query are zeros, so any block size works. ``at::parallel_for`` splits the groups; each is computed
 whole, in one order, so the thread count does not change a bit of the result. The arithmetic is the same attention
 in fp32 with the sums in another order and the arithmetic of ATen's ``exp_u20`` (an exponential within 20 ulp, as in
-PyTorch's own CPU flash attention) without its range masks, which a softmax's non-positive arguments do not need.
+PyTorch's own CPU flash attention) without its range masks, which a softmax's non-positive arguments do not need
+(masked keys weigh exactly 0 and NaN propagates, as before; in the unmasked op a logit more than 80 below its
+row's maximum weighs exp(-80) instead of less).
 
 It is built from source at first use by ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and ninja are
 needed; the build is cached under ``TORCH_EXTENSIONS_DIR``) and registered as the custom op
@@ -73,14 +75,20 @@ inline void transpose8(__m256 r[8]) {
   r[6] = _mm256_permute2f128_ps(s2, s6, 0x31); r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
-// exp(x) for the softmax's x = logit - max <= 0, the same arithmetic as ATen's exp_u20 (2^n times its degree-5
-// polynomial of r = x - n ln 2, n = x log2 e rounded) without its range masks: n is rounded by adding 1.5 * 2^23 + 127,
-// which leaves n + 127 in the sum's low bits, ready to shift into a float's exponent; x is clamped at -80 (exp(-80) ~
-// 2e-35: no denormal, and nothing a sum of at least 1 can see). 11 vector operations against exp_u20's 17, the same
-// bits wherever x >= -80 (the halo tests compare both).
+// exp(x) for the softmax's x = logit - max <= 0: the arithmetic of ATen's exp_u20 (2^n times its degree-5
+// polynomial of r = x - n ln 2, n = x log2 e rounded) without its range masks. n is rounded by adding 1.5 * 2^23 + 127,
+// which leaves n + 127 in the sum's low bits, ready to shift into a float's exponent. x is clamped at -80, so no
+// denormal is formed: below it the result is exp(-80) ~ 2e-35 (nothing a sum of at least 1 can see), or exactly 0
+// with ZERO_BELOW (the masked op: a masked key weighs 0, as with exp_u20, which returns 0 below ln FLT_MIN = -87.3;
+// the two operations that cost were 6% of the unmasked op). A NaN stays NaN (as a row whose keys are all -inf
+// gives). 11 vector operations (13) against exp_u20's 17; over every float in [-80, 0] the same bits but for 16
+// arguments, 1 ulp apart (where x log2 e lies just below a half: exp_u20's floor(y + 0.5) rounds up, the added
+// constant down).
+template <bool ZERO_BELOW>
 inline __m256 softmax_exp(__m256 x) {
-  const __m256 magic = _mm256_set1_ps(12582912.f + 127.f);
-  x = _mm256_max_ps(x, _mm256_set1_ps(-80.f));
+  const __m256 magic = _mm256_set1_ps(12582912.f + 127.f), lo = _mm256_set1_ps(-80.f);
+  const __m256 x0 = x;
+  x = _mm256_max_ps(lo, x);  // (max returns its second operand, x, where x is NaN)
   const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
   const __m256 r = _mm256_fnmadd_ps(_mm256_sub_ps(t, magic), _mm256_set1_ps(0.693147180559945f), x);
   __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(0.00828929059f), _mm256_set1_ps(0.0418978221f));
@@ -88,7 +96,8 @@ inline __m256 softmax_exp(__m256 x) {
   p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.499991506f));
   p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.999999701f));
   p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(1.f));
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
+  p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
+  return ZERO_BELOW ? _mm256_and_ps(p, _mm256_cmp_ps(x0, lo, _CMP_NLT_UQ)) : p;  // x >= -80 or NaN: kept
 }
 
 // The products below take NV vectors of queries (NV * VL queries, one per lane) against K rows at a time: each row
@@ -292,13 +301,17 @@ torch::Tensor halo_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor he
                     });
         __m256 sum[NV], inv[NV];  // softmax numerators in place, then each query's 1 / sum
         for (int v = 0; v < NV; v++) sum[v] = _mm256_setzero_ps();
-        for (int64_t j = 0; j < W; j++)
-          for (int v = 0; v < NV; v++) {
-            float* sj = s.data() + (j * NV + v) * VL;
-            const __m256 p = softmax_exp(_mm256_sub_ps(_mm256_loadu_ps(sj), mx[v]));
-            _mm256_storeu_ps(sj, p);
-            sum[v] = _mm256_add_ps(sum[v], p);
-          }
+        const auto numerators = [&](auto zero_below) {  // masked: a masked key's weight is exactly 0
+          for (int64_t j = 0; j < W; j++)
+            for (int v = 0; v < NV; v++) {
+              float* sj = s.data() + (j * NV + v) * VL;
+              const __m256 p = softmax_exp<decltype(zero_below)::value>(_mm256_sub_ps(_mm256_loadu_ps(sj), mx[v]));
+              _mm256_storeu_ps(sj, p);
+              sum[v] = _mm256_add_ps(sum[v], p);
+            }
+        };
+        if (masked) numerators(std::true_type{});
+        else numerators(std::false_type{});
         for (int v = 0; v < NV; v++) inv[v] = _mm256_div_ps(_mm256_set1_ps(1.f), sum[v]);
         // probabilities times v, 8 / NV channels at a time, then each query's E channels to its pixel
         const auto emit = [&](int64_t e, int v, __m256 a) {
