@@ -20,7 +20,6 @@ import statistics
 from pathlib import Path
 
 import torch
-from torch.utils import cpp_extension
 
 from vitkit.kernels import halo
 from vitkit.machine import cpu_kind, cpu_line
@@ -77,12 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=7)
     p.add_argument("--out", type=Path, default=HERE / "broadcast_rate.json")
     args = p.parse_args(argv)
-    reason = halo.unavailable_reason()
-    if reason:
-        raise SystemExit(f"broadcast_rate: the kernel's build {reason}")
-    ext = cpp_extension.load_inline(
-        "vitkit_broadcast_rate", cpp_sources=[SOURCE], functions=["seconds"], extra_cflags=halo._FLAGS
-    )
+    ext = halo.build("vitkit_broadcast_rate", SOURCE, functions=("seconds",))  # the kernel's compiler flags
     k, q = torch.randn(200 * 8), torch.randn(128)
     flops = args.reps * 24 * 8 * 8 * 16  # passes x key blocks x d x 8 multiply-adds x 16 flops
     times: dict[int, list[float]] = {m: [] for m in LOOPS}

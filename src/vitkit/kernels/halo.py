@@ -243,7 +243,7 @@ torch::Tensor halo_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor he
       for (int64_t l = 0; l < nq; l++) qpix[l] = (by * bs + (i0 + l) / bs) * Wq + bx * bs + (i0 + l) % bs;
       // the group's rows of its block: the relative-logit table rows it needs run from the last row's to the first's
       const int64_t ylo = i0 / bs, yhi = (i0 + nq - 1) / bs;
-      const int64_t xlo = nq > bs - i0 % bs ? 0 : i0 % bs, xhi = yhi > ylo ? bs - 1 : (i0 + nq - 1) % bs;
+      const int64_t xlo = yhi > ylo ? 0 : i0 % bs, xhi = yhi > ylo ? bs - 1 : (i0 + nq - 1) % bs;
       const auto group = [&](auto nv) {  // the task with NV lane vectors
         constexpr int NV = decltype(nv)::value;
         constexpr int64_t L = NV * VL;  // lanes; q's channel d of lane vector v at qT + (d * NV + v) * VL
@@ -271,7 +271,7 @@ torch::Tensor halo_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor he
         }
         // relative logits, from the unscaled query as in the reference: rh[ky] = q . height_rel[ky - y + win - 1],
         // rw[kx] = q . width_rel[kx - x + win - 1], (y, x) the query's place in its block: only the table rows some
-        // lane needs (a row of 8 pixels: 14 of 27 height rows, 21 of 27 width rows at win 14), then each lane's
+        // lane needs (two rows of 8 pixels: 15 of 27 height rows, 21 of 27 width rows at win 14), then each lane's
         const int64_t h0 = win - 1 - yhi, nhr = win + yhi - ylo, w0 = win - 1 - xhi, nwr = win + xhi - xlo;
         const auto put = [](float* dst, int64_t first) {
           return [dst, first](int64_t i, int v, __m256 a) { _mm256_storeu_ps(dst + ((i - first) * NV + v) * VL, a); };
@@ -356,14 +356,15 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def build(name: str = "vitkit_halo_attention", source: str = _SOURCE):
-    """Build (or load from ``TORCH_EXTENSIONS_DIR``) the C++ of ``halo_attention`` as extension ``name``; a
-    different ``source`` (an earlier version, for ``benchmarks/halo/layout_ab.py``) under its own name."""
+def build(name: str = "vitkit_halo_attention", source: str = _SOURCE, functions: tuple[str, ...] = ("halo_attention",)):
+    """Build (or load from ``TORCH_EXTENSIONS_DIR``) the C++ of ``halo_attention`` as extension ``name`` with the
+    kernel's flags; a different ``source`` under its own name (an earlier version, for
+    ``benchmarks/halo/layout_ab.py``; a microbenchmark exporting other ``functions``, for ``broadcast_rate.py``)."""
     reason = unavailable_reason()
     if reason:
         raise RuntimeError(f"vitkit.kernels.halo: the fused kernel {reason}")
     return cpp_extension.load_inline(
-        name, cpp_sources=[source], functions=["halo_attention"], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"]
+        name, cpp_sources=[source], functions=list(functions), extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"]
     )
 
 
