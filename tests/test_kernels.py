@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import vitkit
 import vitkit.kernels as kernels
+import vitkit.kernels.linear as linear_kernel
 import vitkit.routes as opt
 from conftest import input_size_for, small_model
 from vitkit.layers.halo_attention import HaloAttention
@@ -254,7 +255,7 @@ def test_a_model_with_kernels_compiles_in_one_graph_and_keeps_its_output():
         assert _rel(compiled(x), model(x)) < RTOL
     torch._dynamo.reset()
     calls = [n for n in graphs[0].graph.nodes if "vitkit.halo_attention" in str(n.target)]
-    assert len(graphs) == 1 and len(calls) == kernels.applicable(model)
+    assert len(graphs) == 1 and len(calls) == sum(isinstance(m, HaloAttention) for m in model.modules())
 
 
 @pytest.mark.slow
@@ -282,8 +283,9 @@ def test_optimize_times_the_kernel_form_against_the_plain_compiled_one(monkeypat
     x = torch.randn(2, *input_size_for("halonet26t"))
 
     class Compiled:
-        def __init__(self, m, dynamic=None):  # compile_frozen's signature
+        def __init__(self, m, dynamic=None, symbolic_batch=False):  # compile_frozen's signature
             self.kernels = any(isinstance(layer, FusedHaloAttention) for layer in m.modules())
+            self.form = ("compile+kernels" if self.kernels else "compile") + (opt.SYMBOLIC if symbolic_batch else "")
             self.m = m
 
         def __call__(self, inp):
@@ -291,10 +293,11 @@ def test_optimize_times_the_kernel_form_against_the_plain_compiled_one(monkeypat
 
     monkeypatch.setattr(opt, "compile_frozen", Compiled)
     monkeypatch.setattr(opt, "_onnx_route_possible", lambda dtype: False)
-    times = {"eager": 30.0, "compile": 20.0, "compile+kernels": 10.0}
+    sym = opt.SYMBOLIC
+    times = {"eager": 30.0, "compile": 20.0, "compile" + sym: 21.0, "compile+kernels": 10.0}  # (kernels: static)
 
     def fake_time(fn, *args):
-        return times["eager" if fn is model else "compile+kernels" if fn.kernels else "compile"]
+        return times["eager" if fn is model else fn.form]
 
     monkeypatch.setattr(opt, "_time_ms", fake_time)
     out = vitkit.optimize(model, x, route="auto")
@@ -309,11 +312,10 @@ def test_optimize_times_the_kernel_form_against_the_plain_compiled_one(monkeypat
     monkeypatch.setattr(kernels, "apply", cannot)
     out = vitkit.optimize(model, x, route="auto")
     assert out.report.route == "compile" and "compile+kernels not built (RuntimeError" in out.report.note
-    vit = small_model("vit_tiny_patch16_224", num_classes=5).eval()  # nothing to swap: no kernel candidate
-    xv = torch.randn(2, *input_size_for("vit_tiny_patch16_224"))
-    times["compile"] = times["compile+kernels"] = 20.0
-    monkeypatch.setattr(opt, "_time_ms", lambda fn, *a: 30.0 if fn is vit else 20.0)
-    assert "compile+kernels" not in vitkit.optimize(vit, xv, route="auto").report.timings
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()  # nothing to swap: no kernel form
+    xp = torch.randn(2, 3, 8, 8)
+    monkeypatch.setattr(opt, "_time_ms", lambda fn, *a: 30.0 if fn is plain else 20.0)
+    assert not any("kernels" in form for form in vitkit.optimize(plain, xp, route="auto").report.timings)
 
 
 def test_the_reason_a_kernel_cannot_be_built_is_named(monkeypatch):
@@ -328,3 +330,65 @@ def test_the_reason_a_kernel_cannot_be_built_is_named(monkeypatch):
     assert "'no-such-compiler-xyz' not found" in kernels.unavailable_reason()
     with pytest.raises(RuntimeError, match=r"vitkit.kernels.halo: the fused kernel needs a C\+\+ compiler"):
         halo._extension.__wrapped__()  # the build itself (uncached): it stops at the reason, before the compiler
+
+
+LINEAR_REASON = linear_kernel.unavailable_reason()
+needs_onednn = pytest.mark.skipif(LINEAR_REASON is not None, reason=f"no oneDNN linears here: {LINEAR_REASON}")
+
+
+@needs_onednn
+def test_onednn_linears_compute_the_plain_layer_and_keep_the_state_dict():
+    """Every plain ``nn.Linear`` is swapped; the state dict is the same (the packed weight is not saved); outputs
+    agree with the plain model to fp32 rounding (another GEMM's summation order: ~K * 2^-24 relative); where the
+    packed op does not apply (gradients, bfloat16) the layer is ``F.linear`` exactly; a weight changed in place or
+    loaded after the swap is packed again before use; the model can be copied and converted like a plain one."""
+    model = small_model("vit_tiny_patch16_224", num_classes=5).eval()
+    x = torch.randn(2, *input_size_for("vit_tiny_patch16_224"))
+    swapped = copy.deepcopy(model)
+    n_linear = sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert kernels.apply(swapped) == n_linear > 0 and kernels.applicable(swapped) == 0
+    assert all(type(m) is not torch.nn.Linear for m in swapped.modules())
+    ref_sd, sd = model.state_dict(), swapped.state_dict()
+    assert list(sd) == list(ref_sd) and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
+    with torch.no_grad():
+        assert _rel(swapped(x), model(x)) < RTOL
+        assert _rel(copy.deepcopy(swapped)(x), model(x)) < RTOL  # a copy packs its own (the packed one is opaque)
+    layer = next(m for m in swapped.modules() if isinstance(m, linear_kernel.OneDnnLinear))
+    plain = torch.nn.Linear(layer.in_features, layer.out_features)
+    plain.load_state_dict(layer.state_dict())
+    xi = torch.randn(3, 7, layer.in_features, requires_grad=True)
+    out = layer(xi)  # gradients wanted: the plain arithmetic, and a backward
+    assert torch.equal(out, plain(xi))
+    out.sum().backward()
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+    with torch.no_grad():
+        xb = xi.detach().bfloat16()
+        assert torch.equal(layer.bfloat16()(xb), plain.bfloat16()(xb))  # not float32: the plain layer
+        layer.float(), plain.float()
+        layer.weight.mul_(-2.0), plain.weight.mul_(-2.0)  # changed in place after packing
+        assert _rel(layer(xi), plain(xi)) < RTOL
+        other = torch.nn.Linear(layer.in_features, layer.out_features)
+        layer.load_state_dict(other.state_dict())  # loaded after packing
+        assert _rel(layer(xi), other(xi)) < RTOL
+
+
+@needs_onednn
+def test_onednn_linears_compile_frozen_to_packed_onednn_calls(tmp_path, monkeypatch):
+    """Under the frozen compile the packed weight is a constant of the program: the generated code calls oneDNN's
+    linear (with the GELU after the first linear fused in as a post-op) and packs nothing at run time."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).eval()
+    swapped = copy.deepcopy(model)
+    assert kernels.apply(swapped) == 2
+    x = torch.randn(4, 5, 32)
+    with torch.no_grad():
+        out, code = run_and_get_code(opt.compile_frozen(swapped, dynamic=False), x)
+        assert _rel(out, model(x)) < RTOL
+    text = "\n".join(code)
+    calls = [line for line in text.splitlines() if "mkldnn._linear_pointwise" in line and "=" in line]
+    assert len(calls) == 2 and "'gelu'" in calls[0], calls
+    assert "_reorder_linear_weight" not in text and "_mkl_linear" not in text
+    torch._dynamo.reset()

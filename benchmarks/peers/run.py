@@ -13,7 +13,9 @@ converter; outputs compared, the parity is recorded), then, at each batch size, 
 (one call of each route per round, the median over rounds), so load from other processes falls on all routes
 alike: timm eager, timm + ``torch.compile`` (Inductor, freezing, static shapes), ONNX Runtime on timm's ONNX export,
 vitkit eager, vitkit compiled (``vitkit.routes.compile_frozen``, the same options), the same with
-``vitkit.kernels`` applied first (models with HaloAttention layers), ONNX Runtime on vitkit's export, and vitkit's
+``vitkit.kernels`` applied first (the halo kernel, oneDNN linears), both libraries' plain compiled routes also with a
+symbolic batch (``symbolic_batch=True``: oneDNN linears, convolution weights packed per call; timm's too, so a lead
+that comes from the compile option alone shows as none), ONNX Runtime on vitkit's export, and vitkit's
 int8 routes (ONNX Runtime static quantization, and PT2E where torchao is installed; speed only here, accuracy in
 ``int8_mnist.py``; ``--no-int8`` skips them). Every route's output is checked against timm's eager output first
 (1e-4 relative; int8 reported, not checked).
@@ -34,7 +36,7 @@ from pathlib import Path
 import torch
 
 from vitkit.bench.speed import interleaved
-from vitkit.routes import rel_err
+from vitkit.routes import SYMBOLIC, rel_err
 
 HERE = Path(__file__).resolve().parent
 MODELS = [
@@ -86,6 +88,7 @@ def build_routes(
 
     for label, model in (("timm", ref_model), ("vitkit", ours)):
         compiled(f"{label} compile", lambda m=model: compile_frozen(m, dynamic=False))  # one program per batch size
+        compiled(f"{label} compile{SYMBOLIC}", lambda m=model: compile_frozen(m, dynamic=False, symbolic_batch=True))
         if label == "vitkit" and kernels.applicable(model):  # vitkit.kernels on a copy, compiled the same way
             compiled("vitkit compile+kernels", lambda m=model: compile_with_kernels(m, dynamic=False))
         if f"{label} onnxruntime" in skip:
@@ -122,8 +125,10 @@ def measure(routes: dict, x: torch.Tensor, rounds: int, ref: torch.Tensor) -> di
     return out
 
 
-ROUTES = ["timm eager", "timm compile", "timm onnxruntime", "vitkit eager", "vitkit compile", "vitkit compile+kernels",
-          "vitkit onnxruntime", "vitkit int8 (onnxruntime)", "vitkit int8 (pt2e)"]  # fmt: skip
+ROUTES = ["timm eager", "timm compile", f"timm compile{SYMBOLIC}", "timm onnxruntime", "vitkit eager", "vitkit compile",
+          f"vitkit compile{SYMBOLIC}", "vitkit compile+kernels", "vitkit onnxruntime", "vitkit int8 (onnxruntime)",
+          "vitkit int8 (pt2e)"]  # fmt: skip
+OURS = ["vitkit eager", "vitkit compile", f"vitkit compile{SYMBOLIC}", "vitkit compile+kernels"]
 
 
 def _best(ms: dict, *routes: str) -> float | None:
@@ -137,22 +142,23 @@ def markdown_tables(results: dict) -> str:
     lines = []
     for t in results.values():
         lines += [f"### {t['cpu']}", "", f"| model | batch | {head} | vitkit best / timm best (eager or compiled) "
-                  "| the same, ONNX Runtime included |", "|" + " --- |" * (len(ROUTES) + 4)]  # fmt: skip
+                  f"| the same, timm compiled with a symbolic batch too | the same, ONNX Runtime included |",
+                  "|" + " --- |" * (len(ROUTES) + 5)]  # fmt: skip
         for name, m in t["models"].items():
             for b, row in m["batches"].items():
                 ms = {r: row.get(r, {}).get("ms") for r in ROUTES}
-                ours = _best(ms, "vitkit eager", "vitkit compile", "vitkit compile+kernels")
+                ours, ours_all = _best(ms, *OURS), _best(ms, *OURS, "vitkit onnxruntime")
                 theirs = _best(ms, "timm eager", "timm compile")
-                ours_all = _best(ms, "vitkit eager", "vitkit compile", "vitkit compile+kernels", "vitkit onnxruntime")
-                theirs_all = _best(ms, "timm eager", "timm compile", "timm onnxruntime")
-                r1 = f"{theirs / ours:.2f}x" if ours and theirs else "-"
-                r2 = f"{theirs_all / ours_all:.2f}x" if ours_all and theirs_all else "-"
+                theirs_sym = _best(ms, "timm eager", "timm compile", f"timm compile{SYMBOLIC}")
+                theirs_all = _best(ms, "timm eager", "timm compile", f"timm compile{SYMBOLIC}", "timm onnxruntime")
+                ratios = [f"{a / b:.2f}x" if a and b else "-" for a, b in
+                          ((theirs, ours), (theirs_sym, ours), (theirs_all, ours_all))]  # fmt: skip
                 cells = [str(ms[r]) if ms[r] else row.get(r, {}).get("refused", "-") for r in ROUTES]
-                lines.append(f"| {name} | {b} | " + " | ".join(cells) + f" | {r1} | {r2} |")
+                lines.append(f"| {name} | {b} | " + " | ".join(cells + ratios) + " |")
             for k, v in m["notes"].items():
                 if isinstance(v, str):  # one table cell: no line breaks or terminal colour codes
                     text = re.sub(r"\x1b\[[0-9;]*m", "", v).replace("\n", " ").replace("|", "/")
-                    lines.append(f"| {name} | note | {k}: {text[:300]} |" + " |" * (len(ROUTES) + 1))
+                    lines.append(f"| {name} | note | {k}: {text[:300]} |" + " |" * (len(ROUTES) + 2))
         lines.append("")
     return "\n".join(lines)
 

@@ -21,6 +21,9 @@ The layers in :mod:`vitkit.layers` are plain reference code; speed at inference 
   model, on an AMD EPYC (AVX2) and an Intel Xeon (AMX) alike, ViT-S/B 1.2x at batch 1 on the AMD EPYC but no
   faster, or slower, at batch 8 and on the Xeon: which wins depends on the model, the batch and the CPU, so 'auto'
   measures (``benchmarks/peers``).
+* ``"compile"`` at a static batch size and with a symbolic one (``symbolic_batch`` in :func:`compile_frozen`:
+  oneDNN linears, convolution weights packed per call), timed against each other like the routes; the report's
+  ``symbolic_batch`` says which was kept.
 * ``"compile+kernels"`` ('auto' only, fp32, models with a layer that :mod:`vitkit.kernels` has a kernel for): a
   copy of the model with those layers swapped for their kernel versions, then compiled like ``"compile"``. It is
   timed against the plain compiled form like every other candidate, so it is kept only where it is faster here;
@@ -63,6 +66,7 @@ INT8_BACKENDS = ("auto", "onnxruntime", "pt2e")
 INT8_ERROR_SLACK = 1.5  # 'auto' int8: the fastest form within this factor of the smallest held-out error
 DTYPES = ("fp32", "bf16")
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
+SYMBOLIC = ", symbolic batch"  # the name of a compiled form's symbolic-batch twin in a report's timings
 
 
 @dataclasses.dataclass
@@ -77,6 +81,7 @@ class OptimizeReport:
     optimized_ms: float | None = None
     note: str = ""
     timings: dict = dataclasses.field(default_factory=dict)  # ms of every verified form timed, eager included
+    symbolic_batch: bool = False  # a compiled route whose batch size is a symbol (:func:`compile_frozen`)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -113,26 +118,42 @@ def compile_cache_dir() -> Path:
 class Frozen(nn.Module):
     """A ``torch.compile``d model whose compiles run with Inductor's freezing on (see :func:`compile_frozen`)."""
 
-    def __init__(self, model: nn.Module, dynamic: bool | None):
+    def __init__(self, model: nn.Module, dynamic: bool | None, symbolic_batch: bool = False):
         super().__init__()
+        self.symbolic_batch = symbolic_batch
+
+        self.model = model
 
         def inductor(gm, example_inputs):  # a backend of this wrapper's own: its programs are never shared
             from torch._inductor.compile_fx import compile_fx
 
             return compile_fx(gm, example_inputs)
 
-        self.compiled = torch.compile(model, dynamic=dynamic, backend=inductor)
+        def run(x):
+            return model(x)
+
+        # Dynamo files its programs, and counts them against its recompile limit (8), under the code object of the
+        # frame it compiles. Every vitkit model's forward is one function (``models._base``), so compiling models
+        # directly, the ninth compiled form in a process would run eager, silently; a code object of this wrapper's
+        # own gives each form its own count.
+        run.__code__ = run.__code__.replace()
+        self.compiled = torch.compile(run, dynamic=dynamic, backend=inductor)
 
     def forward(self, x: torch.Tensor):
         import torch._inductor.config as inductor_config
 
         # read by Dynamo while it traces (parameters become constants) and by Inductor while it compiles, both of
         # which happen inside a call (the first at each new shape)
+        if self.symbolic_batch:  # on an alias, so the caller's tensor carries no mark
+            from torch._dynamo.decorators import mark_unbacked
+
+            x = x.view(x.shape)
+            mark_unbacked(x, 0)
         with inductor_config.patch(freezing=True):
             return self.compiled(x)
 
 
-def compile_frozen(model: nn.Module, dynamic: bool | None = None) -> nn.Module:
+def compile_frozen(model: nn.Module, dynamic: bool | None = None, symbolic_batch: bool = False) -> nn.Module:
     """``torch.compile`` for inference: Inductor with freezing; ``dynamic`` as torch.compile takes it (None: a
     dynamic batch after the first new shape; False: one specialised program per shape, for benchmarks).
 
@@ -146,17 +167,26 @@ def compile_frozen(model: nn.Module, dynamic: bool | None = None) -> nn.Module:
     freezing against that (1 thread, AMD EPYC, ``benchmarks/peers``' models): MobileViT-XS 1.19x (batch 1) / 1.27x
     (batch 8) faster, HaloNet-26T 1.17x / 1.05x, ViT-S 1.05x / 1.02x, NesT-T 0.95x / 0.97x, HaloNet-H1 0.94x (batch
     1). The per-call switch costs about 30 us.
+
+    ``symbolic_batch=True`` marks the batch dimension of each input unbacked (``mark_unbacked``: a symbol even at
+    size 1, which Dynamo otherwise specialises), so one program serves every batch size, and Inductor then runs
+    the linears through oneDNN (``mkldnn._linear_pointwise``) instead of the MKL packed GEMM it uses for fp32 at
+    static shapes, but packs the convolution weights on every call (it packs them once only at a static input
+    size). Which is faster depends on the CPU and the model: on the AVX-512 AMD EPYC (Zen 4), 1 thread, oneDNN's
+    GEMM ran ViT's shapes at 101-111 GFLOP/s against MKL's 70-98, and the symbolic batch made ViT-S/B and NesT-T
+    1.09-1.28x faster, MobileViT-XS a tie and HaloNet-26T 0.85x (``benchmarks/speed/symbolic_batch.py``), so
+    :func:`optimize` measures both.
     """
     compile_cache_dir()
-    return Frozen(model, dynamic)
+    return Frozen(model, dynamic, symbolic_batch)
 
 
-def compile_with_kernels(model: nn.Module, dynamic: bool | None = None) -> nn.Module:
+def compile_with_kernels(model: nn.Module, dynamic: bool | None = None, symbolic_batch: bool = False) -> nn.Module:
     """:func:`compile_frozen` of a copy of ``model`` with :func:`vitkit.kernels.apply` (``model`` keeps its plain
     layers); ``RuntimeError`` with the reason where the kernels cannot be built here."""
     with_kernels = copy.deepcopy(model)
     kernels.apply(with_kernels)
-    return compile_frozen(with_kernels, dynamic)
+    return compile_frozen(with_kernels, dynamic, symbolic_batch)
 
 
 def _onnx_runner(model: nn.Module, example: torch.Tensor, calib=None, check=None) -> tuple[OnnxRunner, dict | None]:
@@ -283,6 +313,7 @@ def optimize(
     rtol: float | None = None,
     repeats: int = 5,
     int8_backend: str = "auto",
+    symbolic_batch: bool | None = None,
 ) -> Optimized:
     """The fastest verified inference form of ``model`` for this machine (see the module docstring).
 
@@ -297,6 +328,9 @@ def optimize(
         int8_backend: for 'int8': 'onnxruntime', 'pt2e' or 'auto' (both where installed; see the module docstring).
         rtol: the verification tolerance (default 1e-4 fp32, 5e-2 bf16).
         repeats: timed repeats per route for 'auto' (and for the report).
+        symbolic_batch: compile with the batch size as a symbol (see :func:`compile_frozen`) or not; None: 'auto'
+            and 'compile' build the plain compiled form both ways and keep the faster ('auto' builds the kernel
+            form static). The report says which was kept (``symbolic_batch``).
 
     Raises:
         ValueError: an unknown route or dtype, or a compiled or ONNX Runtime form that differs from eager beyond
@@ -332,16 +366,20 @@ def optimize(
         return Optimized(model, fn, report)
 
     def build(name: str):
-        if name == "compile":
-            return compile_frozen(model)
-        if name == "compile+kernels":
-            return compile_with_kernels(model)
+        base, symbolic = name.removesuffix(SYMBOLIC), name.endswith(SYMBOLIC)
+        if base == "compile":
+            return compile_frozen(model, symbolic_batch=symbolic)
+        if base == "compile+kernels":
+            return compile_with_kernels(model, symbolic_batch=symbolic)
         return _onnx_runner(model, example)[0]
 
-    wanted = [route]
+    modes = {None: ("", SYMBOLIC), False: ("",), True: (SYMBOLIC,)}[symbolic_batch]
+    wanted = [route + mode for mode in modes] if route == "compile" else [route]
     if route == "auto":
-        kernel_form = dtype == "fp32" and example.device.type == "cpu" and kernels.applicable(model)
-        wanted = ["compile"] + (["compile+kernels"] if kernel_form else [])
+        wanted = ["compile" + mode for mode in modes]
+        if dtype == "fp32" and example.device.type == "cpu" and kernels.applicable(model):
+            # static unless asked: its linears are oneDNN's already, and a symbolic batch packs convolutions per call
+            wanted.append("compile+kernels" + (SYMBOLIC if symbolic_batch else ""))
         wanted += ["onnxruntime"] if _onnx_route_possible(dtype) else []
     forms, notes = {}, []  # route -> (fn, build seconds, relative error)
     for name in wanted:
@@ -373,7 +411,8 @@ def optimize(
         report.max_rel_err = 0.0
         return Optimized(model, model, report)
     fn, report.compile_s, report.max_rel_err = forms[best]
-    report.route, report.optimized_ms, report.note = best, ms[best], "; ".join(notes)
+    report.route, report.optimized_ms, report.note = best.removesuffix(SYMBOLIC), ms[best], "; ".join(notes)
+    report.symbolic_batch = best.endswith(SYMBOLIC)
     return Optimized(model, fn, report)
 
 

@@ -6,9 +6,11 @@ measured; :func:`vitkit.optimize` applies it explicitly, as one more candidate f
 compiled one on the machine at hand, so a kernel that loses on a CPU is not used there.
 
 * :mod:`vitkit.kernels.halo`: fused halo attention (HaloNet), x86 with AVX2, built from C++ at first use.
+* :mod:`vitkit.kernels.linear`: ``nn.Linear`` through oneDNN with the weight packed once (every family), which
+  Inductor does not choose at a static batch size.
 
 :func:`apply` swaps a model's layers for their kernel versions in place (same parameters and state dict) and
-returns how many it swapped; :func:`unavailable_reason` says why the kernels cannot be built here, or None.
+returns how many it swapped; :func:`unavailable_reason` says why a kernel cannot be built here, or None.
 """
 
 from __future__ import annotations
@@ -19,30 +21,43 @@ from vitkit.layers.halo_attention import HaloAttention
 
 
 def unavailable_reason() -> str | None:
+    """Why some kernel cannot be built or run here (the first reason found), or None."""
     from vitkit.kernels.halo import unavailable_reason as halo_reason
+    from vitkit.kernels.linear import unavailable_reason as linear_reason
 
-    return halo_reason()
+    return halo_reason() or linear_reason()
 
 
-def _swappable(m: nn.Module) -> bool:  # a plain HaloAttention (not a subclass of the user's, not one swapped)
-    return type(m) is HaloAttention
+def _targets(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The plain ``HaloAttention`` and ``nn.Linear`` layers of ``model`` (not subclasses, not ones swapped)."""
+    mods = list(model.modules())
+    return [m for m in mods if type(m) is HaloAttention], [m for m in mods if type(m) is nn.Linear]
 
 
 def applicable(model: nn.Module) -> int:
-    """How many of ``model``'s layers :func:`apply` would swap (its plain ``HaloAttention`` layers)."""
-    return sum(map(_swappable, model.modules()))
+    """How many of ``model``'s layers :func:`apply` would swap (its plain ``HaloAttention`` and ``nn.Linear``)."""
+    return sum(map(len, _targets(model)))
 
 
 def apply(model: nn.Module) -> int:
     """Swap ``model``'s layers for their kernel versions, in place; builds the kernels first (``RuntimeError``
-    with the reason where they cannot be built). Returns the number of layers swapped. For inference in this
-    process, eager or ``torch.compile``d: the kernels are vitkit custom ops, which ONNX and the on-device exporters
-    do not know, so export the plain model."""
-    from vitkit.kernels.halo import FusedHaloAttention, _extension
+    with the reason where one cannot be built or run). Returns the number of layers swapped. For inference in this
+    process, eager or ``torch.compile``d: the kernels are vitkit custom ops and oneDNN's private ones, which ONNX
+    and the on-device exporters do not know, so export the plain model."""
+    from vitkit.kernels import linear
 
-    targets = [m for m in model.modules() if _swappable(m)]
-    if targets:
+    halos, linears = _targets(model)
+    if halos:
+        from vitkit.kernels.halo import FusedHaloAttention, _extension
+
         _extension()
-    for m in targets:
-        m.__class__ = FusedHaloAttention  # a subclass without state of its own: the same parameters and buffers
-    return len(targets)
+        for m in halos:
+            m.__class__ = FusedHaloAttention  # a subclass without state of its own: the same parameters and buffers
+    if linears:
+        reason = linear.unavailable_reason()
+        if reason:
+            raise RuntimeError(f"vitkit.kernels.linear: {reason}")
+        for m in linears:
+            m.__class__ = linear.OneDnnLinear  # the same parameters; a packed copy of the weight, not saved
+            m.pack()
+    return len(halos) + len(linears)

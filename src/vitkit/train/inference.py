@@ -34,7 +34,8 @@ def load_run(path: str | Path, which: str = "best", ema: bool = False, compile: 
     """A run's model with its ``which`` checkpoint's weights (``ema=True``: the EMA weights), in eval mode.
 
     ``compile``: the model through :func:`vitkit.optimize` (``torch.compile`` with freezing, checked against eager
-    on an input of the run's data config before it is used; an error if it differs).
+    on an input of the run's data config before it is used; an error if it differs), with a symbolic batch size, so
+    the run's batches of any size share one program.
     """
     run_dir, ckpt = locate(path, which)
     cfg = read_run_config(run_dir, ckpt)
@@ -49,7 +50,8 @@ def load_run(path: str | Path, which: str = "best", ema: bool = False, compile: 
         from vitkit.routes import optimize
 
         example = torch.randn(2, *data_config["input_size"], generator=torch.Generator().manual_seed(0))
-        model = optimize(model, example, route="compile")
+        # one program for every batch size a run serves (the last batch is smaller): no compile at a new size
+        model = optimize(model, example, route="compile", symbolic_batch=True)
     return LoadedRun(model.eval(), task, cfg, data_config, weights, run_dir)
 
 

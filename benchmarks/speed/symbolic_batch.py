@@ -1,0 +1,118 @@
+"""A static batch size against a symbolic one in vitkit's compiled route (``compile_frozen(symbolic_batch=...)``),
+and against ``vitkit.kernels``' oneDNN linears at a static one.
+
+    OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/speed/symbolic_batch.py
+    ... symbolic_batch.py --models vit_small_patch16_224 --batches 1 8 --rounds 9
+
+-> ``symbolic_batch.json``, one entry per CPU kind (never overwritten by another kind's).
+
+Inductor lowers an fp32 linear to MKL's packed GEMM (``mkl._mkl_linear``) when the batch size is static and to
+oneDNN's (``mkldnn._linear_pointwise``) when it is a symbol; with a symbol it also packs the convolution weights on
+every call instead of once. So which form is faster depends on the CPU's two GEMM libraries and on the model's mix of
+linears and convolutions. Two parts:
+
+* ``gemm``: the two libraries alone on ViT's linear shapes (tokens x in -> out at batch 1 and 8), GFLOP/s, each
+  weight packed the way Inductor packs it, timed interleaved;
+* ``models``: each model compiled both ways, and at a static batch size with ``vitkit.kernels`` applied (oneDNN
+  linears with weights packed once, and the halo kernel in HaloNets), timed interleaved (one call of each per
+  round, the median over rounds), outputs compared with eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import vitkit
+from vitkit import kernels
+from vitkit.bench.speed import interleaved
+from vitkit.machine import cpu_info, cpu_kind, cpu_line
+from vitkit.routes import compile_frozen, compile_with_kernels, rel_err
+
+HERE = Path(__file__).resolve().parent
+MODELS = ["vit_small_patch16_224", "vit_base_patch16_224", "mobilevit_xs", "halonet26t", "halonet_h1", "nest_tiny_jx"]
+GEMM_SHAPES = [(197, 384, 1152), (197, 384, 1536), (197, 1536, 384), (197, 768, 3072), (1576, 384, 1536),
+               (1576, 768, 3072), (1576, 3072, 768)]  # fmt: skip
+
+
+def gemm_rates(rounds: int) -> list[dict]:
+    """GFLOP/s of MKL's packed GEMM and oneDNN's linear (the two ops Inductor chooses between) on ViT's shapes."""
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for m, k, n in GEMM_SHAPES:
+        x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+        mkl_w = torch.ops.mkl._mkl_reorder_linear_weight(w, m)
+        dnn_w = torch.ops.mkldnn._reorder_linear_weight(w, m)
+        fns = {
+            "mkl": lambda x, mkl_w=mkl_w, w=w, b=b, m=m: torch.ops.mkl._mkl_linear(x, mkl_w, w, b, m),
+            "onednn": lambda x, dnn_w=dnn_w, b=b: torch.ops.mkldnn._linear_pointwise(x, dnn_w, b, "none", [], ""),
+        }
+        ref = torch.addmm(b, x, w.t())
+        errs = {name: rel_err(fn(x), ref) for name, fn in fns.items()}
+        ms = interleaved(fns, x, rounds, warmup=3)
+        row = {"shape": [m, k, n], "gflops": {name: round(2 * m * k * n / t / 1e6, 1) for name, t in ms.items()}}
+        row["rel_err"] = errs
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def model_row(name: str, batch: int, rounds: int) -> dict:
+    torch.manual_seed(0)
+    model = vitkit.create_model(name).eval()
+    x = torch.randn(batch, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(1))
+    forms, row = {}, {"layers_swapped": kernels.applicable(model), "compile_s": {}, "rel_err": {}}
+    builds = {
+        "static": lambda: compile_frozen(model, dynamic=False),
+        "symbolic": lambda: compile_frozen(model, dynamic=False, symbolic_batch=True),
+        "static, kernels": lambda: compile_with_kernels(model, dynamic=False),
+    }
+    with torch.no_grad():
+        ref = model(x)
+        for label, build in builds.items():
+            t0 = time.perf_counter()
+            forms[label] = build()
+            out = forms[label](x)
+            row["compile_s"][label] = round(time.perf_counter() - t0, 1)
+            row["rel_err"][label] = rel_err(out, ref)
+    ms = interleaved(forms, x, rounds)
+    row["ms"] = {k: round(v, 2) for k, v in ms.items()}
+    row["static_over_symbolic"] = round(ms["static"] / ms["symbolic"], 3)
+    row["static_over_kernels"] = round(ms["static"] / ms["static, kernels"], 3)
+    print(name, batch, json.dumps(row), flush=True)
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=MODELS)
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--no-gemm", action="store_true", help="skip the GEMM rates")
+    p.add_argument("--note", default="", help="a note kept with this CPU kind's record (how the run was made)")
+    p.add_argument("--out", default=str(HERE / "symbolic_batch.json"))
+    args = p.parse_args()
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    rec = results.setdefault(cpu_kind(), {"models": {}})
+    rec.update(cpu=cpu_line(), cpu_info=cpu_info(), torch=torch.__version__, threads=torch.get_num_threads())
+    if args.note:
+        rec["note"] = args.note
+    if not args.no_gemm:
+        rec["gemm"] = gemm_rates(max(args.rounds, 20))
+        out.write_text(json.dumps(results, indent=1))
+    for name in args.models:
+        for b in args.batches:
+            rec["models"].setdefault(name, {})[str(b)] = model_row(name, b, args.rounds)
+            out.write_text(json.dumps(results, indent=1))  # each row kept as soon as it is measured
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
