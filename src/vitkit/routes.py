@@ -121,8 +121,7 @@ class Frozen(nn.Module):
     def __init__(self, model: nn.Module, dynamic: bool | None, symbolic_batch: bool = False):
         super().__init__()
         self.symbolic_batch = symbolic_batch
-
-        self.model = model
+        self.model = model  # (registered, so the wrapper's parameters and state dict are the model's)
 
         def inductor(gm, example_inputs):  # a backend of this wrapper's own: its programs are never shared
             from torch._inductor.compile_fx import compile_fx
@@ -173,9 +172,9 @@ def compile_frozen(model: nn.Module, dynamic: bool | None = None, symbolic_batch
     the linears through oneDNN (``mkldnn._linear_pointwise``) instead of the MKL packed GEMM it uses for fp32 at
     static shapes, but packs the convolution weights on every call (it packs them once only at a static input
     size). Which is faster depends on the CPU and the model: on the AVX-512 AMD EPYC (Zen 4), 1 thread, oneDNN's
-    GEMM ran ViT's shapes at 101-111 GFLOP/s against MKL's 70-98, and the symbolic batch made ViT-S/B and NesT-T
-    1.09-1.28x faster, MobileViT-XS a tie and HaloNet-26T 0.85x (``benchmarks/speed/symbolic_batch.py``), so
-    :func:`optimize` measures both.
+    GEMM ran ViT's shapes at 85-103 GFLOP/s against MKL's 64-77, and the symbolic batch made ViT-S/B and NesT-T
+    1.12-1.37x faster, MobileViT-XS 0.95-0.97x and the HaloNets 0.87-0.96x (``benchmarks/speed/symbolic_batch.py``),
+    so :func:`optimize` measures both.
     """
     compile_cache_dir()
     return Frozen(model, dynamic, symbolic_batch)
