@@ -10,8 +10,8 @@ of the program and Inductor fuses a following GELU into the linear as a oneDNN p
 Measured (1 thread, the AVX-512 AMD EPYC Zen 4; ``benchmarks/speed/symbolic_batch.py``): oneDNN ran ViT's linear
 shapes at 85-103 GFLOP/s against MKL's 64-77, and the compiled models with this layer against the plain static
 compile: ViT-S 1.12x / 1.29x (batch 1 / 8), ViT-B 1.45x / 1.29x, NesT-T 1.13x / 1.23x, MobileViT-XS 0.97x / 1.08x:
-about as fast as the symbolic batch on the ViTs, and faster where there are convolutions to keep packed. :func:`vitkit.optimize` times it against the plain forms on the
-machine at hand.
+about as fast as the symbolic batch on the ViTs, and faster where there are convolutions to keep packed.
+:func:`vitkit.optimize` times it against the plain forms on the machine at hand.
 
 The layer falls back to ``nn.Linear``'s own forward where the packed op does not apply: gradients wanted (the op has
 no backward for the packed weight), an input that is not float32 on the CPU, CPU autocast. In eager mode a weight
