@@ -21,9 +21,10 @@ import vitkit.kernels as kernels
 import vitkit.kernels.linear as linear_kernel
 import vitkit.routes as opt
 from conftest import input_size_for, small_model
+from vitkit.kernels.halo import unavailable_reason as halo_reason
 from vitkit.layers.halo_attention import HaloAttention
 
-REASON = kernels.unavailable_reason()
+REASON = halo_reason()  # (the halo kernel's: the oneDNN linears' tests below have their own)
 needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"vitkit.kernels cannot be built here: {REASON}")
 RTOL = 1e-5
 
@@ -350,8 +351,10 @@ def test_onednn_linears_compute_the_plain_layer_and_keep_the_state_dict():
     assert all(type(m) is not torch.nn.Linear for m in swapped.modules())
     ref_sd, sd = model.state_dict(), swapped.state_dict()
     assert list(sd) == list(ref_sd) and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
-    with torch.no_grad():
+    with torch.no_grad(), torch.profiler.profile() as prof:
         assert _rel(swapped(x), model(x)) < RTOL
+    assert sum(e.name == "mkldnn::_linear_pointwise" for e in prof.events()) == n_linear  # the packed path ran
+    with torch.no_grad():
         assert _rel(copy.deepcopy(swapped)(x), model(x)) < RTOL  # a copy packs its own (the packed one is opaque)
     layer = next(m for m in swapped.modules() if isinstance(m, linear_kernel.OneDnnLinear))
     plain = torch.nn.Linear(layer.in_features, layer.out_features)
@@ -361,6 +364,10 @@ def test_onednn_linears_compute_the_plain_layer_and_keep_the_state_dict():
     assert torch.equal(out, plain(xi))
     out.sum().backward()
     assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+    layer.weight.requires_grad_(False)  # the bias alone trained: still the plain arithmetic, still a gradient
+    layer(xi.detach()).sum().backward()
+    assert layer.bias.grad is not None
+    layer.weight.requires_grad_(True)
     with torch.no_grad():
         xb = xi.detach().bfloat16()
         assert torch.equal(layer.bfloat16()(xb), plain.bfloat16()(xb))  # not float32: the plain layer
@@ -392,3 +399,28 @@ def test_onednn_linears_compile_frozen_to_packed_onednn_calls(tmp_path, monkeypa
     assert len(calls) == 2 and "'gelu'" in calls[0], calls
     assert "_reorder_linear_weight" not in text and "_mkl_linear" not in text
     torch._dynamo.reset()
+
+
+@needs_onednn
+def test_onednn_linears_under_compile_see_the_weights_of_the_call(tmp_path, monkeypatch):
+    """Weights loaded after the swap but before the first compiled call are the ones frozen into the program (the
+    layer cannot pack while it is being compiled); a plain ``torch.compile`` (no freezing, where Inductor cannot
+    lower the packed op) runs ``F.linear``; a model built in inference mode can be swapped."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.GELU(), torch.nn.Linear(24, 4)).eval()
+    swapped = copy.deepcopy(model)
+    kernels.apply(swapped)
+    other = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.GELU(), torch.nn.Linear(24, 4)).eval()
+    swapped.load_state_dict(other.state_dict())
+    x = torch.randn(3, 16)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert _rel(opt.compile_frozen(swapped, dynamic=False)(x), other(x)) < RTOL
+        assert _rel(torch.compile(swapped, dynamic=False)(x), other(x)) < RTOL
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        built = torch.nn.Linear(16, 8)
+        assert (
+            kernels.apply(built) == 1 and _rel(built(x), torch.nn.functional.linear(x, built.weight, built.bias)) < RTOL
+        )

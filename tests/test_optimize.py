@@ -30,6 +30,37 @@ def test_every_family_compiles_in_one_graph(name):
     torch._dynamo.reset()
 
 
+# The families whose forward captures an unbacked batch in one graph. The others (MobileViT, Swin, HaloNet, DeepViT,
+# axial) reach a data-dependent guard on it (``Eq(k * u0, 0)``: a size inferred from the element count, which could
+# be 0) and break the graph there; ``compile_frozen(symbolic_batch=True)`` still computes them, in pieces, and
+# ``optimize`` times that form against the static one.
+SYMBOLIC_ONE_GRAPH = ["vit_tiny_patch16_224", "vit_tiny_r_s16_p8_224", "nest_tiny", "lavit_tiny", "pvt_tiny"]
+
+
+@pytest.mark.parametrize("name", slow_except(SYMBOLIC_ONE_GRAPH, {"vit_tiny_patch16_224", "nest_tiny"}))
+def test_a_symbolic_batch_is_captured_in_one_graph(name):
+    """What ``symbolic_batch=True`` needs for one program: the batch dimension unbacked (a symbol even at size 1)
+    and no graph break or guard on its value, so the graph captured at batch 1 serves batch 3 unchanged."""
+    from torch._dynamo.decorators import mark_unbacked
+
+    model, x = _model_and_input(name, batch=1)
+    graphs = []
+
+    def capture(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=capture, fullgraph=True)
+    with torch.no_grad():
+        for batch in (x, torch.randn(3, *x.shape[1:])):
+            marked = batch.view(batch.shape)
+            mark_unbacked(marked, 0)
+            torch.testing.assert_close(compiled(marked), model(batch), rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 1, f"{len(graphs)} graphs: the batch size was specialised"
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ONE_PER_FAMILY)
 def test_every_family_exports_with_a_dynamic_batch(name):
@@ -45,6 +76,7 @@ def test_a_compiled_form_that_differs_from_eager_is_never_returned(monkeypatch):
     """Verification, not trust: a compiled function whose output is off by 1e-3 (relative) is refused: 'auto'
     keeps eager and says why, 'compile' raises."""
     model, x = _model_and_input("vit_tiny_patch16_224")
+    monkeypatch.setattr(opt.kernels, "applicable", lambda m: 0)  # (the kernel form: tests/test_kernels.py)
     monkeypatch.setattr(opt, "compile_frozen", lambda m, **kw: lambda inp: m(inp) * (1 + 1e-3))
     monkeypatch.setattr(opt, "_onnx_route_possible", lambda dtype: False)  # (ONNX Runtime: the next test)
     out = vitkit.optimize(model, x, route="auto")
@@ -66,8 +98,9 @@ def test_auto_keeps_the_fastest_verified_form_and_onnxruntime_is_one(monkeypatch
     pytest.importorskip("onnxruntime", reason="the ONNX Runtime route needs the export extra (onnxruntime)")
     model, x = _model_and_input("vit_tiny_patch16_224")
     symbolic = "compile" + opt.SYMBOLIC
+    monkeypatch.setattr(opt.kernels, "applicable", lambda m: 0)  # (the kernel form: tests/test_kernels.py)
 
-    def fake_compile(m, symbolic_batch=False):
+    def fake_compile(m, dynamic=None, symbolic_batch=False):
         def fn(inp):
             return m(inp) * (1 + 1e-6)
 
@@ -103,6 +136,20 @@ def test_auto_keeps_the_fastest_verified_form_and_onnxruntime_is_one(monkeypatch
     chosen = vitkit.optimize(model, x, route="auto")
     assert chosen.report.route == "compile" and chosen.report.symbolic_batch and chosen.fn.form == symbolic
     assert vitkit.optimize(model, x, route="compile", symbolic_batch=False).fn.form == "compile"  # as asked
+
+    def no_symbol(m, dynamic=None, symbolic_batch=False):  # a model whose batch size cannot be a symbol
+        if symbolic_batch:
+            raise RuntimeError("data-dependent guard on the batch size")
+        return fake_compile(m)
+
+    monkeypatch.setattr(opt, "compile_frozen", no_symbol)
+    static = vitkit.optimize(model, x, route="compile")  # not asked for: the static form, and why in the note
+    assert static.fn.form == "compile" and "symbolic batch not built (RuntimeError" in static.report.note
+    with pytest.raises(RuntimeError, match="data-dependent guard"):  # asked for: the error
+        vitkit.optimize(model, x, route="compile", symbolic_batch=True)
+    with pytest.raises(ValueError, match="symbolic_batch must be None, False or True"):
+        vitkit.optimize(model, x, route="compile", symbolic_batch="yes")
+    monkeypatch.setattr(opt, "compile_frozen", fake_compile)
     times.update({"compile": 40.0, symbolic: 40.0, "onnxruntime": 35.0})  # and now none beats eager
     kept = vitkit.optimize(model, x, route="auto")
     assert kept.report.route == "eager" and kept.fn is model and "eager kept" in kept.report.note

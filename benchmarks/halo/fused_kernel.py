@@ -11,7 +11,8 @@ convolutions, the query blocks and key windows gathered, the relative-logit bias
 plain under ``torch.compile``, and with the kernel (eager: the op does everything between the convolutions). Errors
 are against the plain layer in float64. The model rows time ``vitkit.routes.compile_frozen`` of the model as it is
 and of a copy with ``vitkit.kernels.apply``, interleaved (one call of each per round, median of the rounds), outputs
-compared.
+compared. (Since 2026-11-27 ``apply`` also swaps plain ``nn.Linear`` layers for oneDNN's, in a HaloNet the classifier
+alone; the rows recorded before it are the halo kernel alone.)
 """
 
 from __future__ import annotations

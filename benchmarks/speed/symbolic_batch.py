@@ -12,7 +12,7 @@ every call instead of once. So which form is faster depends on the CPU's two GEM
 linears and convolutions. Two parts:
 
 * ``gemm``: the two libraries alone on ViT's linear shapes (tokens x in -> out at batch 1 and 8), GFLOP/s, each
-  weight packed the way Inductor packs it, timed interleaved;
+  weight packed for the shape's row count (``vitkit.kernels.linear`` packs without it), timed interleaved;
 * ``models``: each model compiled both ways, and at a static batch size with ``vitkit.kernels`` applied (oneDNN
   linears with weights packed once, and the halo kernel in HaloNets), timed interleaved (one call of each per
   round, the median over rounds), outputs compared with eager.

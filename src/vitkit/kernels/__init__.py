@@ -41,12 +41,17 @@ def applicable(model: nn.Module) -> int:
 
 def apply(model: nn.Module) -> int:
     """Swap ``model``'s layers for their kernel versions, in place; builds the kernels first (``RuntimeError``
-    with the reason where one cannot be built or run). Returns the number of layers swapped. For inference in this
-    process, eager or ``torch.compile``d: the kernels are vitkit custom ops and oneDNN's private ones, which ONNX
-    and the on-device exporters do not know, so export the plain model."""
+    with the reason where one cannot be built or run, before any layer is swapped). Returns the number of layers
+    swapped. For inference in this process, eager or ``torch.compile``d (the oneDNN linears only under Inductor's
+    freezing, :func:`vitkit.routes.compile_frozen`; a plain ``torch.compile`` runs them as ``F.linear``): the kernels
+    are vitkit custom ops and oneDNN's private ones, which ONNX and the on-device exporters do not know, so export
+    the plain model."""
     from vitkit.kernels import linear
 
     halos, linears = _targets(model)
+    reason = linear.unavailable_reason() if linears else None
+    if reason:  # (checked before anything is swapped: never a half-swapped model)
+        raise RuntimeError(f"vitkit.kernels.linear: {reason}")
     if halos:
         from vitkit.kernels.halo import FusedHaloAttention, _extension
 
@@ -54,9 +59,6 @@ def apply(model: nn.Module) -> int:
         for m in halos:
             m.__class__ = FusedHaloAttention  # a subclass without state of its own: the same parameters and buffers
     if linears:
-        reason = linear.unavailable_reason()
-        if reason:
-            raise RuntimeError(f"vitkit.kernels.linear: {reason}")
         for m in linears:
             m.__class__ = linear.OneDnnLinear  # the same parameters; a packed copy of the weight, not saved
             m.pack()

@@ -52,7 +52,14 @@ class OneDnnLinear(nn.Linear):
             with torch.no_grad():
                 packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
         self.register_buffer("packed_weight", packed, persistent=False)
-        self._packed_from = self._weight_key()
+        self._packed_from = (self.weight, _version(self.weight))
+
+    def stale(self) -> bool:
+        """The weight was replaced, or changed in place through autograd-visible ops (``load_state_dict``, ``mul_``
+        under ``no_grad``), since it was packed. Edits through ``.data`` bypass the version counter: call
+        :meth:`pack` after them."""
+        source, version = self._packed_from or (None, None)
+        return source is not self.weight or version != _version(self.weight)
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), .bfloat16(): convert the weight, then pack it again
         self._buffers["packed_weight"] = None  # (an opaque tensor: no dtype or device conversion applies to it)
@@ -66,13 +73,32 @@ class OneDnnLinear(nn.Linear):
         state["_packed_from"] = None
         return state
 
-    def _weight_key(self) -> tuple[int, int]:  # which weight, at which in-place version, the buffer was packed from
-        return self.weight.data_ptr(), self.weight._version
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if not torch.compiler.is_compiling() and self._weight_key() != self._packed_from:
-            self.pack()  # the weight was changed or replaced since it was packed (eager only)
+        params = (self.weight,) if self.bias is None else (self.weight, self.bias)
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+        if torch.compiler.is_compiling():
+            if not _freezing():  # Inductor lowers the packed op only with the packed weight a constant of the program
+                return F.linear(x, self.weight, self.bias)
+        elif self.stale():
+            self.pack()
         if grad or x.dtype != torch.float32 or self.packed_weight is None or x.device.type != "cpu" or _autocast_cpu():
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+
+def _version(t: torch.Tensor) -> int | None:
+    return None if t.is_inference() else t._version  # (inference tensors keep no version counter)
+
+
+def _freezing() -> bool:
+    import torch._inductor.config as inductor_config
+
+    return bool(inductor_config.freezing)
+
+
+def refresh(model: nn.Module) -> None:
+    """Pack again every :class:`OneDnnLinear` of ``model`` whose weight changed since it was packed (what a compile
+    must see first: while compiling, the layer cannot pack, and its packed weight becomes a constant)."""
+    for m in model.modules():
+        if isinstance(m, OneDnnLinear) and m.stale():
+            m.pack()

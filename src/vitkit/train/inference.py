@@ -34,8 +34,8 @@ def load_run(path: str | Path, which: str = "best", ema: bool = False, compile: 
     """A run's model with its ``which`` checkpoint's weights (``ema=True``: the EMA weights), in eval mode.
 
     ``compile``: the model through :func:`vitkit.optimize` (``torch.compile`` with freezing, checked against eager
-    on an input of the run's data config before it is used; an error if it differs), with a symbolic batch size, so
-    the run's batches of any size share one program.
+    on an input of the run's data config before it is used; an error if it differs), at a static or a symbolic batch
+    size, whichever is faster.
     """
     run_dir, ckpt = locate(path, which)
     cfg = read_run_config(run_dir, ckpt)
@@ -50,8 +50,9 @@ def load_run(path: str | Path, which: str = "best", ema: bool = False, compile: 
         from vitkit.routes import optimize
 
         example = torch.randn(2, *data_config["input_size"], generator=torch.Generator().manual_seed(0))
-        # one program for every batch size a run serves (the last batch is smaller): no compile at a new size
-        model = optimize(model, example, route="compile", symbolic_batch=True)
+        # the static form and the symbolic-batch one (one program for the run's batch sizes, where the family
+        # captures it in one graph), the faster kept
+        model = optimize(model, example, route="compile")
     return LoadedRun(model.eval(), task, cfg, data_config, weights, run_dir)
 
 
