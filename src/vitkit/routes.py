@@ -58,7 +58,6 @@ from torch import nn
 from vitkit import kernels
 from vitkit.export import OnnxRunner, export_onnx, quantize_onnx_int8_best, rel_err
 from vitkit.export.common import require, torch_program
-from vitkit.kernels.linear import OneDnnLinear
 from vitkit.machine import int8_dot_units
 from vitkit.runtime import autocast
 
@@ -123,6 +122,8 @@ class Frozen(nn.Module):
         super().__init__()
         self.symbolic_batch = symbolic_batch
         self.model = model  # (registered, so the wrapper's parameters and state dict are the model's)
+        from vitkit.kernels.linear import OneDnnLinear
+
         self._packed = [m for m in model.modules() if isinstance(m, OneDnnLinear)]  # (vitkit.kernels.linear)
 
         def inductor(gm, example_inputs):  # a backend of this wrapper's own: its programs are never shared

@@ -25,19 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitkit.kernels.halo import _autocast_cpu
+
 
 def unavailable_reason() -> str | None:
     """Why oneDNN linears cannot run here, or None."""
     if not torch.backends.mkldnn.is_available():
         return "needs PyTorch built with oneDNN (torch.backends.mkldnn.is_available() is False)"
     return None
-
-
-def _autocast_cpu() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_cpu_enabled()
 
 
 class OneDnnLinear(nn.Linear):
