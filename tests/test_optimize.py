@@ -31,8 +31,9 @@ def test_every_family_compiles_in_one_graph(name):
 
 
 # The families whose forward captures an unbacked batch in one graph. The others (MobileViT, Swin, HaloNet, DeepViT,
-# axial) reach a data-dependent guard on it (``Eq(k * u0, 0)``: a size inferred from the element count, which could
-# be 0) and break the graph there; ``compile_frozen(symbolic_batch=True)`` still computes them, in pieces, and
+# axial) reach a data-dependent guard on it inside PyTorch's own ops (``Eq(k * u0, 0)``, whether the tensor is
+# empty: e.g. ``nn.BatchNorm2d`` in MobileViT's stem, ``nn.LayerNorm`` on Swin's (B, H, W, C) maps, torch 2.13) and
+# break the graph there; ``compile_frozen(symbolic_batch=True)`` still computes them, in pieces, and
 # ``optimize`` times that form against the static one.
 SYMBOLIC_ONE_GRAPH = ["vit_tiny_patch16_224", "vit_tiny_r_s16_p8_224", "nest_tiny", "lavit_tiny", "pvt_tiny"]
 
