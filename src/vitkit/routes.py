@@ -144,8 +144,6 @@ class Frozen(nn.Module):
     def forward(self, x: torch.Tensor):
         import torch._inductor.config as inductor_config
 
-        # read by Dynamo while it traces (parameters become constants) and by Inductor while it compiles, both of
-        # which happen inside a call (the first at each new shape)
         for layer in self._packed:  # a weight changed since it was packed: pack it before a compile can freeze it
             if layer.stale():
                 layer.pack()
@@ -154,6 +152,8 @@ class Frozen(nn.Module):
 
             x = x.view(x.shape)
             mark_unbacked(x, 0)
+        # read by Dynamo while it traces (parameters become constants) and by Inductor while it compiles, both of
+        # which happen inside a call (the first at each new shape)
         with inductor_config.patch(freezing=True):
             return self.compiled(x)
 
@@ -392,19 +392,21 @@ def optimize(
         wanted += ["onnxruntime"] if _onnx_route_possible(dtype) else []
     forms, notes = {}, []  # route -> (fn, build seconds, relative error)
     for name in wanted:
+        # 'auto' goes on without a form that fails here, as does 'compile' without a symbolic form not asked for
+        optional = route == "auto" or (name.endswith(SYMBOLIC) and symbolic_batch is None)
         t0 = time.perf_counter()
         try:
             fn = build(name)
             with torch.no_grad(), amp():
                 out = fn(example)
-        except Exception as e:  # noqa: BLE001 - 'auto' goes on without a form that cannot be built here
-            if route != "auto" and not (name.endswith(SYMBOLIC) and symbolic_batch is None):  # (one it was asked for)
+        except Exception as e:  # noqa: BLE001 - an optional form that cannot be built here is noted
+            if not optional:
                 raise
             notes.append(f"{name} not built ({type(e).__name__}: {str(e)[:200]})")
             continue
         err = rel_err(out, ref)
         if err > tol:
-            if route != "auto" and not (name.endswith(SYMBOLIC) and symbolic_batch is None):
+            if not optional:
                 raise ValueError(f"optimize: the {name} form differs from eager by {err:.3g} (relative) > {tol:g}")
             notes.append(f"{name} output differs from eager by {err:.3g} > {tol:g}: refused")
             continue

@@ -15,9 +15,18 @@ returns how many it swapped; :func:`unavailable_reason` says why a kernel cannot
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from vitkit.layers.halo_attention import HaloAttention
+
+
+def _autocast_cpu() -> bool:
+    """CPU autocast is on (a kernel would be handed bfloat16, or asked for it: both fall back to the plain layer)."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled()
 
 
 def unavailable_reason() -> str | None:
@@ -58,8 +67,7 @@ def apply(model: nn.Module) -> int:
         _extension()
         for m in halos:
             m.__class__ = FusedHaloAttention  # a subclass without state of its own: the same parameters and buffers
-    if linears:
-        for m in linears:
-            m.__class__ = linear.OneDnnLinear  # the same parameters; a packed copy of the weight, not saved
-            m.pack()
+    for m in linears:
+        m.__class__ = linear.OneDnnLinear  # the same parameters; a packed copy of the weight, not saved
+        m.pack()
     return len(halos) + len(linears)

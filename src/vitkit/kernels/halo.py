@@ -46,6 +46,7 @@ import shutil
 import torch
 from torch.utils import cpp_extension
 
+from vitkit.kernels import _autocast_cpu
 from vitkit.layers.halo_attention import HaloAttention
 
 _SOURCE = r"""
@@ -409,14 +410,6 @@ def halo_attention(
 def _(q, kv, height_rel, width_rel, key_bias, heads, block, halo, scale):
     shape = (q.shape[0], kv.shape[1] - q.shape[1], q.shape[2], q.shape[3])
     return torch.empty(shape, dtype=q.dtype, device=q.device, memory_format=torch.channels_last)
-
-
-def _autocast_cpu() -> bool:
-    """CPU autocast is on (the convolutions would hand the op bfloat16)."""
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_cpu_enabled()
 
 
 class FusedHaloAttention(HaloAttention):

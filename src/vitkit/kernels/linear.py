@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.kernels.halo import _autocast_cpu
+from vitkit.kernels import _autocast_cpu
 
 
 def unavailable_reason() -> str | None:
@@ -89,11 +89,3 @@ def _freezing() -> bool:
     import torch._inductor.config as inductor_config
 
     return bool(inductor_config.freezing)
-
-
-def refresh(model: nn.Module) -> None:
-    """Pack again every :class:`OneDnnLinear` of ``model`` whose weight changed since it was packed (what a compile
-    must see first: while compiling, the layer cannot pack, and its packed weight becomes a constant)."""
-    for m in model.modules():
-        if isinstance(m, OneDnnLinear) and m.stale():
-            m.pack()
