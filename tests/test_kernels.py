@@ -422,3 +422,61 @@ def test_onednn_linears_under_compile_see_the_weights_of_the_call(tmp_path, monk
     with torch.inference_mode():
         built = torch.nn.Linear(16, 8)
         assert kernels.apply(built) == 1 and _rel(built(x), F.linear(x, built.weight, built.bias)) < RTOL
+
+
+def _vbmi() -> bool:
+    flags = open("/proc/cpuinfo").read().split() if __import__("os").path.exists("/proc/cpuinfo") else []
+    return "avx512vbmi" in flags and "avx512bw" in flags
+
+
+@needs_kernel
+def test_the_table_kernel_is_a_lookup_on_every_path_and_layout():
+    """``vitkit::lut_u8`` is ``table[x]`` exactly, byte for byte: on the AVX2 path and (where the CPU has it) the
+    AVX-512 VBMI one, at lengths around the vector widths (the masked and scalar tails), for contiguous,
+    channels-last and non-contiguous inputs; 4-D results are channels-last (what oneDNN's int8 convolutions
+    read), others contiguous; under torch.compile it is one graph with the same bytes."""
+    from vitkit.kernels import lut
+
+    ext = lut._extension()
+    g = torch.Generator().manual_seed(0)
+    table = torch.randint(0, 256, (256,), dtype=torch.uint8, generator=g)
+    codes = torch.arange(256, dtype=torch.uint8)
+    paths = [0, 1] if _vbmi() else [0]
+    for path in paths:
+        assert torch.equal(ext.lut_u8(codes, table, path), table)  # every code
+        for n in (1, 31, 32, 33, 63, 64, 65, 127, 129, 70_001):
+            x = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+            assert torch.equal(ext.lut_u8(x, table, path), table[x.long()]), (path, n)
+    x = torch.randint(0, 256, (2, 5, 7, 9), dtype=torch.uint8, generator=g)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last), x[:, :, 1:, ::2], x.transpose(1, 3)):
+        y = lut.lut_u8(inp, table)
+        assert torch.equal(y, table[inp.long()]) and y.is_contiguous(memory_format=torch.channels_last)
+    y = lut.lut_u8(x[0].transpose(0, 2), table)  # 3-D, not contiguous: a contiguous result
+    assert torch.equal(y, table[x[0].transpose(0, 2).long()]) and y.is_contiguous()
+    compiled = torch.compile(lambda t: torch.ops.vitkit.lut_u8.default(t, table), fullgraph=True)
+    assert torch.equal(compiled(x), table[x.long()])
+    if not _vbmi():
+        with pytest.raises(RuntimeError, match="no AVX-512 VBMI"):
+            ext.lut_u8(x, table, 1)
+    with pytest.raises(RuntimeError, match="uint8 tensors"):
+        lut.lut_u8(x.float(), table)
+    with pytest.raises(RuntimeError, match="256 entries"):
+        lut.lut_u8(x, table[:255])
+
+
+def test_an_activation_table_is_the_quantized_arithmetic_it_replaces():
+    """The table of ``quantize(silu(dequantize(code)))`` gives, looked up, the same bytes as those three ops on any
+    tensor of codes (PT2E's own ``quantized_decomposed`` ops, at scales and zero points as calibration sets them)."""
+    pytest.importorskip("torchao", reason="PT2E int8 needs the int8 extra (torchao)")
+    import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401 - registers the quantized_decomposed ops
+
+    from vitkit.kernels.lut import activation_table
+
+    q = torch.ops.quantized_decomposed
+    x = torch.randint(0, 256, (3, 16, 11, 13), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    for s1, z1, s2, z2 in ((0.0364, 131, 0.0187, 15), (0.00122, 122, 0.000613, 112), (0.5, 0, 0.01, 30)):
+        table = activation_table(F.silu, s1, z1, s2, z2)
+        direct = q.quantize_per_tensor.default(
+            F.silu(q.dequantize_per_tensor.default(x, s1, z1, 0, 255, torch.uint8)), s2, z2, 0, 255, torch.uint8
+        )
+        assert table.dtype == torch.uint8 and torch.equal(table[x.long()], direct)

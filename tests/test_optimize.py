@@ -516,3 +516,110 @@ def test_compile_frozen_really_freezes_and_never_shares_a_program(tmp_path, monk
         torch.testing.assert_close(opt.compile_frozen(model, dynamic=False)(x), model(x), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(torch.compile(model, dynamic=False)(x), model(x), rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
+
+
+def _silu_net() -> torch.nn.Module:
+    """Two convolutions with SiLU read by quantized convolutions, and one whose SiLU goes into a mean (fp32)."""
+
+    def cba(cin, cout, k, groups=1):
+        return [
+            torch.nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups),
+            torch.nn.BatchNorm2d(cout),
+            torch.nn.SiLU(),
+        ]
+
+    class Mean(torch.nn.Module):  # (aten.mean, which the quantizer leaves in fp32; its pooling op it quantizes)
+        def forward(self, x):
+            return x.mean((2, 3))
+
+    body = torch.nn.Sequential(*cba(3, 8, 3), *cba(8, 8, 3, groups=8), *cba(8, 16, 1), Mean())
+    torch.manual_seed(0)
+    for m in body.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5), torch.nn.init.normal_(m.bias, std=0.2)
+    return _Net(body).eval()
+
+
+def _needs_tables():
+    pytest.importorskip("torchao", reason="PT2E int8 needs the int8 extra (torchao)")
+    from vitkit.kernels.lut import unavailable_reason
+
+    if unavailable_reason():
+        pytest.skip(f"vitkit.kernels cannot be built here: {unavailable_reason()}")
+
+
+def test_silu_tables_replace_the_silus_that_quantized_ops_read():
+    """``silu_table=True``: the two SiLUs read by quantized convolutions become ``vitkit::lut_u8`` lookups on the
+    convolutions' uint8 codes; the third, read in fp32 by the mean, stays (fused into its convolution). The
+    converted program (run eagerly: no compile here) is the fp32 model to a few 8-bit steps, two roundings per
+    tabled SiLU now (bound 5%; ~1% seen). A model with no SiLU after a convolution is refused by name."""
+    _needs_tables()
+    model, x = _silu_net(), torch.randn(2, 3, 16, 16)
+    calib = [torch.randn(4, 3, 16, 16) for _ in range(4)]
+    with torch.no_grad():
+        ref = model(x)
+        quantized = opt.quantize_pt2e_int8(model, x, calib, silu_table=True).__self__.model  # (compiles at a call)
+        targets = [str(n.target) for n in quantized.graph.nodes]
+        assert targets.count("vitkit.lut_u8.default") == 2 and targets.count("aten.silu.default") == 1, targets
+        assert opt.rel_err(quantized(x), ref) < 0.05
+    plain = _Net(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU())).eval()
+    with pytest.raises(RuntimeError, match="_Net has no SiLU after a convolution to table"):
+        opt.quantize_pt2e_int8(plain, x, calib, silu_table=True)
+
+
+@pytest.mark.slow
+def test_silu_tables_compile_into_the_int8_program(tmp_path, monkeypatch):
+    """The compiled program with SiLU tables calls ``vitkit::lut_u8`` between oneDNN's int8 convolutions and
+    computes the converted model (the tables are exact, ``test_kernels``; the convolutions accumulate in int32; what
+    differs is float rounding at the requantization, as in the plain PT2E test above: bound 1e-2) and the fp32 one
+    to a few 8-bit steps (bound 5%)."""
+    _needs_tables()
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model, x = _silu_net(), torch.randn(2, 3, 16, 16)
+    calib = [torch.randn(4, 3, 16, 16) for _ in range(4)]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = model(x)
+        fn = opt.quantize_pt2e_int8(model, x, calib, silu_table=True)
+        out, code = run_and_get_code(fn, x)
+        assert "vitkit.lut_u8" in "\n".join(code) and "qconv" in "\n".join(code)
+        exact = opt.int8_dot_units()  # 8-bit activations: exact arithmetic only with VNNI/AMX (see the test above)
+        assert opt.rel_err(out, fn.__self__.model(x)) < 1e-2 or not exact
+        assert opt.rel_err(out, ref) < 0.05 or not exact
+    torch._dynamo.reset()
+
+
+def test_int8_auto_adds_the_silu_table_form_where_the_model_has_silus(monkeypatch):
+    """'auto' int8 builds the PT2E form with SiLU tables as a third candidate, timed like the others, for a model
+    with SiLUs (MobileViT) and not for one without (ViT); ``int8_backend="pt2e+kernels"`` asks for it alone. The
+    forms and timings are replaced (the real form: the tests above)."""
+    calls = []
+
+    def pt2e(model, example, calib, silu_table=False):
+        calls.append(silu_table)
+
+        def fn(inp):
+            return model(inp)
+
+        fn.backend = "pt2e+kernels" if silu_table else "pt2e"
+        return fn
+
+    monkeypatch.setattr(opt, "quantize_pt2e_int8", pt2e)
+    monkeypatch.setattr(
+        opt, "_time_ms", lambda fn, inp, repeats, ctx=None: {"pt2e+kernels": 4.0}.get(getattr(fn, "backend", ""), 9.0)
+    )
+    monkeypatch.setattr(opt, "_installed", lambda module: module == "torchao")
+    for name, tables in (("mobilevit_xxs", True), ("vit_tiny_patch16_224", False)):
+        model, x = _model_and_input(name)
+        calls.clear()
+        out = vitkit.optimize(model, x, route="int8", calibration=[x, x])
+        assert calls == ([False, True] if tables else [False]), (name, calls)
+        assert (
+            out.fn.backend == ("pt2e+kernels" if tables else "pt2e")
+            and ("pt2e+kernels" in out.report.timings) == tables
+        )
+    calls.clear()
+    out = vitkit.optimize(model, x, route="int8", calibration=[x, x], int8_backend="pt2e+kernels")
+    assert calls == [True] and "int8 backend: pt2e+kernels" in out.report.note

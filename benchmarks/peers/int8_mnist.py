@@ -11,8 +11,9 @@ folder holds a finished run. The int8 model is ``vitkit.optimize(model, route="i
 ONNX Runtime (static, QDQ, weights per channel), calibrated on ``--calib`` training digits through the eval
 transform. Both are evaluated with the same ``vitkit.train.evaluate`` on the 2,000 held-out digits; the target is
 int8 top-1 within 0.5 points of fp32. Where torchao is installed (the ``int8`` extra) the PT2E backend
-(``int8_backend="pt2e"``) is checked the same way, under "pt2e". Speed at batch 8 on these small models is
-recorded too (interleaved rounds).
+(``int8_backend="pt2e"``) is checked the same way, under "pt2e", and for a model with SiLUs (MobileViT) PT2E with
+the SiLU tables of ``vitkit.kernels.lut`` (``int8_backend="pt2e+kernels"``), under "pt2e+kernels".
+Speed at batch 8 on these small models is recorded too (interleaved rounds).
 """
 
 from __future__ import annotations
@@ -71,19 +72,24 @@ def main() -> int:
         x = calib[0][:8]
         compiled = compile_frozen(run.model, dynamic=False)
         routes = {"fp32 eager": run.model, "fp32 compiled": compiled, "int8 onnxruntime": int8}
-        pt2e = {}
-        if importlib.util.find_spec("torchao"):  # the other int8 backend (the int8 extra)
+        checks = {}  # PT2E backend -> the same checks (none without torchao)
+        backends = ["pt2e"] + (
+            ["pt2e+kernels"] if any(isinstance(m, torch.nn.SiLU) for m in run.model.modules()) else []
+        )
+        for backend in backends if importlib.util.find_spec("torchao") else []:  # the other int8 backend(s)
             t0 = time.perf_counter()
-            routes["int8 pt2e"] = q = optimize(run.model, x, route="int8", calibration=calib, int8_backend="pt2e")
-            pt2e["quantize_s"] = round(time.perf_counter() - t0, 1)
-            pt2e["int8_top1"] = evaluate(run.task, q, held_out, run.data_config, 250)["top1"]
-            pt2e.update(
-                drop_points=round(100 * (fp32 - pt2e["int8_top1"]), 2), int8_output_rel_err=q.report.max_rel_err
+            routes[f"int8 {backend}"] = q = optimize(
+                run.model, x, route="int8", calibration=calib, int8_backend=backend
             )
-            pt2e["within_0.5_points"] = pt2e["drop_points"] <= 0.5
+            c = checks[backend] = {"quantize_s": round(time.perf_counter() - t0, 1)}
+            c["int8_top1"] = evaluate(run.task, q, held_out, run.data_config, 250)["top1"]
+            c.update(drop_points=round(100 * (fp32 - c["int8_top1"]), 2), int8_output_rel_err=q.report.max_rel_err)
+            c["within_0.5_points"] = c["drop_points"] <= 0.5
         ms = {k: round(v, 3) for k, v in interleaved(routes, x, args.rounds).items()}
-        if pt2e:
-            pt2e["int8_speedup_vs_best_fp32"] = round(min(ms["fp32 eager"], ms["fp32 compiled"]) / ms["int8 pt2e"], 2)
+        for backend, c in checks.items():
+            c["int8_speedup_vs_best_fp32"] = round(
+                min(ms["fp32 eager"], ms["fp32 compiled"]) / ms[f"int8 {backend}"], 2
+            )
         out["recipes"][recipe] = {
             "model": run.cfg.model.name, "kwargs": run.cfg.model.kwargs, "img_size": run.cfg.model.img_size,
             "epochs": epochs, "fp32_top1": fp32, "int8_top1": q8, "drop_points": round(100 * (fp32 - q8), 2),
@@ -92,7 +98,7 @@ def main() -> int:
             "quantize_s": round(quant_s, 1),
             "batch8_ms": ms, "int8_speedup_vs_best_fp32": round(min(ms["fp32 eager"], ms["fp32 compiled"])
                                                                 / ms["int8 onnxruntime"], 2),
-            "pt2e": pt2e,  # the same checks for the PT2E backend (empty without torchao)
+            **checks,  # "pt2e" (and "pt2e+kernels", SiLU tables, for a model with SiLUs): the same checks
         }  # fmt: skip
         print(recipe, json.dumps(out["recipes"][recipe]), flush=True)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}

@@ -103,10 +103,12 @@ def build_routes(
         except Exception as e:  # noqa: BLE001
             notes[f"{label} onnx"] = f"{type(e).__name__}: {str(e)[:300]}"
     if int8 and importlib.util.find_spec("torchao"):  # vitkit's other int8 backend (PT2E; one program per batch size)
-        try:
-            routes["vitkit int8 (pt2e)"] = quantize_pt2e_int8(ours, first, calib)
-        except Exception as e:  # noqa: BLE001
-            notes["vitkit int8 (pt2e)"] = f"{type(e).__name__}: {str(e)[:300]}"
+        tables = any(isinstance(m, torch.nn.SiLU) for m in ours.modules())  # PT2E with SiLU tables (kernels.lut)
+        for label, kw in [("vitkit int8 (pt2e)", {})] + [("vitkit int8 (pt2e+kernels)", {"silu_table": True})] * tables:
+            try:
+                routes[label] = quantize_pt2e_int8(ours, first, calib, **kw)
+            except Exception as e:  # noqa: BLE001
+                notes[label] = f"{type(e).__name__}: {str(e)[:300]}"
     return routes
 
 
@@ -127,7 +129,8 @@ def measure(routes: dict, x: torch.Tensor, rounds: int, ref: torch.Tensor) -> di
 
 ROUTES = ["timm eager", "timm compile", f"timm compile{SYMBOLIC}", "timm onnxruntime", "vitkit eager", "vitkit compile",
           f"vitkit compile{SYMBOLIC}", "vitkit compile+kernels", "vitkit onnxruntime", "vitkit int8 (onnxruntime)",
-          "vitkit int8 (pt2e)"]  # fmt: skip
+          "vitkit int8 (pt2e)", "vitkit int8 (pt2e+kernels)"]  # fmt: skip
+INT8 = ["vitkit int8 (onnxruntime)", "vitkit int8 (pt2e)", "vitkit int8 (pt2e+kernels)"]
 OURS = ["vitkit eager", "vitkit compile", f"vitkit compile{SYMBOLIC}", "vitkit compile+kernels"]
 
 
@@ -142,8 +145,9 @@ def markdown_tables(results: dict) -> str:
     lines = []
     for t in results.values():
         lines += [f"### {t['cpu']}", "", f"| model | batch | {head} | vitkit best / timm best (eager or compiled) "
-                  f"| the same, timm compiled with a symbolic batch too | the same, ONNX Runtime included |",
-                  "|" + " --- |" * (len(ROUTES) + 5)]  # fmt: skip
+                  f"| the same, timm compiled with a symbolic batch too | the same, ONNX Runtime included "
+                  f"| vitkit's best fp32 (ONNX Runtime included) / its best int8 |",
+                  "|" + " --- |" * (len(ROUTES) + 6)]  # fmt: skip
         for name, m in t["models"].items():
             for b, row in m["batches"].items():
                 ms = {r: row.get(r, {}).get("ms") for r in ROUTES}
@@ -151,14 +155,15 @@ def markdown_tables(results: dict) -> str:
                 theirs = _best(ms, "timm eager", "timm compile")
                 theirs_sym = _best(ms, "timm eager", "timm compile", f"timm compile{SYMBOLIC}")
                 theirs_all = _best(ms, "timm eager", "timm compile", f"timm compile{SYMBOLIC}", "timm onnxruntime")
+                int8 = _best(ms, *INT8)
                 ratios = [f"{a / b:.2f}x" if a and b else "-" for a, b in
-                          ((theirs, ours), (theirs_sym, ours), (theirs_all, ours_all))]  # fmt: skip
+                          ((theirs, ours), (theirs_sym, ours), (theirs_all, ours_all), (ours_all, int8))]  # fmt: skip
                 cells = [str(ms[r]) if ms[r] else row.get(r, {}).get("refused", "-") for r in ROUTES]
                 lines.append(f"| {name} | {b} | " + " | ".join(cells + ratios) + " |")
             for k, v in m["notes"].items():
                 if isinstance(v, str):  # one table cell: no line breaks or terminal colour codes
                     text = re.sub(r"\x1b\[[0-9;]*m", "", v).replace("\n", " ").replace("|", "/")
-                    lines.append(f"| {name} | note | {k}: {text[:300]} |" + " |" * (len(ROUTES) + 2))
+                    lines.append(f"| {name} | note | {k}: {text[:300]} |" + " |" * (len(ROUTES) + 3))
         lines.append("")
     return "\n".join(lines)
 

@@ -62,7 +62,7 @@ from vitkit.machine import int8_dot_units
 from vitkit.runtime import autocast
 
 ROUTES = ("auto", "eager", "compile", "onnxruntime", "int8")
-INT8_BACKENDS = ("auto", "onnxruntime", "pt2e")
+INT8_BACKENDS = ("auto", "onnxruntime", "pt2e", "pt2e+kernels")
 INT8_ERROR_SLACK = 1.5  # 'auto' int8: the fastest form within this factor of the smallest held-out error
 DTYPES = ("fp32", "bf16")
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
@@ -211,7 +211,9 @@ def _onnx_runner(model: nn.Module, example: torch.Tensor, calib=None, check=None
         shutil.rmtree(folder, ignore_errors=True)  # the session holds the model in memory
 
 
-def quantize_pt2e_int8(model: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor]):
+def quantize_pt2e_int8(
+    model: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor], silu_table: bool = False
+):
     """Static int8 through PyTorch's PT2E flow, compiled: the model's ``torch.export`` program (dynamic batch),
     annotated by torchao's ``X86InductorQuantizer`` (its default: int8 weights per output channel, uint8 activations
     per tensor, on convolutions, linears and the ops around them; 7-bit activations where
@@ -221,7 +223,13 @@ def quantize_pt2e_int8(model: nn.Module, example: torch.Tensor, calibration: Ite
     ``int8`` extra), the maintained home of PT2E since ``torch.ao.quantization`` was deprecated. Returns a callable
     that compiles at the first call of each batch size. (An earlier attempt failed on ``onednn.qconv_prepack``
     with torch 2.13 and torchao 0.18; the prepack op is folded away only under freezing, which ``compile_frozen``
-    did not then switch on. With real freezing, MobileViT-XXS and ViT quantize and compile here.)"""
+    did not then switch on. With real freezing, MobileViT-XXS and ViT quantize and compile here.)
+
+    ``silu_table=True`` (:mod:`vitkit.kernels.lut`): each SiLU that the quantizer would fuse into the convolution
+    before it (oneDNN's ``swish`` post-op: an exponential per value, as dear as in fp32) is quantized apart instead,
+    the convolution writing uint8 codes, and the SiLU between codes becomes a 256-byte table looked up by
+    ``vitkit::lut_u8``: one more rounding (the pre-activation to 8 bits) for a pass over bytes. ``RuntimeError``
+    where the model has no such SiLU. Measured: MobileViT-XS ... (``benchmarks/peers``)."""
     require("torchao", "int8 through PT2E (torchao)", "int8")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
@@ -229,12 +237,17 @@ def quantize_pt2e_int8(model: nn.Module, example: torch.Tensor, calibration: Ite
     # 7-bit activations on x86 CPUs without VNNI/AMX (torchao's advice): oneDNN's u8 x s8 kernels there sum pairs of
     # products in saturating 16-bit lanes (vpmaddubsw), as ONNX Runtime's do (see vitkit.export.quantize_onnx_int8)
     config = xiq.get_default_x86_inductor_quantization_config(reduce_range=not int8_dot_units())
-    quantizer = xiq.X86InductorQuantizer().set_global(config)
-    prepared = prepare_pt2e(torch_program(model, tuple(example.shape[1:])).module(), quantizer)
+    quantizer = (_silu_apart_quantizer() if silu_table else xiq.X86InductorQuantizer)().set_global(config)
+    exported = torch_program(model, tuple(example.shape[1:])).module()
+    if silu_table:
+        _lut().drop_inference_dropouts(exported)
+    prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for x in calibration:
             prepared(x)
     converted = convert_pt2e(prepared)
+    if silu_table and not _lut().silu_tables(converted):
+        raise RuntimeError(f"int8 SiLU tables: {type(model).__name__} has no SiLU after a convolution to table")
     quantized = sum(str(n.target).startswith("quantized_decomposed.quantize") for n in converted.graph.nodes)
     if not quantized:  # seen with torchao 0.17 and torch 2.11: the quantizer matched nothing and the "int8" was fp32
         import torchao
@@ -250,6 +263,26 @@ def quantize_pt2e_int8(model: nn.Module, example: torch.Tensor, calibration: Ite
     return compile_frozen(converted, dynamic=False).forward
 
 
+def _lut():
+    from vitkit.kernels import lut  # (imported when used: its module registers a custom op)
+
+    return lut
+
+
+def _silu_apart_quantizer():
+    """torchao's ``X86InductorQuantizer`` with :func:`vitkit.kernels.lut.annotate_silu_apart` after its own
+    annotation (a class made at first use: torchao is an optional dependency)."""
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    class SiluApart(xiq.X86InductorQuantizer):
+        def annotate(self, gm):
+            gm = super().annotate(gm)
+            _lut().annotate_silu_apart(gm)
+            return gm
+
+    return SiluApart
+
+
 def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, repeats: int, report):
     """The int8 form(s) of ``backend`` ('auto': both where installed), each checked on the held-out batch (the last
     calibration batch; with a single batch, that batch itself); returns the chosen callable with ``report`` filled
@@ -261,6 +294,8 @@ def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, re
         if backend != "auto"
         else [b for b, m in (("onnxruntime", "onnxruntime"), ("pt2e", "torchao")) if _installed(m)]
     )
+    if backend == "auto" and "pt2e" in wanted and _has_silu(model):  # the SiLU tables (vitkit.kernels.lut)
+        wanted.append("pt2e+kernels")
     if not wanted:
         raise ValueError("optimize: route='int8' needs onnxruntime (the export extra) or torchao (the int8 extra)")
     with torch.no_grad():
@@ -272,8 +307,10 @@ def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, re
             if name == "onnxruntime":
                 fn, kept = _onnx_runner(model, example, calib, check)
                 notes.append(f"onnxruntime int8 ops: {kept['label']} (the most accurate)")
-            else:
+            elif name == "pt2e":
                 fn = quantize_pt2e_int8(model, example, calib)
+            else:
+                fn = quantize_pt2e_int8(model, example, calib, silu_table=True)
             with torch.no_grad():
                 fn(example)  # (PT2E compiles here)
                 err = max(rel_err(fn(x), ref) for x, ref in zip(check, refs))
@@ -332,7 +369,9 @@ def optimize(
         route: 'auto' (the fastest verified of eager, compiled and, in fp32 with the export extra, ONNX Runtime),
             'compile', 'onnxruntime', 'eager' or 'int8'.
         calibration: batches for int8 calibration (default: ``example`` alone, which is too little for accuracy).
-        int8_backend: for 'int8': 'onnxruntime', 'pt2e' or 'auto' (both where installed; see the module docstring).
+        int8_backend: for 'int8': 'onnxruntime', 'pt2e', 'pt2e+kernels' (PT2E with SiLU tables,
+            :func:`quantize_pt2e_int8`) or 'auto' (each where installed and, for the tables, where the model has
+            SiLUs; see the module docstring).
         rtol: the verification tolerance (default 1e-4 fp32, 5e-2 bf16).
         repeats: timed repeats per route for 'auto' (and for the report).
         symbolic_batch: compile with the batch size as a symbol (see :func:`compile_frozen`) or not; None: 'auto'
@@ -425,6 +464,10 @@ def optimize(
     report.route, report.optimized_ms, report.note = best.removesuffix(SYMBOLIC), ms[best], "; ".join(notes)
     report.symbolic_batch = best.endswith(SYMBOLIC)
     return Optimized(model, fn, report)
+
+
+def _has_silu(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.SiLU) for m in model.modules())
 
 
 def _installed(module: str) -> bool:

@@ -15,6 +15,10 @@ returns how many it swapped; :func:`unavailable_reason` says why a kernel cannot
 
 from __future__ import annotations
 
+import inspect
+import os
+import shutil
+
 import torch
 from torch import nn
 
@@ -27,6 +31,31 @@ def _autocast_cpu() -> bool:
         return torch.is_autocast_enabled("cpu")
     except TypeError:  # torch < 2.4: no device argument
         return torch.is_autocast_cpu_enabled()
+
+
+def unavailable_to_build() -> str | None:
+    """Why a C++ kernel of this package (:mod:`~vitkit.kernels.halo`, :mod:`~vitkit.kernels.lut`) cannot be built
+    here, or None: they need an x86 CPU with AVX2, a C++ compiler and ninja (``torch.utils.cpp_extension``)."""
+    from torch.utils import cpp_extension
+
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return f"needs an x86 CPU with AVX2 (this one: {torch.backends.cpu.get_cpu_capability()})"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"needs a C++ compiler ({compiler!r} not found; set CXX)"
+    if not cpp_extension.is_ninja_available():
+        return "needs ninja to build the C++ extension (pip install vitkit[kernels], or ninja)"
+    return None
+
+
+# The custom ops' layout tag: Inductor hands an op with ``flexible_layout`` its buffers as they are (channels-last
+# from oneDNN's convolutions), not copied to the strides an eager run would have had. (A torch without the tag on
+# custom ops gets the default constraint: correct, with Inductor's copies to NCHW.)
+_LAYOUT = (
+    {"tags": (torch.Tag.flexible_layout,)}
+    if hasattr(torch.Tag, "flexible_layout") and "tags" in inspect.signature(torch.library.custom_op).parameters
+    else {}
+)
 
 
 def unavailable_reason() -> str | None:

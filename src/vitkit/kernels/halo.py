@@ -39,14 +39,11 @@ was not kept.
 from __future__ import annotations
 
 import functools
-import inspect
-import os
-import shutil
 
 import torch
 from torch.utils import cpp_extension
 
-from vitkit.kernels import _autocast_cpu
+from vitkit.kernels import _LAYOUT, _autocast_cpu, unavailable_to_build
 from vitkit.layers.halo_attention import HaloAttention
 
 _SOURCE = r"""
@@ -345,16 +342,7 @@ torch::Tensor halo_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor he
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2", "-fopenmp"]
 
 
-def unavailable_reason() -> str | None:
-    """Why the kernel cannot be built here, or None."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return f"needs an x86 CPU with AVX2 (this one: {torch.backends.cpu.get_cpu_capability()})"
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        return f"needs a C++ compiler ({compiler!r} not found; set CXX)"
-    if not cpp_extension.is_ninja_available():
-        return "needs ninja to build the C++ extension (pip install vitkit[kernels], or ninja)"
-    return None
+unavailable_reason = unavailable_to_build  # (why the kernel cannot be built here, or None)
 
 
 def build(name: str = "vitkit_halo_attention", source: str = _SOURCE, functions: tuple[str, ...] = ("halo_attention",)):
@@ -372,16 +360,6 @@ def build(name: str = "vitkit_halo_attention", source: str = _SOURCE, functions:
 @functools.cache
 def _extension():
     return build()
-
-
-# flexible_layout: Inductor hands the op its buffers as they are (channels-last from oneDNN's convolutions), not copied
-# to the strides an eager run would have had; the op copies any other layout to channels-last itself. (A torch
-# without the tag on custom ops gets the default constraint: correct, with Inductor's copies to NCHW.)
-_LAYOUT = (
-    {"tags": (torch.Tag.flexible_layout,)}
-    if hasattr(torch.Tag, "flexible_layout") and "tags" in inspect.signature(torch.library.custom_op).parameters
-    else {}
-)
 
 
 @torch.library.custom_op("vitkit::halo_attention", mutates_args=(), **_LAYOUT)
