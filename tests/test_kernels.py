@@ -453,6 +453,14 @@ def test_the_table_kernel_is_a_lookup_on_every_path_and_layout():
         assert torch.equal(y, table[inp.long()]) and y.is_contiguous(memory_format=torch.channels_last)
     y = lut.lut_u8(x[0].transpose(0, 2), table)  # 3-D, not contiguous: a contiguous result
     assert torch.equal(y, table[x[0].transpose(0, 2).long()]) and y.is_contiguous()
+    for inp in (x[:0], torch.tensor(7, dtype=torch.uint8)):  # empty, 0-dim
+        assert torch.equal(lut.lut_u8(inp, table), table[inp.long()])
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for inp in (x, x.contiguous(memory_format=torch.channels_last), x[0].transpose(0, 2), x[:, :1, :1, :1], x[0, 0]):
+        with FakeTensorMode() as mode:  # what Inductor plans around: the fake op's strides are the real op's
+            fake = torch.ops.vitkit.lut_u8.default(mode.from_tensor(inp), mode.from_tensor(table))
+        assert fake.stride() == lut.lut_u8(inp, table).stride(), inp.shape
     compiled = torch.compile(lambda t: torch.ops.vitkit.lut_u8.default(t, table), fullgraph=True)
     assert torch.equal(compiled(x), table[x.long()])
     if not _vbmi():

@@ -548,12 +548,16 @@ def _needs_tables():
         pytest.skip(f"vitkit.kernels cannot be built here: {unavailable_reason()}")
 
 
-def test_silu_tables_replace_the_silus_that_quantized_ops_read():
+@pytest.mark.parametrize("vnni", [True, False])
+def test_silu_tables_replace_the_silus_that_quantized_ops_read(monkeypatch, vnni):
     """``silu_table=True``: the two SiLUs read by quantized convolutions become ``vitkit::lut_u8`` lookups on the
     convolutions' uint8 codes; the third, read in fp32 by the mean, stays (fused into its convolution). The
-    converted program (run eagerly: no compile here) is the fp32 model to a few 8-bit steps, two roundings per
-    tabled SiLU now (bound 5%; ~1% seen). A model with no SiLU after a convolution is refused by name."""
+    converted program (run eagerly: no compile here) is the fp32 model to a few activation steps, two roundings per
+    tabled SiLU now (bound 5%; ~1% seen), with 8-bit activations and with the 7-bit ones of CPUs without
+    VNNI/AMX (codes 0-127, whose tables are made the same way). A model with no SiLU after a convolution is
+    refused by name."""
     _needs_tables()
+    monkeypatch.setattr(opt, "int8_dot_units", lambda: vnni)
     model, x = _silu_net(), torch.randn(2, 3, 16, 16)
     calib = [torch.randn(4, 3, 16, 16) for _ in range(4)]
     with torch.no_grad():
@@ -561,6 +565,8 @@ def test_silu_tables_replace_the_silus_that_quantized_ops_read():
         quantized = opt.quantize_pt2e_int8(model, x, calib, silu_table=True).__self__.model  # (compiles at a call)
         targets = [str(n.target) for n in quantized.graph.nodes]
         assert targets.count("vitkit.lut_u8.default") == 2 and targets.count("aten.silu.default") == 1, targets
+        qmax = {int(n.args[4]) for n in quantized.graph.nodes if "quantize_per_tensor" in str(n.target)}
+        assert qmax == {255 if vnni else 127}, qmax
         assert opt.rel_err(quantized(x), ref) < 0.05
     plain = _Net(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU())).eval()
     with pytest.raises(RuntimeError, match="_Net has no SiLU after a convolution to table"):

@@ -72,7 +72,7 @@ def main() -> int:
         x = calib[0][:8]
         compiled = compile_frozen(run.model, dynamic=False)
         routes = {"fp32 eager": run.model, "fp32 compiled": compiled, "int8 onnxruntime": int8}
-        checks = {}  # PT2E backend -> the same checks (none without torchao)
+        checks = {"pt2e": {}}  # PT2E backend -> the same checks (empty without torchao)
         backends = ["pt2e"] + (
             ["pt2e+kernels"] if any(isinstance(m, torch.nn.SiLU) for m in run.model.modules()) else []
         )

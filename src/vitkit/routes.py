@@ -8,11 +8,13 @@ The layers in :mod:`vitkit.layers` are plain reference code; speed at inference 
   in ``$XDG_CACHE_HOME/vitkit/inductor`` (``~/.cache`` by default; ``TORCHINDUCTOR_CACHE_DIR`` overrides), so a
   second process compiling the same model at the same shapes reuses the first one's kernels.
 * ``"int8"``: post-training static quantization, calibrated on the batches given (all but the last, which is
-  held out to compare candidates), by either of two backends (``int8_backend``): ``"onnxruntime"``, the ONNX
+  held out to compare candidates), by one of the backends (``int8_backend``): ``"onnxruntime"``, the ONNX
   export quantized by ONNX Runtime's quantizer (the op set chosen among ``vitkit.export.INT8_OP_SETS``) and run by
   ONNX Runtime, or ``"pt2e"``, PyTorch's PT2E flow (:func:`quantize_pt2e_int8`: torchao's x86 Inductor quantizer,
-  then the frozen compile, whose int8 convolutions and linears run in oneDNN). ``"auto"`` builds both where they
-  are installed and keeps the fastest whose error on the held-out batch is at most 1.5 times the smallest. The
+  then the frozen compile, whose int8 convolutions and linears run in oneDNN), and for a model with SiLUs
+  ``"pt2e+kernels"``, the same with each SiLU between quantized ops a table on uint8 codes
+  (:mod:`vitkit.kernels.lut`). ``"auto"`` builds each where it is installed (and applies) and keeps the fastest
+  whose error on the held-out batch is at most 1.5 times the smallest. The
   error is reported; accuracy is what matters for int8 and is checked on real data (``benchmarks/peers``), not by
   a tolerance here.
 * ``"onnxruntime"``: the fp32 ONNX export (dynamic batch) run by ONNX Runtime's CPU provider, checked against
@@ -231,6 +233,8 @@ def quantize_pt2e_int8(
     ``vitkit::lut_u8``: one more rounding (the pre-activation to 8 bits) for a pass over bytes. ``RuntimeError``
     where the model has no such SiLU. Measured: MobileViT-XS ... (``benchmarks/peers``)."""
     require("torchao", "int8 through PT2E (torchao)", "int8")
+    if silu_table and _lut().unavailable_reason():
+        raise RuntimeError(f"int8 SiLU tables: vitkit.kernels.lut {_lut().unavailable_reason()}")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
@@ -294,7 +298,7 @@ def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, re
         if backend != "auto"
         else [b for b, m in (("onnxruntime", "onnxruntime"), ("pt2e", "torchao")) if _installed(m)]
     )
-    if backend == "auto" and "pt2e" in wanted and _has_silu(model):  # the SiLU tables (vitkit.kernels.lut)
+    if backend == "auto" and "pt2e" in wanted and _has_silu(model) and not _lut().unavailable_reason():  # (tables)
         wanted.append("pt2e+kernels")
     if not wanted:
         raise ValueError("optimize: route='int8' needs onnxruntime (the export extra) or torchao (the int8 extra)")

@@ -67,7 +67,7 @@ torch::Tensor lut_u8(torch::Tensor x, torch::Tensor table, int64_t path) {
   TORCH_CHECK(table.numel() == 256 && table.is_contiguous(), "lut_u8: a contiguous table of 256 entries");
   const bool cl = x.dim() == 4;
   x = cl ? x.contiguous(at::MemoryFormat::ChannelsLast) : x.contiguous();
-  auto y = cl ? at::empty_like(x, at::MemoryFormat::ChannelsLast) : at::empty_like(x);
+  auto y = at::empty(x.sizes(), x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
   const uint8_t* xs = x.data_ptr<uint8_t>();
   uint8_t* ys = y.data_ptr<uint8_t>();
   const uint8_t* t = table.data_ptr<uint8_t>();
@@ -110,9 +110,10 @@ def _extension():
         "vitkit_lut_u8", cpp_sources=[_SOURCE], functions=["lut_u8"], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"]
     )
 
-    @torch.library.register_fake("vitkit::lut_u8")
+    @torch.library.register_fake("vitkit::lut_u8", allow_override=True)  # (a second load replaces it)
     def _(x, table):
-        return torch.empty_like(x, memory_format=torch.channels_last if x.dim() == 4 else torch.contiguous_format)
+        fmt = torch.channels_last if x.dim() == 4 else torch.contiguous_format
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
     return ext
 
@@ -125,13 +126,17 @@ def lut_u8(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return torch.ops.vitkit.lut_u8.default(x, table)
 
 
-def activation_table(fn, scale_in: float, zero_in: int, scale_out: float, zero_out: int) -> torch.Tensor:
+def activation_table(
+    fn, scale_in: float, zero_in: int, scale_out: float, zero_out: int, qmin: int = 0, qmax: int = 255
+) -> torch.Tensor:
     """The 256 codes ``quantize(fn(dequantize(code)))`` of PT2E's per-tensor uint8 arithmetic (the
-    ``quantized_decomposed`` ops themselves, so a lookup gives the same bytes as the three ops would in eager)."""
+    ``quantized_decomposed`` ops themselves, so a lookup gives the same bytes as the three ops would in eager);
+    ``qmin``/``qmax``: the output's code range (0-127 for the 7-bit activations of CPUs without VNNI/AMX; codes
+    above it never come in, and their entries are computed all the same)."""
     q = torch.ops.quantized_decomposed
     codes = torch.arange(256, dtype=torch.uint8)
     x = q.dequantize_per_tensor.default(codes, scale_in, zero_in, 0, 255, torch.uint8)
-    return q.quantize_per_tensor.default(fn(x), scale_out, zero_out, 0, 255, torch.uint8)
+    return q.quantize_per_tensor.default(fn(x), scale_out, zero_out, qmin, qmax, torch.uint8)
 
 
 _SILU = (torch.ops.aten.silu.default, torch.ops.aten.silu_.default)
@@ -171,7 +176,9 @@ def annotate_silu_apart(gm: torch.fx.GraphModule) -> int:
         read_quantized = all(_KEY in u.meta and node in u.meta[_KEY].input_qspec_map for u in node.users)
         if not node.users or not read_quantized:
             continue
-        spec = src.meta[_KEY].input_qspec_map[src.args[0]]  # the activation's spec, as the quantizer chose it
+        spec = src.meta[_KEY].input_qspec_map.get(src.args[0])  # the activation's spec, as the quantizer chose it
+        if spec is None:  # (a producer left in fp32)
+            continue
         node.meta[_KEY] = QuantizationAnnotation(input_qspec_map={src: spec}, _annotated=True)
         moved += 1
     return moved
@@ -188,15 +195,18 @@ def silu_tables(gm: torch.fx.GraphModule) -> int:
         dq, (quant,) = node.args[0], node.users
         if dq.target != q.dequantize_per_tensor.default or quant.target != q.quantize_per_tensor.default:
             continue
-        if len(dq.users) != 1 or dq.args[3:] != (0, 255, torch.uint8) or quant.args[3:] != (0, 255, torch.uint8):
+        if len(dq.users) != 1 or dq.args[5] != torch.uint8 or quant.args[5] != torch.uint8:
             continue
         name = f"_vitkit_silu_table_{done}"
-        gm.register_buffer(name, activation_table(torch.nn.functional.silu, *dq.args[1:3], *quant.args[1:3]))
-        _extension()  # (registers the op)
+        table = activation_table(torch.nn.functional.silu, *dq.args[1:3], *quant.args[1:5])
+        gm.register_buffer(name, table)
+        # (registers the op: a program that calls it, Inductor's on-disk cache included, is only ever built and
+        # run after this pass has loaded the kernel in the same process)
+        _extension()
         with gm.graph.inserting_before(quant):
             table = gm.graph.get_attr(name)
             lut = gm.graph.call_function(torch.ops.vitkit.lut_u8.default, (dq.args[0], table))
-        lut.meta.update(quant.meta)
+        lut.meta.update({k: v for k, v in quant.meta.items() if k not in ("val", "tensor_meta")})  # (not NCHW's)
         quant.replace_all_uses_with(lut)
         for dead in (quant, node, dq):
             gm.graph.erase_node(dead)
