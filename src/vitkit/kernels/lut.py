@@ -7,15 +7,16 @@ bytes (one per high nibble), chosen when the op runs by what the CPU has; any me
 for 4-D tensors (the layout oneDNN's int8 convolutions read and write under ``torch.compile``, so Inductor copies
 nothing around it) and contiguous otherwise.
 
-Why it exists: SiLU, which MobileViT (and HaloNet-50ts, SE-HaloNet-33ts) apply after almost every convolution,
-costs as much in an int8 model as in an fp32 one where it is evaluated (an exponential per value: oneDNN's
-``swish`` post-op on the int8 convolution's fp32 result, or Inductor's fused dequantize-SiLU-quantize). As a table
-on the convolution's uint8 output it is a pass over bytes (:func:`vitkit.routes.quantize_pt2e_int8` with ``silu_table=True``). Measured on
-the AVX-512 AMD EPYC (Zen 4), 1 thread: the lookup runs at a copy's speed (16.8 M bytes in 1.6 ms with VBMI, 5.7 ms
-on the AVX2 path), and MobileViT-XS's int8 forward takes 24.9 / 122.9 ms at batch 1 / 8 with the tables against
-30.0 / 157.3 ms without (``benchmarks/peers/README.md``). It is built from source at first use, like
-:mod:`vitkit.kernels.halo`; loading it registers the op ``vitkit::lut_u8`` in C++ (a call from a compiled program
-does not pass through Python), with a fake implementation, so ``torch.compile`` keeps one graph around it.
+Why it exists: SiLU, which MobileViT (and HaloNet-50ts, SE-HaloNet-33ts) apply after almost every convolution, costs
+as much in an int8 model as in an fp32 one where it is evaluated (an exponential per value: oneDNN's ``swish``
+post-op on the int8 convolution's fp32 result, or Inductor's fused dequantize-SiLU-quantize). As a table on the
+convolution's uint8 output it is a pass over bytes (:func:`vitkit.routes.quantize_pt2e_int8` with
+``silu_table=True``). Measured on the AVX-512 AMD EPYC (Zen 4), 1 thread: the lookup runs at a copy's speed (16.8 M
+bytes in 1.6 ms with VBMI, 5.7 ms on the AVX2 path), and MobileViT-XS's int8 forward takes 24.9 / 122.9 ms at batch
+1 / 8 with the tables against 30.0 / 157.3 ms without (``benchmarks/peers/README.md``). It is built from source at
+first use, like :mod:`vitkit.kernels.halo`; loading it registers the op ``vitkit::lut_u8`` in C++ (a call from a
+compiled program does not pass through Python), with a fake implementation, so ``torch.compile`` keeps one graph
+around it.
 """
 
 from __future__ import annotations
