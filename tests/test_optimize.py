@@ -403,7 +403,10 @@ def test_int8_auto_keeps_the_fastest_form_near_the_most_accurate(monkeypatch):
         return fn
 
     monkeypatch.setattr(opt, "_onnx_runner", lambda m, ex, c, chk: (form("onnxruntime"), {"label": "MatMul+Gemm"}))
-    monkeypatch.setattr(opt, "quantize_pt2e_int8", lambda m, ex, c: form("pt2e") if len(c) == 2 else None)
+    # (the table form, asked for with tables=True where the model has GELU, is None here: noted as not built)
+    monkeypatch.setattr(
+        opt, "quantize_pt2e_int8", lambda m, ex, c, **kw: form("pt2e") if len(c) == 2 and not kw else None
+    )
     monkeypatch.setattr(opt, "_time_ms", lambda fn, inp, repeats, ctx=None: times.get(getattr(fn, "backend", ""), 30.0))
     monkeypatch.setattr(opt, "_installed", lambda module: True)  # both backends "installed"
     out = vitkit.optimize(model, x, route="int8", calibration=calib)
@@ -519,7 +522,8 @@ def test_compile_frozen_really_freezes_and_never_shares_a_program(tmp_path, monk
 
 
 def _silu_net() -> torch.nn.Module:
-    """Two convolutions with SiLU read by quantized convolutions, and one whose SiLU goes into a mean (fp32)."""
+    """Two convolutions with SiLU read by quantized convolutions, one whose SiLU goes into a mean (fp32), then an
+    MLP: linear, GELU, dropout (the identity in eval mode), linear."""
 
     def cba(cin, cout, k, groups=1):
         return [
@@ -532,7 +536,8 @@ def _silu_net() -> torch.nn.Module:
         def forward(self, x):
             return x.mean((2, 3))
 
-    body = torch.nn.Sequential(*cba(3, 8, 3), *cba(8, 8, 3, groups=8), *cba(8, 16, 1), Mean())
+    mlp = [torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, 5)]
+    body = torch.nn.Sequential(*cba(3, 8, 3), *cba(8, 8, 3, groups=8), *cba(8, 16, 1), Mean(), *mlp)
     torch.manual_seed(0)
     for m in body.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -549,33 +554,34 @@ def _needs_tables():
 
 
 @pytest.mark.parametrize("vnni", [True, False])
-def test_silu_tables_replace_the_silus_that_quantized_ops_read(monkeypatch, vnni):
-    """``silu_table=True``: the two SiLUs read by quantized convolutions become ``vitkit::lut_u8`` lookups on the
-    convolutions' uint8 codes; the third, read in fp32 by the mean, stays (fused into its convolution). The
-    converted program (run eagerly: no compile here) is the fp32 model to a few activation steps, two roundings per
-    tabled SiLU now (bound 5%; ~1% seen), with 8-bit activations and with the 7-bit ones of CPUs without
-    VNNI/AMX (codes 0-127, whose tables are made the same way). A model with no SiLU after a convolution is
-    refused by name."""
+def test_activation_tables_replace_the_activations_that_quantized_ops_read(monkeypatch, vnni):
+    """``tables=True``: the two SiLUs read by quantized convolutions and the MLP's GELU (across its eval-mode
+    dropout, removed) become ``vitkit::lut_u8`` lookups on their producers' uint8 codes; the third SiLU, read in fp32
+    by the mean, stays (fused into its convolution). The converted program (run eagerly: no compile here) is the
+    fp32 model to a few activation steps, two roundings per tabled activation now (bound 5%; ~1% seen), with 8-bit
+    activations and with the 7-bit ones of CPUs without VNNI/AMX (codes 0-127, whose tables are made the same way).
+    A model with no such activation is refused by name."""
     _needs_tables()
     monkeypatch.setattr(opt, "int8_dot_units", lambda: vnni)
     model, x = _silu_net(), torch.randn(2, 3, 16, 16)
     calib = [torch.randn(4, 3, 16, 16) for _ in range(4)]
     with torch.no_grad():
         ref = model(x)
-        quantized = opt.quantize_pt2e_int8(model, x, calib, silu_table=True).__self__.model  # (compiles at a call)
+        quantized = opt.quantize_pt2e_int8(model, x, calib, tables=True).__self__.model  # (compiles at a call)
         targets = [str(n.target) for n in quantized.graph.nodes]
-        assert targets.count("vitkit.lut_u8.default") == 2 and targets.count("aten.silu.default") == 1, targets
+        assert targets.count("vitkit.lut_u8.default") == 3 and targets.count("aten.silu.default") == 1, targets
+        assert "aten.gelu.default" not in targets and "aten.dropout.default" not in targets, targets
         qmax = {int(n.args[4]) for n in quantized.graph.nodes if "quantize_per_tensor" in str(n.target)}
         assert qmax == {255 if vnni else 127}, qmax
         assert opt.rel_err(quantized(x), ref) < 0.05
     plain = _Net(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU())).eval()
-    with pytest.raises(RuntimeError, match="_Net has no SiLU after a convolution to table"):
-        opt.quantize_pt2e_int8(plain, x, calib, silu_table=True)
+    with pytest.raises(RuntimeError, match="_Net has no SiLU or GELU after a convolution or linear to table"):
+        opt.quantize_pt2e_int8(plain, x, calib, tables=True)
 
 
 @pytest.mark.slow
-def test_silu_tables_compile_into_the_int8_program(tmp_path, monkeypatch):
-    """The compiled program with SiLU tables calls ``vitkit::lut_u8`` between oneDNN's int8 convolutions and
+def test_activation_tables_compile_into_the_int8_program(tmp_path, monkeypatch):
+    """The compiled program with activation tables calls ``vitkit::lut_u8`` between oneDNN's int8 convolutions and
     computes the converted model (the tables are exact, ``test_kernels``; the convolutions accumulate in int32; what
     differs is float rounding at the requantization, as in the plain PT2E test above: bound 1e-2) and the fp32 one
     to a few 8-bit steps (bound 5%)."""
@@ -588,7 +594,7 @@ def test_silu_tables_compile_into_the_int8_program(tmp_path, monkeypatch):
     torch._dynamo.reset()
     with torch.no_grad():
         ref = model(x)
-        fn = opt.quantize_pt2e_int8(model, x, calib, silu_table=True)
+        fn = opt.quantize_pt2e_int8(model, x, calib, tables=True)
         out, code = run_and_get_code(fn, x)
         assert "vitkit.lut_u8" in "\n".join(code) and "qconv" in "\n".join(code)
         exact = opt.int8_dot_units()  # 8-bit activations: exact arithmetic only with VNNI/AMX (see the test above)
@@ -597,35 +603,33 @@ def test_silu_tables_compile_into_the_int8_program(tmp_path, monkeypatch):
     torch._dynamo.reset()
 
 
-def test_int8_auto_adds_the_silu_table_form_where_the_model_has_silus(monkeypatch):
-    """'auto' int8 builds the PT2E form with SiLU tables as a third candidate, timed like the others, for a model
-    with SiLUs (MobileViT) and not for one without (ViT); ``int8_backend="pt2e+kernels"`` asks for it alone. The
-    forms and timings are replaced (the real form: the tests above)."""
+def test_int8_auto_adds_the_table_form_where_the_model_has_silu_or_gelu(monkeypatch):
+    """'auto' int8 builds the PT2E form with activation tables as a third candidate, timed like the others, for a
+    model with SiLU (MobileViT) or GELU (ViT) and not for one with neither (HaloNet-26T: ReLU);
+    ``int8_backend="pt2e+kernels"`` asks for it alone. The forms and timings are replaced (the real form: the tests
+    above)."""
     calls = []
 
-    def pt2e(model, example, calib, silu_table=False):
-        calls.append(silu_table)
+    def pt2e(model, example, calib, tables=False):
+        calls.append(tables)
 
         def fn(inp):
             return model(inp)
 
-        fn.backend = "pt2e+kernels" if silu_table else "pt2e"
+        fn.backend = "pt2e+kernels" if tables else "pt2e"
         return fn
 
     monkeypatch.setattr(opt, "quantize_pt2e_int8", pt2e)
-    monkeypatch.setattr(
-        opt, "_time_ms", lambda fn, inp, repeats, ctx=None: {"pt2e+kernels": 4.0}.get(getattr(fn, "backend", ""), 9.0)
-    )
+    fast = {"pt2e+kernels": 4.0}
+    monkeypatch.setattr(opt, "_time_ms", lambda fn, inp, repeats, ctx=None: fast.get(getattr(fn, "backend", ""), 9.0))
     monkeypatch.setattr(opt, "_installed", lambda module: module == "torchao")
-    for name, tables in (("mobilevit_xxs", True), ("vit_tiny_patch16_224", False)):
+    for name, tables in (("mobilevit_xxs", True), ("vit_tiny_patch16_224", True), ("halonet26t", False)):
         model, x = _model_and_input(name)
         calls.clear()
         out = vitkit.optimize(model, x, route="int8", calibration=[x, x])
         assert calls == ([False, True] if tables else [False]), (name, calls)
-        assert (
-            out.fn.backend == ("pt2e+kernels" if tables else "pt2e")
-            and ("pt2e+kernels" in out.report.timings) == tables
-        )
+        assert out.fn.backend == ("pt2e+kernels" if tables else "pt2e")
+        assert ("pt2e+kernels" in out.report.timings) == tables
     calls.clear()
     out = vitkit.optimize(model, x, route="int8", calibration=[x, x], int8_backend="pt2e+kernels")
     assert calls == [True] and "int8 backend: pt2e+kernels" in out.report.note

@@ -11,8 +11,8 @@ folder holds a finished run. The int8 model is ``vitkit.optimize(model, route="i
 ONNX Runtime (static, QDQ, weights per channel), calibrated on ``--calib`` training digits through the eval
 transform. Both are evaluated with the same ``vitkit.train.evaluate`` on the 2,000 held-out digits; the target is
 int8 top-1 within 0.5 points of fp32. Where torchao is installed (the ``int8`` extra) the PT2E backend
-(``int8_backend="pt2e"``) is checked the same way, under "pt2e", and for a model with SiLUs (MobileViT) PT2E with
-the SiLU tables of ``vitkit.kernels.lut`` (``int8_backend="pt2e+kernels"``), under "pt2e+kernels".
+(``int8_backend="pt2e"``) is checked the same way, under "pt2e", and PT2E with the SiLU/GELU tables of
+``vitkit.kernels.lut`` (``int8_backend="pt2e+kernels"``), under "pt2e+kernels".
 Speed at batch 8 on these small models is recorded too (interleaved rounds).
 """
 
@@ -74,7 +74,7 @@ def main() -> int:
         routes = {"fp32 eager": run.model, "fp32 compiled": compiled, "int8 onnxruntime": int8}
         checks = {"pt2e": {}}  # PT2E backend -> the same checks (empty without torchao)
         backends = ["pt2e"] + (
-            ["pt2e+kernels"] if any(isinstance(m, torch.nn.SiLU) for m in run.model.modules()) else []
+            ["pt2e+kernels"] if any(isinstance(m, (torch.nn.SiLU, torch.nn.GELU)) for m in run.model.modules()) else []
         )
         for backend in backends if importlib.util.find_spec("torchao") else []:  # the other int8 backend(s)
             t0 = time.perf_counter()
@@ -98,7 +98,7 @@ def main() -> int:
             "quantize_s": round(quant_s, 1),
             "batch8_ms": ms, "int8_speedup_vs_best_fp32": round(min(ms["fp32 eager"], ms["fp32 compiled"])
                                                                 / ms["int8 onnxruntime"], 2),
-            **checks,  # "pt2e" (and "pt2e+kernels", SiLU tables, for a model with SiLUs): the same checks
+            **checks,  # "pt2e" and "pt2e+kernels" (activation tables): the same checks
         }  # fmt: skip
         print(recipe, json.dumps(out["recipes"][recipe]), flush=True)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}

@@ -103,8 +103,8 @@ def build_routes(
         except Exception as e:  # noqa: BLE001
             notes[f"{label} onnx"] = f"{type(e).__name__}: {str(e)[:300]}"
     if int8 and importlib.util.find_spec("torchao"):  # vitkit's other int8 backend (PT2E; one program per batch size)
-        tables = any(isinstance(m, torch.nn.SiLU) for m in ours.modules())  # PT2E with SiLU tables (kernels.lut)
-        for label, kw in [("vitkit int8 (pt2e)", {})] + [("vitkit int8 (pt2e+kernels)", {"silu_table": True})] * tables:
+        tables = any(isinstance(m, (torch.nn.SiLU, torch.nn.GELU)) for m in ours.modules())  # (kernels.lut)
+        for label, kw in [("vitkit int8 (pt2e)", {})] + [("vitkit int8 (pt2e+kernels)", {"tables": True})] * tables:
             try:
                 routes[label] = quantize_pt2e_int8(ours, first, calib, **kw)
             except Exception as e:  # noqa: BLE001

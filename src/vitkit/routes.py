@@ -11,8 +11,8 @@ The layers in :mod:`vitkit.layers` are plain reference code; speed at inference 
   held out to compare candidates), by one of the backends (``int8_backend``): ``"onnxruntime"``, the ONNX
   export quantized by ONNX Runtime's quantizer (the op set chosen among ``vitkit.export.INT8_OP_SETS``) and run by
   ONNX Runtime, or ``"pt2e"``, PyTorch's PT2E flow (:func:`quantize_pt2e_int8`: torchao's x86 Inductor quantizer,
-  then the frozen compile, whose int8 convolutions and linears run in oneDNN), and for a model with SiLUs
-  ``"pt2e+kernels"``, the same with each SiLU between quantized ops a table on uint8 codes
+  then the frozen compile, whose int8 convolutions and linears run in oneDNN), and for a model with SiLU or GELU
+  ``"pt2e+kernels"``, the same with each such activation between quantized ops a table on uint8 codes
   (:mod:`vitkit.kernels.lut`). ``"auto"`` builds each where it is installed (and applies) and keeps the fastest
   whose error on the held-out batch is at most 1.5 times the smallest. The
   error is reported; accuracy is what matters for int8 and is checked on real data (``benchmarks/peers``), not by
@@ -214,7 +214,7 @@ def _onnx_runner(model: nn.Module, example: torch.Tensor, calib=None, check=None
 
 
 def quantize_pt2e_int8(
-    model: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor], silu_table: bool = False
+    model: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor], tables: bool = False
 ):
     """Static int8 through PyTorch's PT2E flow, compiled: the model's ``torch.export`` program (dynamic batch),
     annotated by torchao's ``X86InductorQuantizer`` (its default: int8 weights per output channel, uint8 activations
@@ -227,34 +227,36 @@ def quantize_pt2e_int8(
     with torch 2.13 and torchao 0.18; the prepack op is folded away only under freezing, which ``compile_frozen``
     did not then switch on. With real freezing, MobileViT-XXS and ViT quantize and compile here.)
 
-    ``silu_table=True`` (:mod:`vitkit.kernels.lut`): each SiLU that the quantizer would fuse into the convolution
-    before it (oneDNN's ``swish`` post-op: an exponential per value, as dear as in fp32) is quantized apart instead,
-    the convolution writing uint8 codes, and the SiLU between codes becomes a 256-byte table looked up by
-    ``vitkit::lut_u8``: one more rounding (the pre-activation to 8 bits) for a pass over bytes. ``RuntimeError``
-    where the model has no such SiLU or the kernel cannot be built. Measured on the AVX-512 AMD EPYC (Zen 4), 1
-    thread: MobileViT-XS 1.21x (batch 1) and 1.28x (batch 8) faster than the plain PT2E form, 1.36x / 2.02x
-    vitkit's fastest fp32 route (ONNX Runtime); MNIST MobileViT-XXS as accurate as the plain form
-    (``benchmarks/peers/README.md``)."""
+    ``tables=True`` (:mod:`vitkit.kernels.lut`): each SiLU or GELU that the quantizer would fuse into the
+    convolution or linear before it (oneDNN's ``swish``/``gelu_erf`` post-ops: a transcendental per value, as dear
+    as in fp32) or leave to Inductor in fp32 is quantized apart instead, the producer writing uint8 codes, and the
+    activation between codes becomes a 256-byte table looked up by ``vitkit::lut_u8``: one more rounding (the
+    pre-activation to 8 bits) for a pass over bytes. ``RuntimeError`` where the model has no such activation or
+    the kernel cannot be built. Measured on the AVX-512 AMD EPYC (Zen 4), 1 thread: MobileViT-XS (SiLU) 1.21x
+    (batch 1) and 1.28x (batch 8) faster than the plain PT2E form, 1.36x / 2.02x vitkit's fastest fp32 route (ONNX
+    Runtime); ViT-S (GELU) 1.04x faster, 2.56x / 2.54x its fastest fp32 route; the MNIST recipes' MobileViT-XXS
+    and ViT as accurate as with the plain form (``benchmarks/peers/README.md``)."""
     require("torchao", "int8 through PT2E (torchao)", "int8")
-    if silu_table and _lut().unavailable_reason():
-        raise RuntimeError(f"int8 SiLU tables: vitkit.kernels.lut {_lut().unavailable_reason()}")
+    if tables and _lut().unavailable_reason():
+        raise RuntimeError(f"int8 activation tables: vitkit.kernels.lut {_lut().unavailable_reason()}")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
     # 7-bit activations on x86 CPUs without VNNI/AMX (torchao's advice): oneDNN's u8 x s8 kernels there sum pairs of
     # products in saturating 16-bit lanes (vpmaddubsw), as ONNX Runtime's do (see vitkit.export.quantize_onnx_int8)
     config = xiq.get_default_x86_inductor_quantization_config(reduce_range=not int8_dot_units())
-    quantizer = (_silu_apart_quantizer() if silu_table else xiq.X86InductorQuantizer)().set_global(config)
+    quantizer = (_apart_quantizer() if tables else xiq.X86InductorQuantizer)().set_global(config)
     exported = torch_program(model, tuple(example.shape[1:])).module()
-    if silu_table:
+    if tables:
         _lut().drop_inference_dropouts(exported)
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for x in calibration:
             prepared(x)
     converted = convert_pt2e(prepared)
-    if silu_table and not _lut().silu_tables(converted):
-        raise RuntimeError(f"int8 SiLU tables: {type(model).__name__} has no SiLU after a convolution to table")
+    if tables and not _lut().tabulate_activations(converted):
+        name = type(model).__name__
+        raise RuntimeError(f"int8 activation tables: {name} has no SiLU or GELU after a convolution or linear to table")
     quantized = sum(str(n.target).startswith("quantized_decomposed.quantize") for n in converted.graph.nodes)
     if not quantized:  # seen with torchao 0.17 and torch 2.11: the quantizer matched nothing and the "int8" was fp32
         import torchao
@@ -276,18 +278,18 @@ def _lut():
     return lut
 
 
-def _silu_apart_quantizer():
-    """torchao's ``X86InductorQuantizer`` with :func:`vitkit.kernels.lut.annotate_silu_apart` after its own
+def _apart_quantizer():
+    """torchao's ``X86InductorQuantizer`` with :func:`vitkit.kernels.lut.annotate_activations_apart` after its own
     annotation (a class made at first use: torchao is an optional dependency)."""
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
-    class SiluApart(xiq.X86InductorQuantizer):
+    class ActivationsApart(xiq.X86InductorQuantizer):
         def annotate(self, gm):
             gm = super().annotate(gm)
-            _lut().annotate_silu_apart(gm)
+            _lut().annotate_activations_apart(gm)
             return gm
 
-    return SiluApart
+    return ActivationsApart
 
 
 def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, repeats: int, report):
@@ -301,7 +303,7 @@ def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, re
         if backend != "auto"
         else [b for b, m in (("onnxruntime", "onnxruntime"), ("pt2e", "torchao")) if _installed(m)]
     )
-    if backend == "auto" and "pt2e" in wanted and _has_silu(model) and not _lut().unavailable_reason():  # (tables)
+    if backend == "auto" and "pt2e" in wanted and _tabulable(model) and not _lut().unavailable_reason():
         wanted.append("pt2e+kernels")
     if not wanted:
         raise ValueError("optimize: route='int8' needs onnxruntime (the export extra) or torchao (the int8 extra)")
@@ -317,7 +319,7 @@ def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, re
             elif name == "pt2e":
                 fn = quantize_pt2e_int8(model, example, calib)
             else:
-                fn = quantize_pt2e_int8(model, example, calib, silu_table=True)
+                fn = quantize_pt2e_int8(model, example, calib, tables=True)
             with torch.no_grad():
                 fn(example)  # (PT2E compiles here)
                 err = max(rel_err(fn(x), ref) for x, ref in zip(check, refs))
@@ -376,9 +378,9 @@ def optimize(
         route: 'auto' (the fastest verified of eager, compiled and, in fp32 with the export extra, ONNX Runtime),
             'compile', 'onnxruntime', 'eager' or 'int8'.
         calibration: batches for int8 calibration (default: ``example`` alone, which is too little for accuracy).
-        int8_backend: for 'int8': 'onnxruntime', 'pt2e', 'pt2e+kernels' (PT2E with SiLU tables,
+        int8_backend: for 'int8': 'onnxruntime', 'pt2e', 'pt2e+kernels' (PT2E with activation tables,
             :func:`quantize_pt2e_int8`) or 'auto' (each where installed and, for the tables, where the model has
-            SiLUs; see the module docstring).
+            SiLU or GELU; see the module docstring).
         rtol: the verification tolerance (default 1e-4 fp32, 5e-2 bf16).
         repeats: timed repeats per route for 'auto' (and for the report).
         symbolic_batch: compile with the batch size as a symbol (see :func:`compile_frozen`) or not; None: 'auto'
@@ -473,8 +475,9 @@ def optimize(
     return Optimized(model, fn, report)
 
 
-def _has_silu(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.SiLU) for m in model.modules())
+def _tabulable(model: nn.Module) -> bool:
+    """The model has an activation that :mod:`vitkit.kernels.lut` can tabulate (its int8 form may use them)."""
+    return any(isinstance(m, (nn.SiLU, nn.GELU)) for m in model.modules())
 
 
 def _installed(module: str) -> bool:

@@ -7,16 +7,16 @@ bytes (one per high nibble), chosen when the op runs by what the CPU has; any me
 for 4-D tensors (the layout oneDNN's int8 convolutions read and write under ``torch.compile``, so Inductor copies
 nothing around it) and contiguous otherwise.
 
-Why it exists: SiLU, which MobileViT (and HaloNet-50ts, SE-HaloNet-33ts) apply after almost every convolution, costs
-as much in an int8 model as in an fp32 one where it is evaluated (an exponential per value: oneDNN's ``swish``
-post-op on the int8 convolution's fp32 result, or Inductor's fused dequantize-SiLU-quantize). As a table on the
-convolution's uint8 output it is a pass over bytes (:func:`vitkit.routes.quantize_pt2e_int8` with
-``silu_table=True``). Measured on the AVX-512 AMD EPYC (Zen 4), 1 thread: the lookup runs at a copy's speed (16.8 M
-bytes in 1.6 ms with VBMI, 5.7 ms on the AVX2 path), and MobileViT-XS's int8 forward takes 24.9 / 122.9 ms at batch
-1 / 8 with the tables against 30.0 / 157.3 ms without (``benchmarks/peers/README.md``). It is built from source at
-first use, like :mod:`vitkit.kernels.halo`; loading it registers the op ``vitkit::lut_u8`` in C++ (a call from a
-compiled program does not pass through Python), with a fake implementation, so ``torch.compile`` keeps one graph
-around it.
+Why it exists: SiLU, which MobileViT (and HaloNet-50ts, SE-HaloNet-33ts) apply after almost every convolution, and
+GELU, in every transformer MLP, cost as much in an int8 model as in an fp32 one where they are evaluated (a
+transcendental per value: oneDNN's ``swish`` or ``gelu_erf`` post-op on the int8 convolution's or linear's fp32
+result, or Inductor's fused dequantize-activation-quantize). As a table on the producer's uint8 output it is a pass
+over bytes (:func:`vitkit.routes.quantize_pt2e_int8` with ``tables=True``). Measured on the AVX-512 AMD EPYC (Zen
+4), 1 thread: the lookup runs at a copy's speed (16.8 M bytes in 1.6 ms with VBMI, 5.7 ms on the AVX2 path);
+MobileViT-XS's int8 forward takes 24.9 / 122.9 ms at batch 1 / 8 with the tables against 30.0 / 157.3 ms without,
+ViT-S's 45.2 / 314.8 against 47.0 / 326.1 ms (``benchmarks/peers/README.md``). It is built from source at first use,
+like :mod:`vitkit.kernels.halo`; loading it registers the op ``vitkit::lut_u8`` in C++ (a call from a compiled
+program does not pass through Python), with a fake implementation, so ``torch.compile`` keeps one graph around it.
 """
 
 from __future__ import annotations
@@ -144,15 +144,25 @@ def activation_table(
     return q.quantize_per_tensor.default(fn(x), scale_out, zero_out, qmin, qmax, torch.uint8)
 
 
-_SILU = (torch.ops.aten.silu.default, torch.ops.aten.silu_.default)
+def _activation(node: torch.fx.Node):
+    """The elementwise function a node computes, if it is one this module tabulates (SiLU, GELU), else None."""
+    aten = torch.ops.aten
+    if node.target in (aten.silu.default, aten.silu_.default):
+        return torch.nn.functional.silu
+    if node.target == aten.gelu.default:
+        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        return lambda x: torch.nn.functional.gelu(x, approximate=approximate)
+    return None
+
+
 _PRODUCERS = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
 _KEY = "quantization_annotation"  # where PT2E quantizers leave their annotations in a node's meta
 
 
 def drop_inference_dropouts(gm: torch.fx.GraphModule) -> int:
     """Remove the exported program's ``aten.dropout`` nodes that are the identity (``train=False`` or ``p=0``:
-    an ``nn.Dropout`` exported in eval mode), so that what a dropout separated (an MLP's SiLU and its second
-    linear) is adjacent for :func:`annotate_silu_apart`. Returns how many."""
+    an ``nn.Dropout`` exported in eval mode), so that what a dropout separated (an MLP's activation and its second
+    linear) is adjacent for :func:`annotate_activations_apart`. Returns how many."""
     gone = 0
     for node in list(gm.graph.nodes):
         if node.target == torch.ops.aten.dropout.default and (node.args[1] == 0 or not node.args[2]):
@@ -164,18 +174,19 @@ def drop_inference_dropouts(gm: torch.fx.GraphModule) -> int:
     return gone
 
 
-def annotate_silu_apart(gm: torch.fx.GraphModule) -> int:
+def annotate_activations_apart(gm: torch.fx.GraphModule) -> int:
     """After torchao's ``X86InductorQuantizer`` has annotated ``gm`` (PT2E, before ``prepare_pt2e`` inserts
-    observers): every SiLU right after a quantized convolution or linear (the quantizer fuses it into a
-    convolution as oneDNN's ``swish`` post-op, and leaves it to Inductor in fp32 after a linear), whose output only
+    observers): every SiLU or GELU right after a quantized convolution or linear (the quantizer fuses it into the
+    producer as oneDNN's ``swish`` or ``gelu_erf`` post-op, or leaves it to Inductor in fp32), whose output only
     ops that quantize it read, is annotated as an op of its own with its input quantized like the producer's (so
-    the producer writes uint8 codes and the SiLU between codes becomes a table for :func:`silu_tables`). A SiLU
-    whose result goes on in fp32 (into a mean, say) is left as it was. Returns the number of SiLUs moved."""
+    the producer writes uint8 codes and the activation between codes becomes a table for
+    :func:`tabulate_activations`). One whose result goes on in fp32 (into a mean, say) is left as it was. Returns
+    the number of activations moved."""
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
 
     moved = 0
     for node in gm.graph.nodes:
-        src = node.args[0] if node.target in _SILU else None
+        src = node.args[0] if _activation(node) else None
         if src is None or src.target not in _PRODUCERS or _KEY not in src.meta or len(src.users) != 1:
             continue
         read_quantized = all(_KEY in u.meta and node in u.meta[_KEY].input_qspec_map for u in node.users)
@@ -189,21 +200,23 @@ def annotate_silu_apart(gm: torch.fx.GraphModule) -> int:
     return moved
 
 
-def silu_tables(gm: torch.fx.GraphModule) -> int:
-    """In a converted PT2E program, replace each per-tensor uint8 ``quantize(silu(dequantize(x)))`` with
-    :func:`lut_u8` of ``x`` and its table (a constant of ``gm``, :func:`activation_table`). Returns how many."""
+def tabulate_activations(gm: torch.fx.GraphModule) -> int:
+    """In a converted PT2E program, replace each per-tensor uint8 ``quantize(f(dequantize(x)))`` whose ``f`` is a
+    SiLU or GELU with :func:`lut_u8` of ``x`` and its table (a constant of ``gm``, :func:`activation_table`).
+    Returns how many."""
     q = torch.ops.quantized_decomposed
     done = 0
     for node in list(gm.graph.nodes):
-        if node.target not in _SILU or len(node.users) != 1:
+        fn = _activation(node)
+        if fn is None or len(node.users) != 1:
             continue
         dq, (quant,) = node.args[0], node.users
         if dq.target != q.dequantize_per_tensor.default or quant.target != q.quantize_per_tensor.default:
             continue
         if len(dq.users) != 1 or dq.args[5] != torch.uint8 or quant.args[5] != torch.uint8:
             continue
-        name = f"_vitkit_silu_table_{done}"
-        table = activation_table(torch.nn.functional.silu, *dq.args[1:3], *quant.args[1:5])
+        name = f"_vitkit_activation_table_{done}"
+        table = activation_table(fn, *dq.args[1:3], *quant.args[1:5])
         gm.register_buffer(name, table)
         # (registers the op: a program that calls it, Inductor's on-disk cache included, is only ever built and
         # run after this pass has loaded the kernel in the same process)
