@@ -29,6 +29,7 @@ import torch
 
 from vitkit.bench.speed import interleaved
 from vitkit.config import load_config
+from vitkit.kernels import lut
 from vitkit.machine import cpu_kind, cpu_line
 from vitkit.routes import compile_frozen, optimize
 from vitkit.train import Trainer, evaluate, load_run
@@ -73,9 +74,7 @@ def main() -> int:
         compiled = compile_frozen(run.model, dynamic=False)
         routes = {"fp32 eager": run.model, "fp32 compiled": compiled, "int8 onnxruntime": int8}
         checks = {"pt2e": {}}  # PT2E backend -> the same checks (empty without torchao)
-        backends = ["pt2e"] + (
-            ["pt2e+kernels"] if any(isinstance(m, (torch.nn.SiLU, torch.nn.GELU)) for m in run.model.modules()) else []
-        )
+        backends = ["pt2e"] + (["pt2e+kernels"] if lut.tabulable(run.model) else [])
         for backend in backends if importlib.util.find_spec("torchao") else []:  # the other int8 backend(s)
             t0 = time.perf_counter()
             routes[f"int8 {backend}"] = q = optimize(

@@ -60,6 +60,7 @@ def build_routes(
     import vitkit
     from vitkit import kernels
     from vitkit.export import OnnxRunner, export_onnx, quantize_onnx_int8
+    from vitkit.kernels import lut
     from vitkit.routes import compile_frozen, compile_with_kernels, quantize_pt2e_int8
 
     torch.manual_seed(0)
@@ -103,8 +104,8 @@ def build_routes(
         except Exception as e:  # noqa: BLE001
             notes[f"{label} onnx"] = f"{type(e).__name__}: {str(e)[:300]}"
     if int8 and importlib.util.find_spec("torchao"):  # vitkit's other int8 backend (PT2E; one program per batch size)
-        tables = any(isinstance(m, (torch.nn.SiLU, torch.nn.GELU)) for m in ours.modules())  # (kernels.lut)
-        for label, kw in [("vitkit int8 (pt2e)", {})] + [("vitkit int8 (pt2e+kernels)", {"tables": True})] * tables:
+        tables = [("vitkit int8 (pt2e+kernels)", {"tables": True})] if lut.tabulable(ours) else []
+        for label, kw in [("vitkit int8 (pt2e)", {})] + tables:
             try:
                 routes[label] = quantize_pt2e_int8(ours, first, calib, **kw)
             except Exception as e:  # noqa: BLE001

@@ -60,6 +60,7 @@ from torch import nn
 from vitkit import kernels
 from vitkit.export import OnnxRunner, export_onnx, quantize_onnx_int8_best, rel_err
 from vitkit.export.common import require, torch_program
+from vitkit.kernels import lut
 from vitkit.machine import int8_dot_units
 from vitkit.runtime import autocast
 
@@ -237,8 +238,8 @@ def quantize_pt2e_int8(
     Runtime); ViT-S (GELU) 1.04x faster, 2.56x / 2.54x its fastest fp32 route; the MNIST recipes' MobileViT-XXS
     and ViT as accurate as with the plain form (``benchmarks/peers/README.md``)."""
     require("torchao", "int8 through PT2E (torchao)", "int8")
-    if tables and _lut().unavailable_reason():
-        raise RuntimeError(f"int8 activation tables: vitkit.kernels.lut {_lut().unavailable_reason()}")
+    if tables and (reason := lut.unavailable_reason()):
+        raise RuntimeError(f"int8 activation tables: vitkit.kernels.lut {reason}")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
@@ -248,13 +249,13 @@ def quantize_pt2e_int8(
     quantizer = (_apart_quantizer() if tables else xiq.X86InductorQuantizer)().set_global(config)
     exported = torch_program(model, tuple(example.shape[1:])).module()
     if tables:
-        _lut().drop_inference_dropouts(exported)
+        lut.drop_inference_dropouts(exported)
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for x in calibration:
             prepared(x)
     converted = convert_pt2e(prepared)
-    if tables and not _lut().tabulate_activations(converted):
+    if tables and not lut.tabulate_activations(converted):
         name = type(model).__name__
         raise RuntimeError(f"int8 activation tables: {name} has no SiLU or GELU after a convolution or linear to table")
     quantized = sum(str(n.target).startswith("quantized_decomposed.quantize") for n in converted.graph.nodes)
@@ -272,12 +273,6 @@ def quantize_pt2e_int8(
     return compile_frozen(converted, dynamic=False).forward
 
 
-def _lut():
-    from vitkit.kernels import lut  # (imported when used: its module registers a custom op)
-
-    return lut
-
-
 def _apart_quantizer():
     """torchao's ``X86InductorQuantizer`` with :func:`vitkit.kernels.lut.annotate_activations_apart` after its own
     annotation (a class made at first use: torchao is an optional dependency)."""
@@ -286,7 +281,7 @@ def _apart_quantizer():
     class ActivationsApart(xiq.X86InductorQuantizer):
         def annotate(self, gm):
             gm = super().annotate(gm)
-            _lut().annotate_activations_apart(gm)
+            lut.annotate_activations_apart(gm)
             return gm
 
     return ActivationsApart
@@ -303,7 +298,7 @@ def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, re
         if backend != "auto"
         else [b for b, m in (("onnxruntime", "onnxruntime"), ("pt2e", "torchao")) if _installed(m)]
     )
-    if backend == "auto" and "pt2e" in wanted and _tabulable(model) and not _lut().unavailable_reason():
+    if backend == "auto" and "pt2e" in wanted and lut.tabulable(model) and not lut.unavailable_reason():
         wanted.append("pt2e+kernels")
     if not wanted:
         raise ValueError("optimize: route='int8' needs onnxruntime (the export extra) or torchao (the int8 extra)")
@@ -473,11 +468,6 @@ def optimize(
     report.route, report.optimized_ms, report.note = best.removesuffix(SYMBOLIC), ms[best], "; ".join(notes)
     report.symbolic_batch = best.endswith(SYMBOLIC)
     return Optimized(model, fn, report)
-
-
-def _tabulable(model: nn.Module) -> bool:
-    """The model has an activation that :mod:`vitkit.kernels.lut` can tabulate (its int8 form may use them)."""
-    return any(isinstance(m, (nn.SiLU, nn.GELU)) for m in model.modules())
 
 
 def _installed(module: str) -> bool:

@@ -17,7 +17,6 @@ returns how many it swapped; :func:`unavailable_reason` says why a kernel cannot
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 
@@ -48,16 +47,6 @@ def unavailable_to_build() -> str | None:
     if not cpp_extension.is_ninja_available():
         return "needs ninja to build the C++ extension (pip install vitkit[kernels], or ninja)"
     return None
-
-
-# The custom ops' layout tag: Inductor hands an op with ``flexible_layout`` its buffers as they are (channels-last
-# from oneDNN's convolutions), not copied to the strides an eager run would have had. (A torch without the tag on
-# custom ops gets the default constraint: correct, with Inductor's copies to NCHW.)
-_LAYOUT = (
-    {"tags": (torch.Tag.flexible_layout,)}
-    if hasattr(torch.Tag, "flexible_layout") and "tags" in inspect.signature(torch.library.custom_op).parameters
-    else {}
-)
 
 
 def unavailable_reason() -> str | None:

@@ -39,11 +39,12 @@ was not kept.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 from torch.utils import cpp_extension
 
-from vitkit.kernels import _LAYOUT, _autocast_cpu, unavailable_to_build
+from vitkit.kernels import _autocast_cpu, unavailable_to_build
 from vitkit.layers.halo_attention import HaloAttention
 
 _SOURCE = r"""
@@ -360,6 +361,16 @@ def build(name: str = "vitkit_halo_attention", source: str = _SOURCE, functions:
 @functools.cache
 def _extension():
     return build()
+
+
+# flexible_layout: Inductor hands the op its buffers as they are (channels-last from oneDNN's convolutions), not copied
+# to the strides an eager run would have had; the op copies any other layout to channels-last itself. (A torch
+# without the tag on custom ops gets the default constraint: correct, with Inductor's copies to NCHW.)
+_LAYOUT = (
+    {"tags": (torch.Tag.flexible_layout,)}
+    if hasattr(torch.Tag, "flexible_layout") and "tags" in inspect.signature(torch.library.custom_op).parameters
+    else {}
+)
 
 
 @torch.library.custom_op("vitkit::halo_attention", mutates_args=(), **_LAYOUT)

@@ -155,6 +155,11 @@ def _activation(node: torch.fx.Node):
     return None
 
 
+def tabulable(model: torch.nn.Module) -> bool:
+    """The model has an activation module this module tabulates (SiLU, GELU): its int8 form may use the tables."""
+    return any(isinstance(m, (torch.nn.SiLU, torch.nn.GELU)) for m in model.modules())
+
+
 _PRODUCERS = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
 _KEY = "quantization_annotation"  # where PT2E quantizers leave their annotations in a node's meta
 
