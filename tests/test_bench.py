@@ -11,10 +11,18 @@ import torch
 
 import vitkit
 from conftest import slow_except
-from vitkit.bench.speed import bench_model, matmul_peak, peak_memory_mb, tensor_peak_mb, timeit
+from vitkit.bench.speed import (
+    bench_model,
+    file_model_rows,
+    matmul_peak,
+    model_rows_parser,
+    peak_memory_mb,
+    tensor_peak_mb,
+    timeit,
+)
 from vitkit.cli import main as cli
 from vitkit.export import ExportError, export_model
-from vitkit.machine import cpu_line, native_bf16
+from vitkit.machine import cpu_kind, cpu_line, native_bf16
 
 MISSING = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
 needs_ort = pytest.mark.skipif(bool(MISSING), reason=f"optional export extra not installed (missing {MISSING})")
@@ -57,6 +65,33 @@ def test_matmul_peak_counts_2n3_flop_per_timed_product(monkeypatch):
 
 
 @pytest.mark.skipif(peak_memory_mb(lambda: None) is None, reason="no /proc/self/clear_refs on this system")
+def test_benchmark_records_are_filed_by_cpu_kind_and_kept_row_by_row(tmp_path):
+    """A benchmark record goes under this CPU kind, leaving another kind's entry as it was; each row is on disk as
+    soon as it is measured, so a run that fails half way keeps its first rows."""
+    out = tmp_path / "rec.json"
+    other = {"AMD EPYC [avx2 fma]": {"models": {"m": {"1": {"ms": 9.0}}}}}
+    out.write_text(json.dumps(other))
+    calls = []
+
+    def row(name, batch):
+        calls.append((name, batch))
+        if name == "b" and batch == 8:
+            raise RuntimeError("cut short")
+        return {"ms": float(batch)}
+
+    args = model_rows_parser("Doc line.\n\nMore.", ["a", "b"], 5, out).parse_args(["--note", "how"])
+    assert args.models == ["a", "b"] and args.batches == [1, 8] and args.rounds == 5
+    with pytest.raises(RuntimeError, match="cut short"):
+        file_model_rows(args.out, args.models, args.batches, row, args.note, {"peak": lambda: 1.5})
+    saved = json.loads(out.read_text())
+    mine = saved[cpu_kind()]
+    assert mine["models"] == {"a": {"1": {"ms": 1.0}, "8": {"ms": 8.0}}, "b": {"1": {"ms": 1.0}}}
+    assert mine["note"] == "how" and mine["peak"] == 1.5 and mine["cpu"] == cpu_line()
+    if cpu_kind() != "AMD EPYC [avx2 fma]":
+        assert saved["AMD EPYC [avx2 fma]"] == other["AMD EPYC [avx2 fma]"]
+    assert calls == [("a", 1), ("a", 8), ("b", 1), ("b", 8)]
+
+
 def test_peak_memory_sees_a_known_allocation():
     def alloc():
         x = torch.ones(25 * 2**20)  # 100 MiB

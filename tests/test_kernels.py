@@ -11,6 +11,7 @@ exponential's error: 1e-5 relative to the largest output is several times above 
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -380,9 +381,11 @@ def test_onednn_linears_compute_the_plain_layer_and_keep_the_state_dict():
 
 
 @needs_onednn
-def test_onednn_linears_compile_frozen_to_packed_onednn_calls(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cpp_wrapper", [True, False])
+def test_onednn_linears_compile_frozen_to_packed_onednn_calls(tmp_path, monkeypatch, cpp_wrapper):
     """Under the frozen compile the packed weight is a constant of the program: the generated code calls oneDNN's
-    linear (with the GELU after the first linear fused in as a post-op) and packs nothing at run time."""
+    linear (with the GELU after the first linear fused in as a post-op) and packs nothing at run time; so with the
+    C++ wrapper (the default) and with the Python one."""
     from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
@@ -392,11 +395,12 @@ def test_onednn_linears_compile_frozen_to_packed_onednn_calls(tmp_path, monkeypa
     assert kernels.apply(swapped) == 2
     x = torch.randn(4, 5, 32)
     with torch.no_grad():
-        out, code = run_and_get_code(opt.compile_frozen(swapped, dynamic=False), x)
+        out, code = run_and_get_code(opt.compile_frozen(swapped, dynamic=False, cpp_wrapper=cpp_wrapper), x)
         assert _rel(out, model(x)) < RTOL
     text = "\n".join(code)
-    calls = [line for line in text.splitlines() if "mkldnn._linear_pointwise" in line and "=" in line]
-    assert len(calls) == 2 and "'gelu'" in calls[0], calls
+    call = r"(torch\.ops\.mkldnn\._linear_pointwise\.default|aoti_torch_cpu__linear_pointwise)\("  # Python, C++
+    calls = [line for line in text.splitlines() if re.search(call, line)]
+    assert len(calls) == 2 and re.search("['\"]gelu['\"]", calls[0]), calls
     assert "_reorder_linear_weight" not in text and "_mkl_linear" not in text
     torch._dynamo.reset()
 

@@ -498,8 +498,9 @@ def test_many_compiled_forms_in_one_process_are_all_compiled(tmp_path, monkeypat
 def test_compile_frozen_really_freezes_and_never_shares_a_program(tmp_path, monkeypatch):
     """Freezing folds an inference BatchNorm into its convolution and makes the weights constants of the program:
     the generated code has frozen parameters and no BatchNorm left (``torch.compile(options={"freezing": True})``
-    left it there on torch 2.13, silently). A frozen program is a snapshot of the weights, so a second
-    ``compile_frozen`` of the same model after the weights change must compile its own, not reuse the first."""
+    left it there on torch 2.13, silently), and is run by a C++ wrapper unless ``cpp_wrapper=False``. A frozen
+    program is a snapshot of the weights, so a second ``compile_frozen`` of the same model after the weights change
+    must compile its own, not reuse the first."""
     from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
@@ -515,9 +516,37 @@ def test_compile_frozen_really_freezes_and_never_shares_a_program(tmp_path, monk
         text = "\n".join(code)
         assert code and "_frozen_param" in text, "no frozen parameters: the compile was not frozen"
         assert "batch_norm" not in text, "BatchNorm survived: the compile was not frozen"
+        assert "AOTI_TORCH_ERROR_CODE_CHECK" in text, "the program is not run by a C++ wrapper"
         model[0].weight.mul_(-1)  # new weights: a new compile_frozen must see them
-        torch.testing.assert_close(opt.compile_frozen(model, dynamic=False)(x), model(x), rtol=1e-4, atol=1e-5)
+        out, code = run_and_get_code(opt.compile_frozen(model, dynamic=False, cpp_wrapper=False), x)
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+        assert "AOTI_TORCH_ERROR_CODE_CHECK" not in "\n".join(code), "cpp_wrapper=False: a Python wrapper"
         torch.testing.assert_close(torch.compile(model, dynamic=False)(x), model(x), rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_without_module_guards_a_program_is_a_snapshot_of_the_module(tmp_path, monkeypatch):
+    """``module_guards=False`` (the int8 program's, which vitkit holds alone): Dynamo no longer checks the modules'
+    attributes at a call, so the program compiled in eval mode keeps running after ``train()``, where the guarded
+    form recompiles and follows the model (BatchNorm on the batch's statistics)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.BatchNorm2d(8)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1), model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 4, 10, 10)
+    torch._dynamo.reset()
+    guarded = opt.compile_frozen(model, dynamic=False, cpp_wrapper=False)  # (guards come before either wrapper)
+    snapshot = opt.compile_frozen(model, dynamic=False, cpp_wrapper=False, module_guards=False)
+    with torch.no_grad():
+        in_eval = model(x)
+        for fn in (guarded, snapshot):
+            torch.testing.assert_close(fn(x), in_eval, rtol=1e-4, atol=1e-5)
+        model.train()
+        in_train = model(x)
+        assert (in_train - in_eval).abs().max() > 0.1
+        torch.testing.assert_close(guarded(x), in_train, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(snapshot(x), in_eval, rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
 
 

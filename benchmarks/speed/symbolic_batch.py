@@ -20,7 +20,6 @@ linears and convolutions. Two parts:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -30,8 +29,7 @@ import torch
 
 import vitkit
 from vitkit import kernels
-from vitkit.bench.speed import interleaved
-from vitkit.machine import cpu_info, cpu_kind, cpu_line
+from vitkit.bench.speed import file_model_rows, interleaved, model_rows_parser
 from vitkit.routes import compile_frozen, compile_with_kernels, rel_err
 
 HERE = Path(__file__).resolve().parent
@@ -89,28 +87,13 @@ def model_row(name: str, batch: int, rounds: int) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=MODELS)
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    p.add_argument("--rounds", type=int, default=9)
+    p = model_rows_parser(__doc__, MODELS, 9, HERE / "symbolic_batch.json")
     p.add_argument("--no-gemm", action="store_true", help="skip the GEMM rates")
-    p.add_argument("--note", default="", help="a note kept with this CPU kind's record (how the run was made)")
-    p.add_argument("--out", default=str(HERE / "symbolic_batch.json"))
     args = p.parse_args()
-    out = Path(args.out)
-    results = json.loads(out.read_text()) if out.is_file() else {}
-    rec = results.setdefault(cpu_kind(), {"models": {}})
-    rec.update(cpu=cpu_line(), cpu_info=cpu_info(), torch=torch.__version__, threads=torch.get_num_threads())
-    if args.note:
-        rec["note"] = args.note
-    if not args.no_gemm:
-        rec["gemm"] = gemm_rates(max(args.rounds, 20))
-        out.write_text(json.dumps(results, indent=1))
-    for name in args.models:
-        for b in args.batches:
-            rec["models"].setdefault(name, {})[str(b)] = model_row(name, b, args.rounds)
-            out.write_text(json.dumps(results, indent=1))  # each row kept as soon as it is measured
-    print(f"wrote {out}")
+    before = {} if args.no_gemm else {"gemm": lambda: gemm_rates(max(args.rounds, 20))}
+    row = lambda name, b: model_row(name, b, args.rounds)  # noqa: E731
+    file_model_rows(args.out, args.models, args.batches, row, args.note, before)
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -3,10 +3,11 @@
 The layers in :mod:`vitkit.layers` are plain reference code; speed at inference comes from here:
 
 * ``"compile"``: ``torch.compile`` (Inductor) with freezing (weights folded into the graph as constants, which
-  lets Inductor pre-pack them and fold BatchNorm), its output checked against eager before it is returned
-  (``rtol`` relative to the largest eager output: 1e-4 in fp32, 5e-2 in bf16). Inductor's on-disk caches live
-  in ``$XDG_CACHE_HOME/vitkit/inductor`` (``~/.cache`` by default; ``TORCHINDUCTOR_CACHE_DIR`` overrides), so a
-  second process compiling the same model at the same shapes reuses the first one's kernels.
+  lets Inductor pre-pack them and fold BatchNorm) and Inductor's C++ wrapper (:func:`compile_frozen`), its output
+  checked against eager before it is returned (``rtol`` relative to the largest eager output: 1e-4 in fp32, 5e-2
+  in bf16). Inductor's on-disk caches live in ``$XDG_CACHE_HOME/vitkit/inductor`` (``~/.cache`` by default;
+  ``TORCHINDUCTOR_CACHE_DIR`` overrides), so a second process compiling the same model at the same shapes reuses
+  the first one's kernels.
 * ``"int8"``: post-training static quantization, calibrated on the batches given (all but the last, which is
   held out to compare candidates), by one of the backends (``int8_backend``): ``"onnxruntime"``, the ONNX
   export quantized by ONNX Runtime's quantizer (the op set chosen among ``vitkit.export.INT8_OP_SETS``) and run by
@@ -121,9 +122,11 @@ def compile_cache_dir() -> Path:
 class Frozen(nn.Module):
     """A ``torch.compile``d model whose compiles run with Inductor's freezing on (see :func:`compile_frozen`)."""
 
-    def __init__(self, model: nn.Module, dynamic: bool | None, symbolic_batch: bool = False):
+    def __init__(
+        self, model: nn.Module, dynamic: bool | None, symbolic_batch=False, cpp_wrapper=True, module_guards=True
+    ):
         super().__init__()
-        self.symbolic_batch = symbolic_batch
+        self.symbolic_batch, self.cpp_wrapper = symbolic_batch, cpp_wrapper
         self.model = model  # (registered, so the wrapper's parameters and state dict are the model's)
         from vitkit.kernels.linear import OneDnnLinear
 
@@ -142,7 +145,10 @@ class Frozen(nn.Module):
         # directly, the ninth compiled form in a process would run eager, silently; a code object of this wrapper's
         # own gives each form its own count.
         run.__code__ = run.__code__.replace()
-        self.compiled = torch.compile(run, dynamic=dynamic, backend=inductor)
+        # (without module guards, Dynamo checks only the input and the global state at a call, not every module's
+        # attributes and parameters)
+        skip = {} if module_guards else {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        self.compiled = torch.compile(run, dynamic=dynamic, backend=inductor, options=skip or None)
 
     def forward(self, x: torch.Tensor):
         import torch._inductor.config as inductor_config
@@ -157,11 +163,17 @@ class Frozen(nn.Module):
             mark_unbacked(x, 0)
         # read by Dynamo while it traces (parameters become constants) and by Inductor while it compiles, both of
         # which happen inside a call (the first at each new shape)
-        with inductor_config.patch(freezing=True):
+        with inductor_config.patch(freezing=True, cpp_wrapper=self.cpp_wrapper):
             return self.compiled(x)
 
 
-def compile_frozen(model: nn.Module, dynamic: bool | None = None, symbolic_batch: bool = False) -> nn.Module:
+def compile_frozen(
+    model: nn.Module,
+    dynamic: bool | None = None,
+    symbolic_batch: bool = False,
+    cpp_wrapper: bool = True,
+    module_guards: bool = True,
+) -> nn.Module:
     """``torch.compile`` for inference: Inductor with freezing; ``dynamic`` as torch.compile takes it (None: a
     dynamic batch after the first new shape; False: one specialised program per shape, for benchmarks).
 
@@ -176,6 +188,21 @@ def compile_frozen(model: nn.Module, dynamic: bool | None = None, symbolic_batch
     (batch 8) faster, HaloNet-26T 1.17x / 1.05x, ViT-S 1.05x / 1.02x, NesT-T 0.95x / 0.97x, HaloNet-H1 0.94x (batch
     1). The per-call switch costs about 30 us.
 
+    ``cpp_wrapper=True`` (the default): Inductor's C++ wrapper runs the program (it calls the generated kernels and
+    the library ops from C++, where the Python wrapper spends a few microseconds of interpreter time on each of the
+    hundreds of calls), which pays most in the int8 programs, whose quantize/dequantize steps and activation tables
+    add calls. Measured interleaved in one process, two runs (AVX-512 AMD EPYC, Zen 4, 1 thread,
+    ``benchmarks/speed/cpp_wrapper.py``): the int8 programs of MobileViT-XS and ViT-S 1.00-1.15x faster than with
+    the Python wrapper, fp32 compiled models 1.00-1.07x in a quiet run and 0.97-1.02x in a noisy one; the compile
+    takes 1-7 s longer. ``False``: the Python wrapper.
+
+    ``module_guards=False``: at each call Dynamo checks the input and the global state but not the attributes of
+    ``model``'s modules (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``): the guards took 0.5-0.7 ms a call
+    for MobileViT-XS (its training flags, hooks and parameters) and 0.09 ms without those on modules. A program
+    compiled for eval mode then also runs for the model switched to training mode, or with a hook added; so only
+    for a module nobody changes after: the int8 program that :func:`quantize_pt2e_int8` converts and compiles,
+    which vitkit holds alone.
+
     ``symbolic_batch=True`` marks the batch dimension of each input unbacked (``mark_unbacked``: a symbol even at
     size 1, which Dynamo otherwise specialises), so one program serves every batch size (in the families whose
     forward captures it in one graph: ViT, hybrid ViT, NesT, LaViT, PVT; the others break the graph at a guard on
@@ -188,7 +215,7 @@ def compile_frozen(model: nn.Module, dynamic: bool | None = None, symbolic_batch
     so :func:`optimize` measures both.
     """
     compile_cache_dir()
-    return Frozen(model, dynamic, symbolic_batch)
+    return Frozen(model, dynamic, symbolic_batch, cpp_wrapper, module_guards)
 
 
 def compile_with_kernels(model: nn.Module, dynamic: bool | None = None, symbolic_batch: bool = False) -> nn.Module:
@@ -215,7 +242,12 @@ def _onnx_runner(model: nn.Module, example: torch.Tensor, calib=None, check=None
 
 
 def quantize_pt2e_int8(
-    model: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor], tables: bool = False
+    model: nn.Module,
+    example: torch.Tensor,
+    calibration: Iterable[torch.Tensor],
+    tables: bool = False,
+    cpp_wrapper: bool = True,
+    module_guards: bool = False,
 ):
     """Static int8 through PyTorch's PT2E flow, compiled: the model's ``torch.export`` program (dynamic batch),
     annotated by torchao's ``X86InductorQuantizer`` (its default: int8 weights per output channel, uint8 activations
@@ -235,8 +267,11 @@ def quantize_pt2e_int8(
     pre-activation to 8 bits) for a pass over bytes. ``RuntimeError`` where the model has no such activation or
     the kernel cannot be built. Measured on the AVX-512 AMD EPYC (Zen 4), 1 thread: MobileViT-XS (SiLU) 1.21x
     (batch 1) and 1.28x (batch 8) faster than the plain PT2E form, 1.36x / 2.02x vitkit's fastest fp32 route (ONNX
-    Runtime); ViT-S (GELU) 1.04x faster, 2.56x / 2.54x its fastest fp32 route; the MNIST recipes' MobileViT-XXS
-    and ViT as accurate as with the plain form (``benchmarks/peers/README.md``)."""
+    Runtime; 1.54-1.57x / 1.91-1.96x with the C++ wrapper, in noisier runs); ViT-S (GELU) 1.04x faster, 2.56x /
+    2.54x its fastest fp32 route; the MNIST recipes' MobileViT-XXS
+    and ViT as accurate as with the plain form (``benchmarks/peers/README.md``). ``cpp_wrapper`` and
+    ``module_guards`` as in :func:`compile_frozen` (the converted program is this function's alone, so by default
+    Dynamo does not re-check its modules at each call)."""
     require("torchao", "int8 through PT2E (torchao)", "int8")
     if tables and (reason := lut.unavailable_reason()):
         raise RuntimeError(f"int8 activation tables: vitkit.kernels.lut {reason}")
@@ -270,7 +305,7 @@ def quantize_pt2e_int8(
     # one program per batch size: with a dynamic batch, torch 2.13's Inductor recompiled the int8 ViT into code that
     # failed its own stride assertion at the second batch size. A callable, not a module: an exported program
     # refuses train()/eval(), which a wrapping module passes down
-    return compile_frozen(converted, dynamic=False).forward
+    return compile_frozen(converted, dynamic=False, cpp_wrapper=cpp_wrapper, module_guards=module_guards).forward
 
 
 def _apart_quantizer():

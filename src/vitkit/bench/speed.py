@@ -18,9 +18,11 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import gc
+import json
 import statistics
 import tempfile
 import time
@@ -40,6 +42,7 @@ from vitkit.bench import allocator
 from vitkit.bench.flops import count_macs, count_params
 from vitkit.config import TrainConfig
 from vitkit.layers import fuse_conv_bn
+from vitkit.machine import cpu_info, cpu_kind, cpu_line
 from vitkit.routes import TOLERANCE, compile_frozen, rel_err
 from vitkit.runtime import autocast
 from vitkit.tasks import build_task, model_task, task_class
@@ -435,3 +438,44 @@ def _bench_exported(model: nn.Module, x: torch.Tensor, x1: torch.Tensor, repeats
         t_one = timeit(lambda: runner(xo), repeats=max(repeats, 5))
         mem = peak_memory_mb(lambda: runner(xb))
     return t_batch, t_one, mem
+
+
+def file_model_rows(
+    out: Path | str,
+    models: list[str],
+    batches: list[int],
+    row: Callable[[str, int], dict],
+    note: str = "",
+    before: dict[str, Callable[[], object]] | None = None,
+) -> dict:
+    """A benchmark's per-model record in the JSON file ``out``, filed under this CPU kind
+    (:func:`vitkit.machine.cpu_kind`; another kind's entry is kept) and stamped with the CPU, torch and thread
+    count: ``before``'s entries first (name -> a function measuring it), then ``row(model, batch)`` for each model
+    and batch under ``models``, the file written after each so that a run cut short keeps what it measured.
+    Returns the whole record."""
+    out = Path(out)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    rec = results.setdefault(cpu_kind(), {"models": {}})
+    rec.update(cpu=cpu_line(), cpu_info=cpu_info(), torch=torch.__version__, threads=torch.get_num_threads())
+    if note:
+        rec["note"] = note
+    for key, measure in (before or {}).items():
+        rec[key] = measure()
+        out.write_text(json.dumps(results, indent=1))
+    for name in models:
+        for batch in batches:
+            rec["models"].setdefault(name, {})[str(batch)] = row(name, batch)
+            out.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def model_rows_parser(doc: str, models: list[str], rounds: int, out: Path) -> argparse.ArgumentParser:
+    """The command line of a :func:`file_model_rows` benchmark: ``--models``, ``--batches`` (1 8), ``--rounds``,
+    ``--note`` (kept with this CPU kind's record) and ``--out``, described by ``doc``'s first paragraph."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=models)
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--note", default="", help="a note kept with this CPU kind's record (how the run was made)")
+    p.add_argument("--out", default=str(out))
+    return p
