@@ -65,9 +65,9 @@ def model_row(name: str, batch: int, rounds: int, int8: bool) -> dict:
               for w, c in (("C++", True), ("Python", False))}  # fmt: skip
     if int8:  # the int8 program also with Dynamo's module guards, which quantize_pt2e_int8 leaves out
         kind = "int8 tables" if tables else "int8"
-        for w, c, g in (("C++", True, False), ("Python", False, False), ("C++ + module guards", True, True)):
-            builds[f"{kind}, {w}"] = lambda c=c, g=g: quantize_pt2e_int8(
-                model, x, calibration, tables=tables, cpp_wrapper=c, module_guards=g
+        for w, c, guards in (("C++", True, False), ("Python", False, False), ("C++ + module guards", True, True)):
+            builds[f"{kind}, {w}"] = lambda c=c, guards=guards: quantize_pt2e_int8(
+                model, x, calibration, tables=tables, cpp_wrapper=c, module_guards=guards
             )
     forms, outs, row = {}, {}, {"compile_s": {}, "rel_err": {}}
     with torch.no_grad():

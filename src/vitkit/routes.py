@@ -123,7 +123,12 @@ class Frozen(nn.Module):
     """A ``torch.compile``d model whose compiles run with Inductor's freezing on (see :func:`compile_frozen`)."""
 
     def __init__(
-        self, model: nn.Module, dynamic: bool | None, symbolic_batch=False, cpp_wrapper=True, module_guards=True
+        self,
+        model: nn.Module,
+        dynamic: bool | None,
+        symbolic_batch: bool = False,
+        cpp_wrapper: bool | None = None,
+        module_guards: bool = True,
     ):
         super().__init__()
         self.symbolic_batch, self.cpp_wrapper = symbolic_batch, cpp_wrapper
@@ -163,7 +168,8 @@ class Frozen(nn.Module):
             mark_unbacked(x, 0)
         # read by Dynamo while it traces (parameters become constants) and by Inductor while it compiles, both of
         # which happen inside a call (the first at each new shape)
-        with inductor_config.patch(freezing=True, cpp_wrapper=self.cpp_wrapper):
+        cpp_wrapper = x.device.type == "cpu" if self.cpp_wrapper is None else self.cpp_wrapper
+        with inductor_config.patch(freezing=True, cpp_wrapper=cpp_wrapper):
             return self.compiled(x)
 
 
@@ -171,7 +177,7 @@ def compile_frozen(
     model: nn.Module,
     dynamic: bool | None = None,
     symbolic_batch: bool = False,
-    cpp_wrapper: bool = True,
+    cpp_wrapper: bool | None = None,
     module_guards: bool = True,
 ) -> nn.Module:
     """``torch.compile`` for inference: Inductor with freezing; ``dynamic`` as torch.compile takes it (None: a
@@ -188,13 +194,15 @@ def compile_frozen(
     (batch 8) faster, HaloNet-26T 1.17x / 1.05x, ViT-S 1.05x / 1.02x, NesT-T 0.95x / 0.97x, HaloNet-H1 0.94x (batch
     1). The per-call switch costs about 30 us.
 
-    ``cpp_wrapper=True`` (the default): Inductor's C++ wrapper runs the program (it calls the generated kernels and
-    the library ops from C++, where the Python wrapper spends a few microseconds of interpreter time on each of the
-    hundreds of calls), which pays most in the int8 programs, whose quantize/dequantize steps and activation tables
-    add calls. Measured interleaved in one process, two runs (AVX-512 AMD EPYC, Zen 4, 1 thread,
-    ``benchmarks/speed/cpp_wrapper.py``): the int8 programs of MobileViT-XS and ViT-S 1.00-1.15x faster than with
-    the Python wrapper, fp32 compiled models 1.00-1.07x in a quiet run and 0.97-1.02x in a noisy one; the compile
-    takes 1-7 s longer. ``False``: the Python wrapper.
+    ``cpp_wrapper``: Inductor's C++ wrapper runs the program (it calls the generated kernels and the library ops
+    from C++, where the Python wrapper spends a few microseconds of interpreter time on each of the hundreds of
+    calls), which pays most in the int8 programs, whose quantize/dequantize steps and activation tables add calls.
+    None (the default): the C++ wrapper for CPU inputs, the Python one on a GPU (where it was not measured, and the
+    C++ wrapper's compile is longer). Measured interleaved in one process, two runs (AVX-512 AMD EPYC, Zen 4, 1
+    thread, ``benchmarks/speed/cpp_wrapper.py``): the int8 programs of MobileViT-XS and ViT-S 1.00-1.15x faster
+    than with the Python wrapper, fp32 compiled models 1.00-1.07x in a quiet run and 0.97-1.02x in a noisy one; the
+    compile takes longer (0.6-3.3 s for the fp32 programs, 7-20 s for the int8 ones, the C++ form built after
+    the Python one). ``False``: the Python wrapper.
 
     ``module_guards=False``: at each call Dynamo checks the input and the global state but not the attributes of
     ``model``'s modules (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``): the guards took 0.5-0.7 ms a call
@@ -246,7 +254,7 @@ def quantize_pt2e_int8(
     example: torch.Tensor,
     calibration: Iterable[torch.Tensor],
     tables: bool = False,
-    cpp_wrapper: bool = True,
+    cpp_wrapper: bool | None = None,
     module_guards: bool = False,
 ):
     """Static int8 through PyTorch's PT2E flow, compiled: the model's ``torch.export`` program (dynamic batch),
