@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from vitkit.bench.speed import matmul_peak
-from vitkit.machine import cpu_info, cpu_kind, cpu_line
+from vitkit.bench.speed import cpu_stamp, matmul_peak, timeit
+from vitkit.machine import cpu_kind
 
 HERE = Path(__file__).resolve().parent
 # (model, stage, sequences per image, heads, tokens, head dim, layers); MobileViT-XS at 256 px: one sequence per
@@ -34,17 +33,6 @@ SHAPES = [
     ("mobilevit_xs", "stride 32", 4, 4, 16, 36, 3),
     ("vit_small_patch16_224", "all", 1, 6, 197, 64, 12),
 ]
-
-
-def _median_ms(fn, rounds: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2] * 1e3
 
 
 def main() -> int:
@@ -61,7 +49,7 @@ def main() -> int:
             for model, stage, seqs, heads, n, d, layers in SHAPES:
                 qkv = torch.randn(batch * seqs, n, 3, heads, d, generator=g).permute(2, 0, 3, 1, 4)
                 q, k, v = qkv.unbind(0)
-                ms = _median_ms(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v), args.rounds)
+                ms = 1e3 * timeit(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v), 3, args.rounds)
                 gflops = 4 * n * n * d * heads * seqs * batch / ms / 1e6
                 row = dict(model=model, stage=stage, batch=batch, shape=[batch * seqs, heads, n, d], layers=layers)
                 row.update(ms_per_layer=round(ms, 3), ms_model=round(ms * layers, 2), gflops=round(gflops, 1))
@@ -70,8 +58,7 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
-    record = dict(cpu=cpu_line(), cpu_info=cpu_info(), torch=torch.__version__, threads=torch.get_num_threads())
-    results[cpu_kind()] = dict(record, fp32_gemm_peak_gflops=round(peak, 1), rows=rows)
+    results[cpu_kind()] = dict(cpu_stamp(), fp32_gemm_peak_gflops=round(peak, 1), rows=rows)
     out.write_text(json.dumps(results, indent=1))
     print(f"fp32 GEMM peak {peak:.1f} GFLOP/s; wrote {out}")
     return 0

@@ -30,7 +30,7 @@ import torch
 
 import vitkit
 from vitkit.bench.allocator import tune_allocator
-from vitkit.bench.speed import file_model_rows, model_rows_parser
+from vitkit.bench.speed import file_model_rows, interleaved_times, model_rows_parser
 from vitkit.kernels import lut
 from vitkit.routes import compile_frozen, quantize_pt2e_int8, rel_err
 
@@ -39,18 +39,9 @@ MODELS = ["vit_small_patch16_224", "mobilevit_xs", "halonet26t", "nest_tiny_jx"]
 
 
 def _times(forms: dict, x: torch.Tensor, rounds: int) -> dict[str, dict[str, float]]:
-    """Median and 25th percentile ms of each form, one call of each per round after two untimed calls."""
-    times: dict[str, list[float]] = {k: [] for k in forms}
-    with torch.no_grad():
-        for fn in forms.values():
-            fn(x), fn(x)
-        for _ in range(rounds):
-            for k, fn in forms.items():
-                t0 = time.perf_counter()
-                fn(x)
-                times[k].append((time.perf_counter() - t0) * 1e3)
+    """Median and 25th percentile ms of each form, timed interleaved after two untimed calls of each."""
     return {k: {"median": round(statistics.median(v), 2), "p25": round(statistics.quantiles(v, n=4)[0], 2)}
-            for k, v in times.items()}  # fmt: skip
+            for k, v in interleaved_times(forms, x, rounds).items()}  # fmt: skip
 
 
 def model_row(name: str, batch: int, rounds: int, int8: bool) -> dict:

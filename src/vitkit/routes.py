@@ -276,10 +276,9 @@ def quantize_pt2e_int8(
     the kernel cannot be built. Measured on the AVX-512 AMD EPYC (Zen 4), 1 thread: MobileViT-XS (SiLU) 1.21x
     (batch 1) and 1.28x (batch 8) faster than the plain PT2E form, 1.36x / 2.02x vitkit's fastest fp32 route (ONNX
     Runtime; 1.54-1.57x / 1.91-1.96x with the C++ wrapper, in noisier runs); ViT-S (GELU) 1.04x faster, 2.56x /
-    2.54x its fastest fp32 route; the MNIST recipes' MobileViT-XXS
-    and ViT as accurate as with the plain form (``benchmarks/peers/README.md``). ``cpp_wrapper`` and
-    ``module_guards`` as in :func:`compile_frozen` (the converted program is this function's alone, so by default
-    Dynamo does not re-check its modules at each call)."""
+    2.54x its fastest fp32 route; the MNIST recipes' MobileViT-XXS and ViT as accurate as with the plain form
+    (``benchmarks/peers/README.md``). ``cpp_wrapper`` and ``module_guards`` as in :func:`compile_frozen` (the
+    converted program is this function's alone, so by default Dynamo does not re-check its modules at each call)."""
     require("torchao", "int8 through PT2E (torchao)", "int8")
     if tables and (reason := lut.unavailable_reason()):
         raise RuntimeError(f"int8 activation tables: vitkit.kernels.lut {reason}")

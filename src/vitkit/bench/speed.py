@@ -88,8 +88,8 @@ def matmul_peak(dtype: str = "fp32", n: int | None = None, device: str = "cpu", 
     return 2 * n**3 / t
 
 
-def interleaved(fns: dict[str, Callable], x: torch.Tensor, rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Median ms per call of each of ``fns`` on ``x``, timed *interleaved*: one call of each per round, so load
+def interleaved_times(fns: dict[str, Callable], x: torch.Tensor, rounds: int, warmup: int = 2) -> dict[str, list]:
+    """Wall times in ms of each of ``fns`` on ``x``, timed *interleaved*: one call of each per round, so load
     from other processes, heap state and clock changes fall on every route alike (what the peer, edge and int8
     benchmarks compare). ``warmup`` untimed calls of each first; gradients off."""
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -101,8 +101,13 @@ def interleaved(fns: dict[str, Callable], x: torch.Tensor, rounds: int, warmup: 
             for k, fn in fns.items():
                 t0 = time.perf_counter()
                 fn(x)
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def interleaved(fns: dict[str, Callable], x: torch.Tensor, rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median ms per call of each of ``fns`` on ``x``, timed interleaved (:func:`interleaved_times`)."""
+    return {k: statistics.median(v) for k, v in interleaved_times(fns, x, rounds, warmup).items()}
 
 
 def _proc_kb(key: str) -> float | None:
@@ -440,6 +445,11 @@ def _bench_exported(model: nn.Module, x: torch.Tensor, x1: torch.Tensor, repeats
     return t_batch, t_one, mem
 
 
+def cpu_stamp() -> dict:
+    """What a benchmark record says of where it ran: the CPU in words and flags, torch and the thread count."""
+    return dict(cpu=cpu_line(), cpu_info=cpu_info(), torch=torch.__version__, threads=torch.get_num_threads())
+
+
 def file_model_rows(
     out: Path | str,
     models: list[str],
@@ -456,7 +466,7 @@ def file_model_rows(
     out = Path(out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     rec = results.setdefault(cpu_kind(), {"models": {}})
-    rec.update(cpu=cpu_line(), cpu_info=cpu_info(), torch=torch.__version__, threads=torch.get_num_threads())
+    rec.update(cpu_stamp())
     if note:
         rec["note"] = note
     for key, measure in (before or {}).items():
