@@ -326,3 +326,35 @@ def test_interleaved_times_one_call_of_each_route_per_round():
     ms = interleaved(fns, torch.zeros(1), rounds=3, warmup=1)
     assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up of each, then alternating rounds
     assert set(ms) == {"a", "b"} and all(v >= 0 for v in ms.values())
+
+
+def test_the_compiled_route_benchmarks_helpers(monkeypatch):
+    """``build_timed`` builds each form once, runs it once on the input (gradients off) and times both together;
+    ``interleaved_quartiles`` gives each form's median and 25th percentile (a form twice as slow reads slower at
+    both); ``random_case`` gives the same model, batch and calibration batches at each call."""
+    import time as _time
+
+    from vitkit.bench import speed
+
+    built = []
+
+    def build(label, delay):
+        built.append(label)
+
+        def fn(x):
+            assert not torch.is_grad_enabled()
+            _time.sleep(delay)
+            return x * 2
+
+        return fn
+
+    builds = {"fast": lambda: build("fast", 0.0), "slow": lambda: build("slow", 0.01)}
+    forms, outs, seconds = speed.build_timed(builds, torch.ones(2))
+    assert built == ["fast", "slow"] and all(torch.equal(o, torch.full((2,), 2.0)) for o in outs.values())
+    assert set(seconds) == {"fast", "slow"} and all(v >= 0 for v in seconds.values())
+    q = speed.interleaved_quartiles(forms, torch.ones(2), rounds=8)
+    assert all(q[k]["p25"] <= q[k]["median"] for k in q) and q["slow"]["median"] > q["fast"]["median"]
+    (m1, x1, c1), (m2, x2, c2) = (speed.random_case("vit_tiny_patch16_224", 2) for _ in range(2))
+    assert not m1.training and x1.shape[0] == 2 and len(c1) == 3 and all(c.shape[0] == 4 for c in c1)
+    assert torch.equal(x1, x2) and all(torch.equal(a, b) for a, b in zip(c1, c2))
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))

@@ -6,6 +6,8 @@ run checks the verification logic and, for two families, that Dynamo captures th
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -633,13 +635,14 @@ def test_activation_tables_compile_into_the_int8_program(tmp_path, monkeypatch):
 
 
 def test_int8_auto_adds_the_table_form_where_the_model_has_silu_or_gelu(monkeypatch):
-    """'auto' int8 builds the PT2E form with activation tables as a third candidate, timed like the others, for a
-    model with SiLU (MobileViT) or GELU (ViT) and not for one with neither (HaloNet-26T: ReLU);
+    """'auto' int8 builds the PT2E form with activation tables (and autotuned GEMMs) as a third candidate, timed like
+    the others, for a model with SiLU (MobileViT) or GELU (ViT) and not for one with neither (HaloNet-26T: ReLU);
     ``int8_backend="pt2e+kernels"`` asks for it alone. The forms and timings are replaced (the real form: the tests
     above)."""
     calls = []
 
-    def pt2e(model, example, calib, tables=False):
+    def pt2e(model, example, calib, tables=False, gemm_autotune=False):
+        assert gemm_autotune == tables, "the table form is the one with autotuned GEMMs, the plain form is plain"
         calls.append(tables)
 
         def fn(inp):
@@ -649,6 +652,7 @@ def test_int8_auto_adds_the_table_form_where_the_model_has_silu_or_gelu(monkeypa
         return fn
 
     monkeypatch.setattr(opt, "quantize_pt2e_int8", pt2e)
+    monkeypatch.setattr(opt, "int8_gemm_template", lambda: True)  # (a CPU with AVX-512 VNNI or AMX)
     fast = {"pt2e+kernels": 4.0}
     monkeypatch.setattr(opt, "_time_ms", lambda fn, inp, repeats, ctx=None: fast.get(getattr(fn, "backend", ""), 9.0))
     monkeypatch.setattr(opt, "_installed", lambda module: module == "torchao")
@@ -662,3 +666,43 @@ def test_int8_auto_adds_the_table_form_where_the_model_has_silu_or_gelu(monkeypa
     calls.clear()
     out = vitkit.optimize(model, x, route="int8", calibration=[x, x], int8_backend="pt2e+kernels")
     assert calls == [True] and "int8 backend: pt2e+kernels" in out.report.note
+
+
+@pytest.mark.slow
+def test_gemm_autotune_puts_inductors_generated_gemm_in_the_program(tmp_path, monkeypatch):
+    """``gemm_autotune=True`` compiles with ``max_autotune`` and the C++ GEMM template as a choice for every matrix
+    product. Here the template is made the only choice (``routes._GEMM_BACKENDS = "CPP"``; the route times it
+    against the library op, which a test cannot rely on), so the generated code must hold its micro-kernel in place
+    of the library linears (fp32: MKL/oneDNN; int8: oneDNN's ``qlinear``), and compute the same: fp32 against eager
+    to 1e-4 (another summation order), the int8 program against its converted model run eagerly, within the
+    requantization rounding bound of the PT2E tests above (1e-2). The plain compile has none of it. (The int8 part
+    runs where the template has vector int8 kernels, AVX-512 VNNI or AMX; elsewhere it would be a scalar
+    reference GEMM that the route never asks for.)"""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
+
+    from vitkit.machine import int8_gemm_template
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(opt, "_GEMM_BACKENDS", "CPP")
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+    model, x = _Net(body).eval(), torch.randn(2, 8, 32)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out, code = run_and_get_code(opt.compile_frozen(model, dynamic=False, gemm_autotune=True), x)
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+        assert "micro_gemm" in "\n".join(code), "no generated GEMM in the autotuned fp32 program"
+        _, code = run_and_get_code(opt.compile_frozen(model, dynamic=False), x)
+        assert "micro_gemm" not in "\n".join(code)
+        if importlib.util.find_spec("torchao") is None or not int8_gemm_template():
+            return
+        calib = [torch.randn(4, 8, 32) for _ in range(4)]
+        counters.clear()
+        fn = opt.quantize_pt2e_int8(model, x, calib, gemm_autotune=True)
+        out, code = run_and_get_code(fn, x)
+        text = "\n".join(code)
+        assert "micro_gemm" in text and "qlinear" not in text, "oneDNN's int8 linears left in the autotuned program"
+        assert counters["inductor"]["cpp_templated_kernel_counter"] > 0
+        assert opt.rel_err(out, fn.__self__.model(x)) < 1e-2
+    torch._dynamo.reset()

@@ -104,7 +104,8 @@ def build_routes(
         except Exception as e:  # noqa: BLE001
             notes[f"{label} onnx"] = f"{type(e).__name__}: {str(e)[:300]}"
     if int8 and importlib.util.find_spec("torchao"):  # vitkit's other int8 backend (PT2E; one program per batch size)
-        tables = [("vitkit int8 (pt2e+kernels)", {"tables": True})] if lut.tabulable(ours) else []
+        kernels = {"tables": True, "gemm_autotune": True}  # (what optimize's 'pt2e+kernels' form builds)
+        tables = [("vitkit int8 (pt2e+kernels)", kernels)] if lut.tabulable(ours) else []
         for label, kw in [("vitkit int8 (pt2e)", {})] + tables:
             try:
                 routes[label] = quantize_pt2e_int8(ours, first, calib, **kw)

@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-import vitkit
 from vitkit.bench.allocator import tune_allocator
-from vitkit.bench.speed import file_model_rows, interleaved_times, model_rows_parser
+from vitkit.bench.speed import build_timed, file_model_rows, interleaved_quartiles, model_rows_parser, random_case
 from vitkit.kernels import lut
 from vitkit.routes import compile_frozen, quantize_pt2e_int8, rel_err
 
@@ -38,19 +35,8 @@ HERE = Path(__file__).resolve().parent
 MODELS = ["vit_small_patch16_224", "mobilevit_xs", "halonet26t", "nest_tiny_jx"]
 
 
-def _times(forms: dict, x: torch.Tensor, rounds: int) -> dict[str, dict[str, float]]:
-    """Median and 25th percentile ms of each form, timed interleaved after two untimed calls of each."""
-    return {k: {"median": round(statistics.median(v), 2), "p25": round(statistics.quantiles(v, n=4)[0], 2)}
-            for k, v in interleaved_times(forms, x, rounds).items()}  # fmt: skip
-
-
 def model_row(name: str, batch: int, rounds: int, int8: bool) -> dict:
-    torch.manual_seed(0)
-    model = vitkit.create_model(name).eval()
-    g = torch.Generator().manual_seed(1)
-    size = model.pretrained_cfg["input_size"]
-    x = torch.randn(batch, *size, generator=g)
-    calibration = [torch.randn(4, *size, generator=g) for _ in range(3)]
+    model, x, calibration = random_case(name, batch)
     tables = lut.tabulable(model) and lut.unavailable_reason() is None
     builds = {f"fp32, {w}": (lambda c=c: compile_frozen(model, dynamic=False, cpp_wrapper=c))
               for w, c in (("C++", True), ("Python", False))}  # fmt: skip
@@ -60,19 +46,15 @@ def model_row(name: str, batch: int, rounds: int, int8: bool) -> dict:
             builds[f"{kind}, {w}"] = lambda c=c, guards=guards: quantize_pt2e_int8(
                 model, x, calibration, tables=tables, cpp_wrapper=c, module_guards=guards
             )
-    forms, outs, row = {}, {}, {"compile_s": {}, "rel_err": {}}
     with torch.no_grad():
         ref = model(x)
-        for label, build in builds.items():
-            t0 = time.perf_counter()
-            forms[label] = build()
-            outs[label] = forms[label](x)
-            row["compile_s"][label] = round(time.perf_counter() - t0, 1)
+    forms, outs, compile_s = build_timed(builds, x)
+    row = {"compile_s": compile_s, "rel_err": {}}
     for label, out in outs.items():  # fp32 against eager; int8 (random weights) against the Python wrapper's int8
         kind, wrapper = label.split(", ", 1)
         other = outs[f"{kind}, Python"] if kind != "fp32" else ref
         row["rel_err"][label] = rel_err(out, other) if kind == "fp32" or wrapper != "Python" else None
-    row["ms"] = _times(forms, x, rounds)
+    row["ms"] = interleaved_quartiles(forms, x, rounds)
     ms = row["ms"]
     for label in forms:
         kind, wrapper = label.split(", ", 1)

@@ -94,6 +94,12 @@ def int8_dot_units() -> bool:
     return any(f in _cpuinfo()[1] for f in INT8_DOT_FLAGS)
 
 
+def int8_gemm_template() -> bool:
+    """Whether Inductor's C++ GEMM template has a vector int8 kernel for this CPU: AVX-512 VNNI or AMX. Elsewhere
+    it offers only a scalar reference GEMM, which ``max_autotune`` would time and discard at every compile."""
+    return any(f in _cpuinfo()[1] for f in ("avx512_vnni", "amx_int8"))
+
+
 def bf16_note(device: str | torch.device = "cpu") -> str | None:
     """A warning for bf16 work on a CPU without bf16 units, or None where bf16 is native."""
     if native_bf16(device):

@@ -14,10 +14,11 @@ The layers in :mod:`vitkit.layers` are plain reference code; speed at inference 
   ONNX Runtime, or ``"pt2e"``, PyTorch's PT2E flow (:func:`quantize_pt2e_int8`: torchao's x86 Inductor quantizer,
   then the frozen compile, whose int8 convolutions and linears run in oneDNN), and for a model with SiLU or GELU
   ``"pt2e+kernels"``, the same with each such activation between quantized ops a table on uint8 codes
-  (:mod:`vitkit.kernels.lut`). ``"auto"`` builds each where it is installed (and applies) and keeps the fastest
-  whose error on the held-out batch is at most 1.5 times the smallest. The
-  error is reported; accuracy is what matters for int8 and is checked on real data (``benchmarks/peers``), not by
-  a tolerance here.
+  (:mod:`vitkit.kernels.lut`) and, on CPUs with AVX-512 VNNI or AMX, the matrix products autotuned (Inductor's
+  C++ GEMM template timed against oneDNN's int8 linear, ``gemm_autotune`` in :func:`compile_frozen`). ``"auto"``
+  builds each where it is installed (and applies) and keeps the fastest whose error on the held-out batch is at
+  most 1.5 times the smallest. The error is reported; accuracy is what matters for int8 and is checked on real
+  data (``benchmarks/peers``), not by a tolerance here.
 * ``"onnxruntime"``: the fp32 ONNX export (dynamic batch) run by ONNX Runtime's CPU provider, checked against
   eager like the compiled form. ONNX Runtime fuses convolutions with their activations and picks its own kernels;
   on the peers benchmark it ran MobileViT-XS 1.25-1.4x and HaloNet-26T 1.16-1.26x faster than the compiled
@@ -62,7 +63,7 @@ from vitkit import kernels
 from vitkit.export import OnnxRunner, export_onnx, quantize_onnx_int8_best, rel_err
 from vitkit.export.common import require, torch_program
 from vitkit.kernels import lut
-from vitkit.machine import int8_dot_units
+from vitkit.machine import int8_dot_units, int8_gemm_template
 from vitkit.runtime import autocast
 
 ROUTES = ("auto", "eager", "compile", "onnxruntime", "int8")
@@ -129,9 +130,10 @@ class Frozen(nn.Module):
         symbolic_batch: bool = False,
         cpp_wrapper: bool | None = None,
         module_guards: bool = True,
+        gemm_autotune: bool = False,
     ):
         super().__init__()
-        self.symbolic_batch, self.cpp_wrapper = symbolic_batch, cpp_wrapper
+        self.symbolic_batch, self.cpp_wrapper, self.gemm_autotune = symbolic_batch, cpp_wrapper, gemm_autotune
         self.model = model  # (registered, so the wrapper's parameters and state dict are the model's)
         from vitkit.kernels.linear import OneDnnLinear
 
@@ -169,8 +171,19 @@ class Frozen(nn.Module):
         # read by Dynamo while it traces (parameters become constants) and by Inductor while it compiles, both of
         # which happen inside a call (the first at each new shape)
         cpp_wrapper = x.device.type == "cpu" if self.cpp_wrapper is None else self.cpp_wrapper
-        with inductor_config.patch(freezing=True, cpp_wrapper=cpp_wrapper):
+        options = {"freezing": True, "cpp_wrapper": cpp_wrapper}
+        if self.gemm_autotune and x.device.type == "cpu":  # (CPU templates; its timing reports silenced)
+            options.update(
+                max_autotune=True,
+                max_autotune_gemm_backends=_GEMM_BACKENDS,
+                autotune_num_choices_displayed=0,
+                max_autotune_report_choices_stats=False,
+            )
+        with inductor_config.patch(options):
             return self.compiled(x)
+
+
+_GEMM_BACKENDS = "CPP,ATEN"  # Inductor's C++ GEMM template, and the library op (oneDNN/MKL) it is timed against
 
 
 def compile_frozen(
@@ -179,6 +192,7 @@ def compile_frozen(
     symbolic_batch: bool = False,
     cpp_wrapper: bool | None = None,
     module_guards: bool = True,
+    gemm_autotune: bool = False,
 ) -> nn.Module:
     """``torch.compile`` for inference: Inductor with freezing; ``dynamic`` as torch.compile takes it (None: a
     dynamic batch after the first new shape; False: one specialised program per shape, for benchmarks).
@@ -211,6 +225,17 @@ def compile_frozen(
     for a module nobody changes after: the int8 program that :func:`quantize_pt2e_int8` converts and compiles,
     which vitkit holds alone.
 
+    ``gemm_autotune=True``: Inductor's ``max_autotune`` with the ``CPP,ATEN`` GEMM backends. For each matrix product
+    of the program it times, at compile, a GEMM it generates for this CPU (a C++ micro-kernel: AVX-512 VNNI or AMX
+    for int8, AVX-512/AVX2 FMA for fp32) against the library op (oneDNN's int8 linear, whose calls cost 20-25 us
+    besides their arithmetic; MKL/oneDNN in fp32) and keeps the faster. Measured interleaved (AVX-512 AMD EPYC, Zen
+    4, 1 thread, ``benchmarks/speed/gemm_autotune.py``): the int8 programs of ViT-S 1.13x (batch 1) / 1.03x (batch
+    8) and MobileViT-XS 1.01-1.04x (two runs) / 1.02x faster; fp32 programs 0.97-1.01x, so the fp32 routes leave it
+    off. It costs compile time at each batch size (+63-97 s for those int8 programs). For int8 the template has
+    vector kernels for AVX-512 VNNI and AMX only (elsewhere a scalar reference GEMM, which loses), so
+    :func:`optimize`'s ``"pt2e+kernels"`` int8 form uses it where :func:`vitkit.machine.int8_gemm_template` is
+    true. CPU inputs only (on a GPU: off).
+
     ``symbolic_batch=True`` marks the batch dimension of each input unbacked (``mark_unbacked``: a symbol even at
     size 1, which Dynamo otherwise specialises), so one program serves every batch size (in the families whose
     forward captures it in one graph: ViT, hybrid ViT, NesT, LaViT, PVT; the others break the graph at a guard on
@@ -223,7 +248,7 @@ def compile_frozen(
     so :func:`optimize` measures both.
     """
     compile_cache_dir()
-    return Frozen(model, dynamic, symbolic_batch, cpp_wrapper, module_guards)
+    return Frozen(model, dynamic, symbolic_batch, cpp_wrapper, module_guards, gemm_autotune)
 
 
 def compile_with_kernels(model: nn.Module, dynamic: bool | None = None, symbolic_batch: bool = False) -> nn.Module:
@@ -256,6 +281,7 @@ def quantize_pt2e_int8(
     tables: bool = False,
     cpp_wrapper: bool | None = None,
     module_guards: bool = False,
+    gemm_autotune: bool = False,
 ):
     """Static int8 through PyTorch's PT2E flow, compiled: the model's ``torch.export`` program (dynamic batch),
     annotated by torchao's ``X86InductorQuantizer`` (its default: int8 weights per output channel, uint8 activations
@@ -277,8 +303,11 @@ def quantize_pt2e_int8(
     (batch 1) and 1.28x (batch 8) faster than the plain PT2E form, 1.36x / 2.02x vitkit's fastest fp32 route (ONNX
     Runtime; 1.54-1.57x / 1.91-1.96x with the C++ wrapper, in noisier runs); ViT-S (GELU) 1.04x faster, 2.56x /
     2.54x its fastest fp32 route; the MNIST recipes' MobileViT-XXS and ViT as accurate as with the plain form
-    (``benchmarks/peers/README.md``). ``cpp_wrapper`` and ``module_guards`` as in :func:`compile_frozen` (the
-    converted program is this function's alone, so by default Dynamo does not re-check its modules at each call)."""
+    (``benchmarks/peers/README.md``).
+
+    ``cpp_wrapper``, ``module_guards`` and ``gemm_autotune`` as in :func:`compile_frozen` (the converted program is
+    this function's alone, so by default Dynamo does not re-check its modules at each call; ``gemm_autotune=True``
+    lets Inductor's generated int8 GEMM replace oneDNN's linear where it times faster)."""
     require("torchao", "int8 through PT2E (torchao)", "int8")
     if tables and (reason := lut.unavailable_reason()):
         raise RuntimeError(f"int8 activation tables: vitkit.kernels.lut {reason}")
@@ -312,7 +341,10 @@ def quantize_pt2e_int8(
     # one program per batch size: with a dynamic batch, torch 2.13's Inductor recompiled the int8 ViT into code that
     # failed its own stride assertion at the second batch size. A callable, not a module: an exported program
     # refuses train()/eval(), which a wrapping module passes down
-    return compile_frozen(converted, dynamic=False, cpp_wrapper=cpp_wrapper, module_guards=module_guards).forward
+    compiled = compile_frozen(
+        converted, dynamic=False, cpp_wrapper=cpp_wrapper, module_guards=module_guards, gemm_autotune=gemm_autotune
+    )
+    return compiled.forward
 
 
 def _apart_quantizer():
@@ -356,7 +388,7 @@ def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, re
             elif name == "pt2e":
                 fn = quantize_pt2e_int8(model, example, calib)
             else:
-                fn = quantize_pt2e_int8(model, example, calib, tables=True)
+                fn = quantize_pt2e_int8(model, example, calib, tables=True, gemm_autotune=int8_gemm_template())
             with torch.no_grad():
                 fn(example)  # (PT2E compiles here)
                 err = max(rel_err(fn(x), ref) for x, ref in zip(check, refs))
@@ -415,9 +447,9 @@ def optimize(
         route: 'auto' (the fastest verified of eager, compiled and, in fp32 with the export extra, ONNX Runtime),
             'compile', 'onnxruntime', 'eager' or 'int8'.
         calibration: batches for int8 calibration (default: ``example`` alone, which is too little for accuracy).
-        int8_backend: for 'int8': 'onnxruntime', 'pt2e', 'pt2e+kernels' (PT2E with activation tables,
-            :func:`quantize_pt2e_int8`) or 'auto' (each where installed and, for the tables, where the model has
-            SiLU or GELU; see the module docstring).
+        int8_backend: for 'int8': 'onnxruntime', 'pt2e', 'pt2e+kernels' (PT2E with activation tables and
+            autotuned GEMMs, :func:`quantize_pt2e_int8`) or 'auto' (each where installed and, for the tables,
+            where the model has SiLU or GELU; see the module docstring).
         rtol: the verification tolerance (default 1e-4 fp32, 5e-2 bf16).
         repeats: timed repeats per route for 'auto' (and for the report).
         symbolic_batch: compile with the batch size as a symbol (see :func:`compile_frozen`) or not; None: 'auto'

@@ -110,6 +110,37 @@ def interleaved(fns: dict[str, Callable], x: torch.Tensor, rounds: int, warmup: 
     return {k: statistics.median(v) for k, v in interleaved_times(fns, x, rounds, warmup).items()}
 
 
+def interleaved_quartiles(fns: dict[str, Callable], x: torch.Tensor, rounds: int) -> dict[str, dict[str, float]]:
+    """Median and 25th percentile ms of each of ``fns`` on ``x``, timed interleaved (:func:`interleaved_times`)."""
+    return {k: {"median": round(statistics.median(v), 2), "p25": round(statistics.quantiles(v, n=4)[0], 2)}
+            for k, v in interleaved_times(fns, x, rounds).items()}  # fmt: skip
+
+
+def random_case(name: str, batch: int, calibration_batches: int = 3) -> tuple[nn.Module, torch.Tensor, list]:
+    """What the compiled-route benchmarks measure a model on: ``name`` with random weights (seed 0) in eval mode,
+    a random batch of ``batch`` at its input size and ``calibration_batches`` random batches of 4 (seed 1)."""
+    torch.manual_seed(0)
+    model = vitkit.create_model(name).eval()
+    g = torch.Generator().manual_seed(1)
+    size = model.pretrained_cfg["input_size"]
+    x = torch.randn(batch, *size, generator=g)
+    return model, x, [torch.randn(4, *size, generator=g) for _ in range(calibration_batches)]
+
+
+def build_timed(builds: dict[str, Callable[[], Callable]], x: torch.Tensor) -> tuple[dict, dict, dict]:
+    """Build each form of ``builds`` (label -> a function returning it) and run it once on ``x`` under ``no_grad``:
+    ``(forms, outputs, seconds)``, the seconds covering the build and the first call (where a compiled form
+    compiles)."""
+    forms, outs, seconds = {}, {}, {}
+    with torch.no_grad():
+        for label, build in builds.items():
+            t0 = time.perf_counter()
+            forms[label] = build()
+            outs[label] = forms[label](x)
+            seconds[label] = round(time.perf_counter() - t0, 1)
+    return forms, outs, seconds
+
+
 def _proc_kb(key: str) -> float | None:
     try:
         with open("/proc/self/status") as f:
