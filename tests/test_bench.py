@@ -328,7 +328,7 @@ def test_interleaved_times_one_call_of_each_route_per_round():
     assert set(ms) == {"a", "b"} and all(v >= 0 for v in ms.values())
 
 
-def test_the_compiled_route_benchmarks_helpers(monkeypatch):
+def test_the_compiled_route_benchmarks_helpers():
     """``build_timed`` builds each form once, runs it once on the input (gradients off) and times both together;
     ``interleaved_quartiles`` gives each form's median and 25th percentile (a form twice as slow reads slower at
     both); ``random_case`` gives the same model, batch and calibration batches at each call."""
@@ -351,9 +351,9 @@ def test_the_compiled_route_benchmarks_helpers(monkeypatch):
     builds = {"fast": lambda: build("fast", 0.0), "slow": lambda: build("slow", 0.01)}
     forms, outs, seconds = speed.build_timed(builds, torch.ones(2))
     assert built == ["fast", "slow"] and all(torch.equal(o, torch.full((2,), 2.0)) for o in outs.values())
-    assert set(seconds) == {"fast", "slow"} and all(v >= 0 for v in seconds.values())
-    q = speed.interleaved_quartiles(forms, torch.ones(2), rounds=8)
-    assert all(q[k]["p25"] <= q[k]["median"] for k in q) and q["slow"]["median"] > q["fast"]["median"]
+    assert set(seconds) == {"fast", "slow"}
+    q = speed.interleaved_quartiles(forms, torch.ones(2), rounds=8)  # (a 10-ms sleep: slower at both, on any CPU)
+    assert q["slow"]["median"] > q["fast"]["median"] and q["slow"]["p25"] > q["fast"]["p25"]
     (m1, x1, c1), (m2, x2, c2) = (speed.random_case("vit_tiny_patch16_224", 2) for _ in range(2))
     assert not m1.training and x1.shape[0] == 2 and len(c1) == 3 and all(c.shape[0] == 4 for c in c1)
     assert torch.equal(x1, x2) and all(torch.equal(a, b) for a, b in zip(c1, c2))

@@ -637,12 +637,13 @@ def test_activation_tables_compile_into_the_int8_program(tmp_path, monkeypatch):
 def test_int8_auto_adds_the_table_form_where_the_model_has_silu_or_gelu(monkeypatch):
     """'auto' int8 builds the PT2E form with activation tables (and autotuned GEMMs) as a third candidate, timed like
     the others, for a model with SiLU (MobileViT) or GELU (ViT) and not for one with neither (HaloNet-26T: ReLU);
-    ``int8_backend="pt2e+kernels"`` asks for it alone. The forms and timings are replaced (the real form: the tests
-    above)."""
-    calls = []
+    ``int8_backend="pt2e+kernels"`` asks for it alone. The GEMMs are autotuned in the table form only, and only
+    where Inductor's template has vector int8 kernels (``int8_gemm_template``). The forms and timings are replaced
+    (the real form: the tests above and below)."""
+    calls, template = [], [True]
 
     def pt2e(model, example, calib, tables=False, gemm_autotune=False):
-        assert gemm_autotune == tables, "the table form is the one with autotuned GEMMs, the plain form is plain"
+        assert gemm_autotune == (tables and template[0]), (tables, gemm_autotune)
         calls.append(tables)
 
         def fn(inp):
@@ -652,7 +653,7 @@ def test_int8_auto_adds_the_table_form_where_the_model_has_silu_or_gelu(monkeypa
         return fn
 
     monkeypatch.setattr(opt, "quantize_pt2e_int8", pt2e)
-    monkeypatch.setattr(opt, "int8_gemm_template", lambda: True)  # (a CPU with AVX-512 VNNI or AMX)
+    monkeypatch.setattr(opt, "int8_gemm_template", lambda: template[0])  # (True: a CPU with AVX-512 VNNI or AMX)
     fast = {"pt2e+kernels": 4.0}
     monkeypatch.setattr(opt, "_time_ms", lambda fn, inp, repeats, ctx=None: fast.get(getattr(fn, "backend", ""), 9.0))
     monkeypatch.setattr(opt, "_installed", lambda module: module == "torchao")
@@ -663,9 +664,10 @@ def test_int8_auto_adds_the_table_form_where_the_model_has_silu_or_gelu(monkeypa
         assert calls == ([False, True] if tables else [False]), (name, calls)
         assert out.fn.backend == ("pt2e+kernels" if tables else "pt2e")
         assert ("pt2e+kernels" in out.report.timings) == tables
-    calls.clear()
-    out = vitkit.optimize(model, x, route="int8", calibration=[x, x], int8_backend="pt2e+kernels")
-    assert calls == [True] and "int8 backend: pt2e+kernels" in out.report.note
+    for template[0] in (True, False):
+        calls.clear()
+        out = vitkit.optimize(model, x, route="int8", calibration=[x, x], int8_backend="pt2e+kernels")
+        assert calls == [True] and "int8 backend: pt2e+kernels" in out.report.note
 
 
 @pytest.mark.slow
@@ -689,14 +691,23 @@ def test_gemm_autotune_puts_inductors_generated_gemm_in_the_program(tmp_path, mo
     body = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
     model, x = _Net(body).eval(), torch.randn(2, 8, 32)
     torch._dynamo.reset()
+    try:
+        _check_gemm_autotune(model, x, run_and_get_code, counters, int8_gemm_template())
+    finally:
+        torch._dynamo.reset()
+
+
+def _check_gemm_autotune(model, x, run_and_get_code, counters, template_int8: bool) -> None:
     with torch.no_grad():
         out, code = run_and_get_code(opt.compile_frozen(model, dynamic=False, gemm_autotune=True), x)
         torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
         assert "micro_gemm" in "\n".join(code), "no generated GEMM in the autotuned fp32 program"
         _, code = run_and_get_code(opt.compile_frozen(model, dynamic=False), x)
         assert "micro_gemm" not in "\n".join(code)
-        if importlib.util.find_spec("torchao") is None or not int8_gemm_template():
-            return
+        if importlib.util.find_spec("torchao") is None:
+            pytest.skip("fp32 checked; the int8 part needs the int8 extra (torchao)")
+        if not template_int8:
+            pytest.skip("fp32 checked; Inductor's int8 GEMM template has vector kernels for AVX-512 VNNI/AMX only")
         calib = [torch.randn(4, 8, 32) for _ in range(4)]
         counters.clear()
         fn = opt.quantize_pt2e_int8(model, x, calib, gemm_autotune=True)
@@ -705,4 +716,3 @@ def test_gemm_autotune_puts_inductors_generated_gemm_in_the_program(tmp_path, mo
         assert "micro_gemm" in text and "qlinear" not in text, "oneDNN's int8 linears left in the autotuned program"
         assert counters["inductor"]["cpp_templated_kernel_counter"] > 0
         assert opt.rel_err(out, fn.__self__.model(x)) < 1e-2
-    torch._dynamo.reset()

@@ -9,9 +9,9 @@
 With ``max_autotune`` and the ``CPP,ATEN`` GEMM backends, Inductor times, for each matrix product of the program at
 its shape, a GEMM it generates (a C++ micro-kernel for the CPU's vector units: AVX-512 VNNI or AMX for int8,
 AVX-512/AVX2 FMA for fp32) against the library op it would otherwise call (oneDNN's int8 linear, MKL/oneDNN's
-fp32 one) and keeps the faster. oneDNN's int8 linear spends about 30-40 us a call outside its kernel (it builds a
-primitive descriptor at each call), which is most of the time of the small products of MobileViT's transformer
-blocks at batch 1; the generated GEMM is part of the program. Each model is compiled with and without it, in fp32
+fp32 one) and keeps the faster. A call of oneDNN's int8 linear costs about 20-25 us besides its arithmetic
+(measured first, ``op_costs``), which is much of the time of the small products of MobileViT's transformer blocks at
+batch 1; the generated GEMM is part of the program. Each model is compiled with and without it, in fp32
 (a static batch) and, where torchao is installed, as the int8 PT2E program (with activation tables where the model
 has SiLU or GELU and the table kernel builds); the forms are timed interleaved (one call of each per round); the
 median and the 25th percentile are recorded, with the compile times and the errors: fp32 against eager, the

@@ -301,7 +301,8 @@ def quantize_pt2e_int8(
     pre-activation to 8 bits) for a pass over bytes. ``RuntimeError`` where the model has no such activation or
     the kernel cannot be built. Measured on the AVX-512 AMD EPYC (Zen 4), 1 thread: MobileViT-XS (SiLU) 1.21x
     (batch 1) and 1.28x (batch 8) faster than the plain PT2E form, 1.36x / 2.02x vitkit's fastest fp32 route (ONNX
-    Runtime; 1.54-1.57x / 1.91-1.96x with the C++ wrapper, in noisier runs); ViT-S (GELU) 1.04x faster, 2.56x /
+    Runtime; 1.54-1.57x / 1.91-1.96x with the C++ wrapper, in noisier runs; 1.69x / 1.97x with the GEMM autotune
+    too, in one run); ViT-S (GELU) 1.04x faster, 2.56x /
     2.54x its fastest fp32 route; the MNIST recipes' MobileViT-XXS and ViT as accurate as with the plain form
     (``benchmarks/peers/README.md``).
 
@@ -447,9 +448,9 @@ def optimize(
         route: 'auto' (the fastest verified of eager, compiled and, in fp32 with the export extra, ONNX Runtime),
             'compile', 'onnxruntime', 'eager' or 'int8'.
         calibration: batches for int8 calibration (default: ``example`` alone, which is too little for accuracy).
-        int8_backend: for 'int8': 'onnxruntime', 'pt2e', 'pt2e+kernels' (PT2E with activation tables and
-            autotuned GEMMs, :func:`quantize_pt2e_int8`) or 'auto' (each where installed and, for the tables,
-            where the model has SiLU or GELU; see the module docstring).
+        int8_backend: for 'int8': 'onnxruntime', 'pt2e', 'pt2e+kernels' (PT2E with activation tables and, with
+            AVX-512 VNNI or AMX, autotuned GEMMs, :func:`quantize_pt2e_int8`) or 'auto' (each where installed
+            and, for the tables, where the model has SiLU or GELU; see the module docstring).
         rtol: the verification tolerance (default 1e-4 fp32, 5e-2 bf16).
         repeats: timed repeats per route for 'auto' (and for the report).
         symbolic_batch: compile with the batch size as a symbol (see :func:`compile_frozen`) or not; None: 'auto'
