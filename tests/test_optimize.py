@@ -680,11 +680,6 @@ def test_gemm_autotune_puts_inductors_generated_gemm_in_the_program(tmp_path, mo
     requantization rounding bound of the PT2E tests above (1e-2). The plain compile has none of it. (The int8 part
     runs where the template has vector int8 kernels, AVX-512 VNNI or AMX; elsewhere it would be a scalar
     reference GEMM that the route never asks for.)"""
-    from torch._dynamo.utils import counters
-    from torch._inductor.utils import run_and_get_code
-
-    from vitkit.machine import int8_gemm_template
-
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     monkeypatch.setattr(opt, "_GEMM_BACKENDS", "CPP")
     torch.manual_seed(0)
@@ -692,12 +687,17 @@ def test_gemm_autotune_puts_inductors_generated_gemm_in_the_program(tmp_path, mo
     model, x = _Net(body).eval(), torch.randn(2, 8, 32)
     torch._dynamo.reset()
     try:
-        _check_gemm_autotune(model, x, run_and_get_code, counters, int8_gemm_template())
+        _check_gemm_autotune(model, x)
     finally:
         torch._dynamo.reset()
 
 
-def _check_gemm_autotune(model, x, run_and_get_code, counters, template_int8: bool) -> None:
+def _check_gemm_autotune(model, x) -> None:
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
+
+    from vitkit.machine import int8_gemm_template
+
     with torch.no_grad():
         out, code = run_and_get_code(opt.compile_frozen(model, dynamic=False, gemm_autotune=True), x)
         torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
@@ -706,7 +706,7 @@ def _check_gemm_autotune(model, x, run_and_get_code, counters, template_int8: bo
         assert "micro_gemm" not in "\n".join(code)
         if importlib.util.find_spec("torchao") is None:
             pytest.skip("fp32 checked; the int8 part needs the int8 extra (torchao)")
-        if not template_int8:
+        if not int8_gemm_template():
             pytest.skip("fp32 checked; Inductor's int8 GEMM template has vector kernels for AVX-512 VNNI/AMX only")
         calib = [torch.randn(4, 8, 32) for _ in range(4)]
         counters.clear()

@@ -37,7 +37,7 @@ MODELS = ["vit_small_patch16_224", "mobilevit_xs", "halonet26t", "nest_tiny_jx"]
 
 def model_row(name: str, batch: int, rounds: int, int8: bool) -> dict:
     model, x, calibration = random_case(name, batch)
-    tables = lut.tabulable(model) and lut.unavailable_reason() is None
+    tables = lut.tables_apply(model)
     builds = {f"fp32, {w}": (lambda c=c: compile_frozen(model, dynamic=False, cpp_wrapper=c))
               for w, c in (("C++", True), ("Python", False))}  # fmt: skip
     if int8:  # the int8 program also with Dynamo's module guards, which quantize_pt2e_int8 leaves out

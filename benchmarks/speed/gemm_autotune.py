@@ -87,7 +87,7 @@ def op_costs() -> dict:
 
 def model_row(name: str, batch: int, rounds: int, fp32: bool, int8: bool) -> dict:
     model, x, calibration = random_case(name, batch)
-    tables = lut.tabulable(model) and lut.unavailable_reason() is None
+    tables = lut.tables_apply(model)
     kind = "int8 tables" if tables else "int8"
     builds = {}
     for tuned, label in ((False, "plain"), (True, "GEMM autotune")):

@@ -35,7 +35,7 @@ def _int8_program(model: torch.nn.Module, x: torch.Tensor):
     inductor_config.cpp.enable_kernel_profile = True
     g = torch.Generator().manual_seed(0)
     calibration = [torch.randn(4, *x.shape[1:], generator=g) for _ in range(3)]
-    tables = lut.tabulable(model) and lut.unavailable_reason() is None
+    tables = lut.tables_apply(model)
     return quantize_pt2e_int8(model, x, calibration, tables=tables, cpp_wrapper=False)
 
 

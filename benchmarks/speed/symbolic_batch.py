@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-import vitkit
 from vitkit import kernels
-from vitkit.bench.speed import file_model_rows, interleaved, model_rows_parser
+from vitkit.bench.speed import build_timed, file_model_rows, interleaved, model_rows_parser, random_case
 from vitkit.routes import compile_frozen, compile_with_kernels, rel_err
 
 HERE = Path(__file__).resolve().parent
@@ -61,10 +59,8 @@ def gemm_rates(rounds: int) -> list[dict]:
 
 
 def model_row(name: str, batch: int, rounds: int) -> dict:
-    torch.manual_seed(0)
-    model = vitkit.create_model(name).eval()
-    x = torch.randn(batch, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(1))
-    forms, row = {}, {"layers_swapped": kernels.applicable(model), "compile_s": {}, "rel_err": {}}
+    model, x, _ = random_case(name, batch, calibration_batches=0)
+    row = {"layers_swapped": kernels.applicable(model)}
     builds = {
         "static": lambda: compile_frozen(model, dynamic=False),
         "symbolic": lambda: compile_frozen(model, dynamic=False, symbolic_batch=True),
@@ -72,12 +68,8 @@ def model_row(name: str, batch: int, rounds: int) -> dict:
     }
     with torch.no_grad():
         ref = model(x)
-        for label, build in builds.items():
-            t0 = time.perf_counter()
-            forms[label] = build()
-            out = forms[label](x)
-            row["compile_s"][label] = round(time.perf_counter() - t0, 1)
-            row["rel_err"][label] = rel_err(out, ref)
+    forms, outs, row["compile_s"] = build_timed(builds, x)
+    row["rel_err"] = {label: rel_err(out, ref) for label, out in outs.items()}
     ms = interleaved(forms, x, rounds)
     row["ms"] = {k: round(v, 2) for k, v in ms.items()}
     row["static_over_symbolic"] = round(ms["static"] / ms["symbolic"], 3)

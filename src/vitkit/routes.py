@@ -373,7 +373,7 @@ def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, re
         if backend != "auto"
         else [b for b, m in (("onnxruntime", "onnxruntime"), ("pt2e", "torchao")) if _installed(m)]
     )
-    if backend == "auto" and "pt2e" in wanted and lut.tabulable(model) and not lut.unavailable_reason():
+    if backend == "auto" and "pt2e" in wanted and lut.tables_apply(model):
         wanted.append("pt2e+kernels")
     if not wanted:
         raise ValueError("optimize: route='int8' needs onnxruntime (the export extra) or torchao (the int8 extra)")

@@ -160,6 +160,12 @@ def tabulable(model: torch.nn.Module) -> bool:
     return any(isinstance(m, (torch.nn.SiLU, torch.nn.GELU)) for m in model.modules())
 
 
+def tables_apply(model: torch.nn.Module) -> bool:
+    """The model's int8 form can use the tables here: it has an activation to tabulate (:func:`tabulable`) and the
+    kernel can be built (:func:`unavailable_reason` is None)."""
+    return tabulable(model) and unavailable_reason() is None
+
+
 _PRODUCERS = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
 _KEY = "quantization_annotation"  # where PT2E quantizers leave their annotations in a node's meta
 
