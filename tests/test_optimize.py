@@ -638,12 +638,14 @@ def test_int8_auto_adds_the_table_form_where_the_model_has_silu_or_gelu(monkeypa
     """'auto' int8 builds the PT2E form with activation tables (and autotuned GEMMs) as a third candidate, timed like
     the others, for a model with SiLU (MobileViT) or GELU (ViT) and not for one with neither (HaloNet-26T: ReLU);
     ``int8_backend="pt2e+kernels"`` asks for it alone. The GEMMs are autotuned in the table form only, and only
-    where Inductor's template has vector int8 kernels (``int8_gemm_template``). The forms and timings are replaced
+    where Inductor's template has vector int8 kernels (``int8_gemm_template``); likewise the attention runs in bf16
+    in the table form only, and only where that kernel runs (AVX-512 BF16). The forms and timings are replaced
     (the real form: the tests above and below)."""
-    calls, template = [], [True]
+    calls, template, bf16 = [], [True], [True]
 
-    def pt2e(model, example, calib, tables=False, gemm_autotune=False):
+    def pt2e(model, example, calib, tables=False, gemm_autotune=False, bf16_attention=False):
         assert gemm_autotune == (tables and template[0]), (tables, gemm_autotune)
+        assert bf16_attention == (tables and bf16[0]), (tables, bf16_attention)
         calls.append(tables)
 
         def fn(inp):
@@ -654,6 +656,7 @@ def test_int8_auto_adds_the_table_form_where_the_model_has_silu_or_gelu(monkeypa
 
     monkeypatch.setattr(opt, "quantize_pt2e_int8", pt2e)
     monkeypatch.setattr(opt, "int8_gemm_template", lambda: template[0])  # (True: a CPU with AVX-512 VNNI or AMX)
+    monkeypatch.setattr(opt.attention, "unavailable_reason", lambda: None if bf16[0] else "no AVX-512 BF16")
     fast = {"pt2e+kernels": 4.0}
     monkeypatch.setattr(opt, "_time_ms", lambda fn, inp, repeats, ctx=None: fast.get(getattr(fn, "backend", ""), 9.0))
     monkeypatch.setattr(opt, "_installed", lambda module: module == "torchao")
@@ -664,7 +667,7 @@ def test_int8_auto_adds_the_table_form_where_the_model_has_silu_or_gelu(monkeypa
         assert calls == ([False, True] if tables else [False]), (name, calls)
         assert out.fn.backend == ("pt2e+kernels" if tables else "pt2e")
         assert ("pt2e+kernels" in out.report.timings) == tables
-    for template[0] in (True, False):
+    for template[0], bf16[0] in ((True, True), (False, True), (True, False), (False, False)):
         calls.clear()
         out = vitkit.optimize(model, x, route="int8", calibration=[x, x], int8_backend="pt2e+kernels")
         assert calls == [True] and "int8 backend: pt2e+kernels" in out.report.note
@@ -716,3 +719,40 @@ def _check_gemm_autotune(model, x) -> None:
         assert "micro_gemm" in text and "qlinear" not in text, "oneDNN's int8 linears left in the autotuned program"
         assert counters["inductor"]["cpp_templated_kernel_counter"] > 0
         assert opt.rel_err(out, fn.__self__.model(x)) < 1e-2
+
+
+@pytest.mark.slow
+def test_bf16_attention_runs_in_the_compiled_int8_program(tmp_path, monkeypatch):
+    """``bf16_attention=True`` swaps the int8 program's fp32 attention for ``vitkit::attention_bf16``: the compiled
+    code calls it (and no SDPA), and it is as close to the fp32 model as the plain int8 program, within
+    ``optimize``'s slack between int8 forms (1.5x the smaller error). The kernel's bf16 rounding (a few 1e-3 of the
+    attention's scale, ``test_kernels_attention``) is below the 8-bit steps around it but can move one of them, and
+    a moved step travels through the requantized layers after it: on this random-weight ViT even the plain
+    program differs from its converted model run eagerly by about 1% (the ~5% error of int8 against fp32 being
+    the scale), so there is no tighter bound to hold either to. On a CPU without AVX-512 BF16 the route refuses
+    it by name."""
+    from torch._inductor.utils import run_and_get_code
+
+    if importlib.util.find_spec("torchao") is None:
+        pytest.skip("needs the int8 extra (torchao)")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model, x = _model_and_input("vit_tiny_patch16_224")
+    calib = [torch.randn_like(x) for _ in range(2)]
+    if (reason := opt.attention.unavailable_reason()) is not None:
+        with pytest.raises(RuntimeError, match="bf16 attention: vitkit.kernels.attention needs"):
+            opt.quantize_pt2e_int8(model, x, calib, bf16_attention=True)
+        pytest.skip(f"checked the refusal; vitkit.kernels.attention {reason}")
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            plain = opt.quantize_pt2e_int8(model, x, calib)
+            fn = opt.quantize_pt2e_int8(model, x, calib, bf16_attention=True)
+            out, code = run_and_get_code(fn, x)
+            text = "\n".join(code)
+            assert "attention_bf16" in text and "scaled_dot_product" not in text
+            targets = [str(n.target) for n in fn.__self__.model.graph.nodes]
+            assert targets.count("vitkit.attention_bf16.default") == len(model.blocks)
+            ref = model(x)
+            assert opt.rel_err(out, ref) <= opt.INT8_ERROR_SLACK * opt.rel_err(plain(x), ref)
+    finally:
+        torch._dynamo.reset()

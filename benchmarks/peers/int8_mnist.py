@@ -12,7 +12,8 @@ ONNX Runtime (static, QDQ, weights per channel), calibrated on ``--calib`` train
 transform. Both are evaluated with the same ``vitkit.train.evaluate`` on the 2,000 held-out digits; the target is
 int8 top-1 within 0.5 points of fp32. Where torchao is installed (the ``int8`` extra) the PT2E backend
 (``int8_backend="pt2e"``) is checked the same way, under "pt2e", and PT2E with the SiLU/GELU tables of
-``vitkit.kernels.lut`` (``int8_backend="pt2e+kernels"``), under "pt2e+kernels".
+``vitkit.kernels.lut`` (``int8_backend="pt2e+kernels"``; with the bf16 attention of ``vitkit.kernels.attention``
+where the CPU has AVX-512 BF16, ``bf16_attention`` in the record), under "pt2e+kernels".
 Speed at batch 8 on these small models is recorded too (interleaved rounds).
 """
 
@@ -29,7 +30,7 @@ import torch
 
 from vitkit.bench.speed import interleaved
 from vitkit.config import load_config
-from vitkit.kernels import lut
+from vitkit.kernels import attention, lut
 from vitkit.machine import cpu_kind, cpu_line
 from vitkit.routes import compile_frozen, optimize
 from vitkit.train import Trainer, evaluate, load_run
@@ -84,6 +85,8 @@ def main() -> int:
             c["int8_top1"] = evaluate(run.task, q, held_out, run.data_config, 250)["top1"]
             c.update(drop_points=round(100 * (fp32 - c["int8_top1"]), 2), int8_output_rel_err=q.report.max_rel_err)
             c["within_0.5_points"] = c["drop_points"] <= 0.5
+            if backend == "pt2e+kernels":  # (optimize applies the bf16 attention where the CPU has AVX-512 BF16)
+                c["bf16_attention"] = attention.unavailable_reason() is None
         ms = {k: round(v, 3) for k, v in interleaved(routes, x, args.rounds).items()}
         for backend, c in checks.items():
             c["int8_speedup_vs_best_fp32"] = round(

@@ -8,7 +8,10 @@ The int8 programs keep attention in fp32 (torchao's PT2E flow has no int8 attent
 time bounds how fast an int8 model with attention can get. For each attention shape of the two models (sequences x
 heads x tokens x head dim, per image), ``F.scaled_dot_product_attention`` is timed on ``q``, ``k``, ``v`` laid out as
 the models' ``qkv`` projection leaves them, and its rate (``4 N^2 d`` flops per sequence and head: the two matrix
-products; the softmax's exponentials not counted) set against a large fp32 GEMM timed in the same process.
+products; the softmax's exponentials not counted) set against a large fp32 GEMM timed in the same process. Where
+:mod:`vitkit.kernels.attention` runs (AVX-512 BF16), its bf16 attention is timed on the same ``q``, ``k``, ``v``,
+interleaved with SDPA (``bf16_kernel_ms_per_layer``, ``sdpa_over_bf16_kernel``), with its largest difference from
+SDPA on the output's scale (``bf16_kernel_rel_diff``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vitkit.bench.speed import cpu_stamp, matmul_peak, timeit
+from vitkit.bench.speed import cpu_stamp, interleaved, matmul_peak, timeit
+from vitkit.kernels import attention
 from vitkit.machine import cpu_kind
 
 HERE = Path(__file__).resolve().parent
@@ -35,6 +39,23 @@ SHAPES = [
 ]
 
 
+def _kernel_columns(q, k, v, rounds: int) -> dict:
+    """The bf16 kernel against SDPA on one shape, interleaved (medians), and their largest output difference."""
+    fns = {
+        "sdpa": lambda _: F.scaled_dot_product_attention(q, k, v),
+        "bf16": lambda _: attention.attention_bf16(q, k, v),
+    }
+    ms = interleaved(fns, q, rounds)
+    ref = fns["sdpa"](None)
+    diff = float((fns["bf16"](None) - ref).abs().max() / ref.abs().max())
+    return {
+        "sdpa_interleaved_ms": round(ms["sdpa"], 4),
+        "bf16_kernel_ms_per_layer": round(ms["bf16"], 4),
+        "sdpa_over_bf16_kernel": round(ms["sdpa"] / ms["bf16"], 2),
+        "bf16_kernel_rel_diff": round(diff, 5),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
@@ -42,6 +63,7 @@ def main() -> int:
     p.add_argument("--out", default=str(HERE / "attention_shapes.json"))
     args = p.parse_args()
     peak = matmul_peak("fp32") / 1e9  # GFLOP/s
+    kernel = attention.unavailable_reason() is None
     rows = []
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -54,6 +76,8 @@ def main() -> int:
                 row = dict(model=model, stage=stage, batch=batch, shape=[batch * seqs, heads, n, d], layers=layers)
                 row.update(ms_per_layer=round(ms, 3), ms_model=round(ms * layers, 2), gflops=round(gflops, 1))
                 row["share_of_gemm_peak"] = round(gflops / peak, 3)
+                if kernel:
+                    row.update(_kernel_columns(q, k, v, args.rounds))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     out = Path(args.out)

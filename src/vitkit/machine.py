@@ -94,6 +94,13 @@ def int8_dot_units() -> bool:
     return any(f in _cpuinfo()[1] for f in INT8_DOT_FLAGS)
 
 
+def bf16_dot_product() -> bool:
+    """Whether this x86 CPU has AVX-512 BF16's ``vdpbf16ps`` (with the AVX-512 BW/VL it is used with): bf16 pairs
+    multiplied into fp32 sums, 32 multiply-adds a 512-bit instruction (what :mod:`vitkit.kernels.attention` runs
+    on). Intel Cooper Lake, Sapphire Rapids and later, AMD Zen 4 and later."""
+    return all(f in _cpuinfo()[1] for f in ("avx512_bf16", "avx512bw", "avx512vl"))
+
+
 def int8_gemm_template() -> bool:
     """Whether Inductor's C++ GEMM template has a vector int8 kernel for this CPU: AVX-512 VNNI or AMX. Elsewhere
     it offers only a scalar reference GEMM, which ``max_autotune`` would time and discard at every compile."""

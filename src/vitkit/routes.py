@@ -14,8 +14,10 @@ The layers in :mod:`vitkit.layers` are plain reference code; speed at inference 
   ONNX Runtime, or ``"pt2e"``, PyTorch's PT2E flow (:func:`quantize_pt2e_int8`: torchao's x86 Inductor quantizer,
   then the frozen compile, whose int8 convolutions and linears run in oneDNN), and for a model with SiLU or GELU
   ``"pt2e+kernels"``, the same with each such activation between quantized ops a table on uint8 codes
-  (:mod:`vitkit.kernels.lut`) and, on CPUs with AVX-512 VNNI or AMX, the matrix products autotuned (Inductor's
-  C++ GEMM template timed against oneDNN's int8 linear, ``gemm_autotune`` in :func:`compile_frozen`). ``"auto"``
+  (:mod:`vitkit.kernels.lut`), on CPUs with AVX-512 VNNI or AMX the matrix products autotuned (Inductor's
+  C++ GEMM template timed against oneDNN's int8 linear, ``gemm_autotune`` in :func:`compile_frozen`), and on CPUs
+  with AVX-512 BF16 the attention, which PT2E leaves in fp32, with bf16 products
+  (:mod:`vitkit.kernels.attention`). ``"auto"``
   builds each where it is installed (and applies) and keeps the fastest whose error on the held-out batch is at
   most 1.5 times the smallest. The error is reported; accuracy is what matters for int8 and is checked on real
   data (``benchmarks/peers``), not by a tolerance here.
@@ -62,7 +64,7 @@ from torch import nn
 from vitkit import kernels
 from vitkit.export import OnnxRunner, export_onnx, quantize_onnx_int8_best, rel_err
 from vitkit.export.common import require, torch_program
-from vitkit.kernels import lut
+from vitkit.kernels import attention, lut
 from vitkit.machine import int8_dot_units, int8_gemm_template
 from vitkit.runtime import autocast
 
@@ -282,6 +284,7 @@ def quantize_pt2e_int8(
     cpp_wrapper: bool | None = None,
     module_guards: bool = False,
     gemm_autotune: bool = False,
+    bf16_attention: bool = False,
 ):
     """Static int8 through PyTorch's PT2E flow, compiled: the model's ``torch.export`` program (dynamic batch),
     annotated by torchao's ``X86InductorQuantizer`` (its default: int8 weights per output channel, uint8 activations
@@ -308,10 +311,17 @@ def quantize_pt2e_int8(
 
     ``cpp_wrapper``, ``module_guards`` and ``gemm_autotune`` as in :func:`compile_frozen` (the converted program is
     this function's alone, so by default Dynamo does not re-check its modules at each call; ``gemm_autotune=True``
-    lets Inductor's generated int8 GEMM replace oneDNN's linear where it times faster)."""
+    lets Inductor's generated int8 GEMM replace oneDNN's linear where it times faster).
+
+    ``bf16_attention=True`` (:mod:`vitkit.kernels.attention`): each plain attention (SDPA without a mask), which
+    the quantizer leaves in fp32 between the dequantized Q, K, V and the quantized output projection, runs with its
+    two products in bf16 (AVX-512 BF16; ``RuntimeError`` on a CPU without it). Attention with a mask (relative
+    positions, HaloNet's halos) stays as it is."""
     require("torchao", "int8 through PT2E (torchao)", "int8")
     if tables and (reason := lut.unavailable_reason()):
         raise RuntimeError(f"int8 activation tables: vitkit.kernels.lut {reason}")
+    if bf16_attention and (reason := attention.unavailable_reason()):
+        raise RuntimeError(f"int8 with bf16 attention: vitkit.kernels.attention {reason}")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
@@ -330,6 +340,8 @@ def quantize_pt2e_int8(
     if tables and not lut.tabulate_activations(converted):
         name = type(model).__name__
         raise RuntimeError(f"int8 activation tables: {name} has no SiLU or GELU after a convolution or linear to table")
+    if bf16_attention:
+        attention.replace_sdpa(converted)
     quantized = sum(str(n.target).startswith("quantized_decomposed.quantize") for n in converted.graph.nodes)
     if not quantized:  # seen with torchao 0.17 and torch 2.11: the quantizer matched nothing and the "int8" was fp32
         import torchao
@@ -389,7 +401,14 @@ def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, re
             elif name == "pt2e":
                 fn = quantize_pt2e_int8(model, example, calib)
             else:
-                fn = quantize_pt2e_int8(model, example, calib, tables=True, gemm_autotune=int8_gemm_template())
+                fn = quantize_pt2e_int8(
+                    model,
+                    example,
+                    calib,
+                    tables=True,
+                    gemm_autotune=int8_gemm_template(),
+                    bf16_attention=attention.unavailable_reason() is None,
+                )
             with torch.no_grad():
                 fn(example)  # (PT2E compiles here)
                 err = max(rel_err(fn(x), ref) for x, ref in zip(check, refs))

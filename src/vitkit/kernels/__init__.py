@@ -10,6 +10,8 @@ compiled one on the machine at hand, so a kernel that loses on a CPU is not used
   Inductor does not choose at a static batch size.
 * :mod:`vitkit.kernels.lut`: a 256-byte table on uint8 codes, which the int8 route (PT2E) uses for SiLU and GELU
   between quantized ops (``optimize(route="int8")``'s ``"pt2e+kernels"`` form), x86 with AVX2, built from C++.
+* :mod:`vitkit.kernels.attention`: softmax attention with its products in bf16 (AVX-512 BF16), which the same int8
+  form uses for the attention that PT2E leaves in fp32, built from C++.
 
 :func:`apply` swaps a model's layers for their kernel versions in place (same parameters and state dict) and
 returns how many it swapped; :func:`unavailable_reason` says why a kernel cannot be built here, or None.

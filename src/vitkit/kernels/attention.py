@@ -1,0 +1,290 @@
+"""Attention with bf16 dot products (x86 with AVX-512 BF16), for the int8 route's attention.
+
+torchao's PT2E flow quantizes convolutions and linears; attention stays in fp32 (``F.scaled_dot_product_attention``
+between the dequantized Q, K and V), except on AMX CPUs, where torchao has an int8 SDPA template. On a CPU without
+AMX that fp32 attention is what is left of an int8 model's time: in MobileViT-XS at batch 1, 4.8 of 18 ms (Zen 4,
+1 thread, ``benchmarks/speed/profile_model.py``). :func:`attention_bf16` computes the same softmax attention with
+its two products in bf16 on ``vdpbf16ps`` (AVX-512 BF16: 32 multiply-adds a 512-bit instruction against an fp32
+FMA's 16, into fp32 sums):
+
+* Q (times the scale and log2 e) and K rounded to bf16, the scores ``Q K^T`` summed in fp32, 16 keys a register;
+* the softmax in fp32, exp2 by a cubic on the fraction (relative error about 1e-4) and ``vscalefps``, the
+  probabilities left unnormalised in (0, 1] and rounded to bf16;
+* ``P V`` with V rounded to bf16, summed in fp32, divided by the row's sum at the end.
+
+Each bf16 rounding is relative (2^-9), so small probabilities keep their digits; the result is as close to fp32
+attention as bf16 inputs allow (the bound in ``tests/test_kernels_attention.py``), closer than the int8
+activations around it. Measured against PyTorch's SDPA on MobileViT-XS's shapes on the AVX-512 AMD EPYC (Zen 4), 1
+thread: 2.2x (4 x 4 heads x 256 tokens x 24) to 2.6x (64 tokens x 30) faster; ViT-S's (6 heads x 197 x 64) 2.2x
+(``benchmarks/speed/attention_bf16.py``). :func:`vitkit.routes.quantize_pt2e_int8` with ``bf16_attention=True``
+swaps each plain SDPA of the converted program for it (:func:`replace_sdpa`).
+
+Built from source at first use like :mod:`vitkit.kernels.lut`; the op ``vitkit::attention_bf16`` is registered in
+C++ (a compiled program calls it without Python) with a fake implementation, so ``torch.compile`` keeps one graph.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from vitkit.kernels import unavailable_to_build
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+static inline __mmask16 first(int64_t n) { return (__mmask16)((1u << std::min<int64_t>(16, n)) - 1); }
+
+// 2^t for t <= 0: a cubic on the fraction (relative error ~1e-4), scaled by 2^floor(t) with vscalefps
+BF16_TARGET static inline __m512 exp2_neg(__m512 t) {
+  t = _mm512_max_ps(t, _mm512_set1_ps(-126.f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_fmadd_ps(f, _mm512_set1_ps(0.0794402384f), _mm512_set1_ps(0.224494337f));
+  p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(0.696065642f));
+  p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One head's operands in bf16: Q rows (times scale * log2 e) padded to DP pairs; K in blocks of 16 keys
+// [block][pair][key][2]; V per pair of keys [pair][channel][2], CB blocks of 16 channels then, if T8, 8 more
+struct Packed {
+  int64_t N, M, D, DP, NB, NP, CB, T8, VS;
+  std::vector<uint16_t> q, k, v, p;
+  std::vector<float> s;
+  Packed(int64_t N_, int64_t M_, int64_t D_) : N(N_), M(M_), D(D_) {
+    DP = (D + 1) / 2; NB = (M + 15) / 16; NP = NB * 16;
+    CB = D / 16 + (D % 16 > 8); T8 = D % 16 > 0 && D % 16 <= 8; VS = CB * 32 + T8 * 16;
+    q.resize(N * DP * 2); k.resize(NB * DP * 32); v.resize(NP / 2 * VS); p.resize(8 * NP); s.resize(8 * NP);
+  }
+};
+
+BF16_TARGET static void pack(Packed& w, const float* q, int64_t qs, const float* k, int64_t ks, const float* v,
+                             int64_t vs, float scale) {
+  const int64_t D = w.D, DP = w.DP;
+  std::fill(w.q.begin(), w.q.end(), 0); std::fill(w.k.begin(), w.k.end(), 0); std::fill(w.v.begin(), w.v.end(), 0);
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < w.N; i++)
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(first(D - d), q + i * qs + d), sc);
+      _mm256_mask_storeu_epi16(w.q.data() + i * DP * 2 + d, first(D - d), (__m256i)_mm512_cvtneps_pbh(x));
+    }
+  std::vector<uint16_t> row(DP * 2 + 16);
+  for (int64_t j = 0; j < w.M; j++) {
+    for (int64_t d = 0; d < D; d += 16)
+      _mm256_storeu_si256((__m256i*)(row.data() + d),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(first(D - d), k + j * ks + d)));
+    if (D % 2) row[D] = 0;
+    uint32_t* dst = (uint32_t*)w.k.data() + (j / 16) * DP * 16 + j % 16;
+    const uint32_t* src = (const uint32_t*)row.data();
+    for (int64_t dp = 0; dp < DP; dp++) dst[dp * 16] = src[dp];
+  }
+  // [a0..a15 b0..b15] -> [a0 b0 a1 b1 ...]: channel c of keys j and j + 1 side by side
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t j = 0; j < w.M; j += 2)
+    for (int64_t cb = 0; cb < w.CB + w.T8; cb++) {
+      const int64_t c = cb * 16;
+      const __m512 a = _mm512_maskz_loadu_ps(first(D - c), v + j * vs + c);
+      const __m512 b = j + 1 < w.M ? _mm512_maskz_loadu_ps(first(D - c), v + (j + 1) * vs + c) : _mm512_setzero_ps();
+      const __m512i ab = _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+      uint16_t* dst = w.v.data() + (j / 2) * w.VS + c * 2;
+      if (cb < w.CB) _mm512_storeu_si512(dst, ab);
+      else _mm256_storeu_si256((__m256i*)dst, _mm512_castsi512_si256(ab));
+    }
+}
+
+// R query rows from row i: scores, softmax, P V into out (row stride D)
+template <int R>
+BF16_TARGET static void rows(Packed& w, int64_t i, float* out) {
+  const int64_t DP = w.DP, NB = w.NB, NP = w.NP, M = w.M, D = w.D;
+  const uint16_t* q = w.q.data() + i * DP * 2;
+  for (int64_t jb = 0; jb < NB; jb++) {
+    __m512 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    const uint16_t* kb = w.k.data() + jb * DP * 32;
+    for (int64_t dp = 0; dp < DP; dp++) {
+      const __m512bh kz = (__m512bh)_mm512_loadu_si512(kb + dp * 32);
+      for (int r = 0; r < R; r++)
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(*(const int32_t*)(q + r * DP * 2 + dp * 2)), kz);
+    }
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(w.s.data() + r * NP + jb * 16, acc[r]);
+  }
+  float inv[R];
+  for (int r = 0; r < R; r++) {
+    float* s = w.s.data() + r * NP;
+    uint16_t* p = w.p.data() + r * NP;
+    for (int64_t j = M; j < NP; j++) s[j] = -INFINITY;
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int64_t jb = 0; jb < NB; jb++) m = _mm512_max_ps(m, _mm512_loadu_ps(s + jb * 16));
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t jb = 0; jb < NB; jb++) {
+      const __m512 t = _mm512_sub_ps(_mm512_loadu_ps(s + jb * 16), mx);
+      const __m512 e = _mm512_maskz_mov_ps(first(M - jb * 16), exp2_neg(t));
+      sum = _mm512_add_ps(sum, e);
+      _mm256_storeu_si256((__m256i*)(p + jb * 16), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    inv[r] = 1.f / _mm512_reduce_add_ps(sum);
+  }
+  for (int64_t cb = 0; cb < w.CB; cb++) {
+    __m512 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t jp = 0; jp < NP / 2; jp++) {
+      const __m512bh vz = (__m512bh)_mm512_loadu_si512(w.v.data() + jp * w.VS + cb * 32);
+      for (int r = 0; r < R; r++) {
+        const int32_t pair = *(const int32_t*)(w.p.data() + r * NP + jp * 2);  // probabilities of keys 2jp, 2jp + 1
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(pair), vz);
+      }
+    }
+    for (int r = 0; r < R; r++)
+      _mm512_mask_storeu_ps(out + r * D + cb * 16, first(D - cb * 16), _mm512_mul_ps(acc[r], _mm512_set1_ps(inv[r])));
+  }
+  if (w.T8) {  // the last 1-8 channels in 256-bit registers
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t jp = 0; jp < NP / 2; jp++) {
+      const __m256bh vz = (__m256bh)_mm256_loadu_si256((const __m256i*)(w.v.data() + jp * w.VS + w.CB * 32));
+      for (int r = 0; r < R; r++) {
+        const int32_t pair = *(const int32_t*)(w.p.data() + r * NP + jp * 2);
+        acc[r] = _mm256_dpbf16_ps(acc[r], (__m256bh)_mm256_set1_epi32(pair), vz);
+      }
+    }
+    const int64_t c = w.CB * 16;
+    const __mmask8 mk = (__mmask8)((1u << (D - c)) - 1);
+    for (int r = 0; r < R; r++)
+      _mm256_mask_storeu_ps(out + r * D + c, mk, _mm256_mul_ps(acc[r], _mm256_set1_ps(inv[r])));
+  }
+}
+
+torch::Tensor attention_bf16(const torch::Tensor& q_, const torch::Tensor& k_, const torch::Tensor& v_,
+                             std::optional<double> scale) {
+  TORCH_CHECK(__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl"), "attention_bf16: this CPU has no AVX-512 BF16");
+  TORCH_CHECK(q_.dim() == 4 && k_.dim() == 4 && v_.dim() == 4,
+              "attention_bf16: q, k, v of shape [B, heads, tokens, dim]");
+  const auto f32 = torch::kFloat;
+  TORCH_CHECK(q_.scalar_type() == f32 && k_.scalar_type() == f32 && v_.scalar_type() == f32,
+              "attention_bf16: float32 q, k, v");
+  TORCH_CHECK(q_.device().is_cpu() && k_.device().is_cpu() && v_.device().is_cpu(), "attention_bf16: CPU tensors");
+  const int64_t B = q_.size(0), H = q_.size(1), N = q_.size(2), D = q_.size(3), M = k_.size(2);
+  TORCH_CHECK(k_.size(0) == B && k_.size(1) == H && k_.size(3) == D && v_.sizes() == k_.sizes(),
+              "attention_bf16: k and v of shape [B, heads, keys, dim] with q's B, heads and dim; got q ", q_.sizes(),
+              ", k ", k_.sizes(), ", v ", v_.sizes());
+  TORCH_CHECK(M > 0 && D > 0, "attention_bf16: at least one key and one channel");
+  auto inner = [](const torch::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
+  const torch::Tensor q = inner(q_), k = inner(k_), v = inner(v_);
+  auto out = at::empty({B, H, N, D}, q.options());
+  const float s = (scale.has_value() ? *scale : 1.0 / std::sqrt((double)D)) * 1.4426950408889634;
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t a, int64_t b) {
+    Packed w(N, M, D);
+    for (int64_t t = a; t < b; t++) {
+      const int64_t bi = t / H, hi = t % H;
+      pack(w, qp + bi * q.stride(0) + hi * q.stride(1), q.stride(2), kp + bi * k.stride(0) + hi * k.stride(1),
+           k.stride(2), vp + bi * v.stride(0) + hi * v.stride(1), v.stride(2), s);
+      float* o = op + t * N * D;
+      int64_t i = 0;
+      for (; i + 8 <= N; i += 8) rows<8>(w, i, o + i * D);
+      for (; i + 4 <= N; i += 4) rows<4>(w, i, o + i * D);
+      for (; i < N; i++) rows<1>(w, i, o + i * D);
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(vitkit, m) {
+  m.def("attention_bf16(Tensor q, Tensor k, Tensor v, float? scale=None) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(vitkit, CPU, m) {
+  m.impl("attention_bf16", &attention_bf16);
+}
+"""
+_FLAGS = ["-O3", "-fopenmp"]  # no ISA flag: the kernel carries its own target attribute and checks the CPU first
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot be built or run here, or None: it needs what :mod:`vitkit.kernels` needs to build and
+    a CPU with AVX-512 BF16 (``avx512_bf16``: Intel Cooper Lake, Sapphire Rapids and later, AMD Zen 4 and later)."""
+    from vitkit.machine import bf16_dot_product, cpu_line
+
+    if not bf16_dot_product():
+        return f"needs an x86 CPU with AVX-512 BF16 (avx512_bf16, avx512bw, avx512vl); this one: {cpu_line()}"
+    return unavailable_to_build()
+
+
+@functools.cache
+def _extension():
+    """The built kernel; loading it registers the op ``vitkit::attention_bf16`` in C++, whose fake implementation
+    is registered here."""
+    reason = unavailable_reason()
+    if reason:
+        raise RuntimeError(f"vitkit.kernels.attention: the bf16 attention kernel {reason}")
+    from torch.utils import cpp_extension
+
+    ext = cpp_extension.load_inline(
+        "vitkit_attention_bf16",
+        cpp_sources=[_SOURCE],
+        extra_cflags=_FLAGS,
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+    )
+
+    @torch.library.register_fake("vitkit::attention_bf16", allow_override=True)  # (a second load replaces it)
+    def _(q, k, v, scale=None):
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+    return ext
+
+
+def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` for float32 ``q`` [B, heads, N, D] and ``k``, ``v`` [B, heads, M, D] (any
+    strides), with the products in bf16 and the sums in fp32; ``scale`` defaults to ``D ** -0.5`` as in
+    ``F.scaled_dot_product_attention``. Returns a contiguous float32 [B, heads, N, D]. The op
+    ``torch.ops.vitkit.attention_bf16`` (builds the kernel at the first call)."""
+    _extension()
+    return torch.ops.vitkit.attention_bf16.default(q, k, v, scale)
+
+
+def _plain_sdpa(node: torch.fx.Node) -> bool:
+    """``node`` is an ``aten.scaled_dot_product_attention`` on 4-D float32 tensors with no mask, dropout, causal
+    mask or grouped heads, and K and V of one shape: what :func:`attention_bf16` computes."""
+    if node.op != "call_function" or node.target != torch.ops.aten.scaled_dot_product_attention.default:
+        return False
+    given = dict(zip(("attn_mask", "dropout_p", "is_causal"), node.args[3:]), **node.kwargs)
+    if given.get("attn_mask") is not None or any(given.get(k) for k in ("dropout_p", "is_causal", "enable_gqa")):
+        return False
+    vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else None for a in node.args[:3]]
+    if any(v is None or v.dtype != torch.float32 or v.dim() != 4 for v in vals):
+        return False
+    return vals[1].shape == vals[2].shape and vals[0].shape[-1] == vals[1].shape[-1]
+
+
+def replace_sdpa(gm: torch.fx.GraphModule) -> int:
+    """In an exported (or converted PT2E) program, replace each plain fp32 ``scaled_dot_product_attention`` (no mask,
+    dropout or causal mask; K and V of one shape) with :func:`attention_bf16`. Returns how many."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        if not _plain_sdpa(node):
+            continue
+        _extension()  # (registers the op before a program that calls it is built)
+        with gm.graph.inserting_before(node):
+            args = (*node.args[:3], node.kwargs.get("scale"))  # (scale is keyword-only in SDPA's schema)
+            new = gm.graph.call_function(torch.ops.vitkit.attention_bf16.default, args)
+        new.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")})
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        done += 1
+    gm.graph.lint()
+    gm.recompile()
+    return done
