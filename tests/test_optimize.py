@@ -656,7 +656,7 @@ def test_int8_auto_adds_the_table_form_where_the_model_has_silu_or_gelu(monkeypa
 
     monkeypatch.setattr(opt, "quantize_pt2e_int8", pt2e)
     monkeypatch.setattr(opt, "int8_gemm_template", lambda: template[0])  # (True: a CPU with AVX-512 VNNI or AMX)
-    monkeypatch.setattr(opt.attention, "unavailable_reason", lambda: None if bf16[0] else "no AVX-512 BF16")
+    monkeypatch.setattr(opt.attention, "usable", lambda: bf16[0])
     fast = {"pt2e+kernels": 4.0}
     monkeypatch.setattr(opt, "_time_ms", lambda fn, inp, repeats, ctx=None: fast.get(getattr(fn, "backend", ""), 9.0))
     monkeypatch.setattr(opt, "_installed", lambda module: module == "torchao")

@@ -86,7 +86,7 @@ def main() -> int:
             c.update(drop_points=round(100 * (fp32 - c["int8_top1"]), 2), int8_output_rel_err=q.report.max_rel_err)
             c["within_0.5_points"] = c["drop_points"] <= 0.5
             if backend == "pt2e+kernels":  # (optimize applies the bf16 attention where the CPU has AVX-512 BF16)
-                c["bf16_attention"] = attention.unavailable_reason() is None
+                c["bf16_attention"] = attention.usable()
         ms = {k: round(v, 3) for k, v in interleaved(routes, x, args.rounds).items()}
         for backend, c in checks.items():
             c["int8_speedup_vs_best_fp32"] = round(

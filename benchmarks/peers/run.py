@@ -108,7 +108,7 @@ def build_routes(
         kernels = {  # (optimize's 'pt2e+kernels' form)
             "tables": True,
             "gemm_autotune": int8_gemm_template(),
-            "bf16_attention": attention.unavailable_reason() is None,
+            "bf16_attention": attention.usable(),
         }
         tables = [("vitkit int8 (pt2e+kernels)", kernels)] if lut.tabulable(ours) else []
         for label, kw in [("vitkit int8 (pt2e)", {})] + tables:

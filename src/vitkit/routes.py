@@ -407,7 +407,7 @@ def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, re
                     calib,
                     tables=True,
                     gemm_autotune=int8_gemm_template(),
-                    bf16_attention=attention.unavailable_reason() is None,
+                    bf16_attention=attention.usable(),
                 )
             with torch.no_grad():
                 fn(example)  # (PT2E compiles here)

@@ -37,8 +37,9 @@ def _autocast_cpu() -> bool:
 
 
 def unavailable_to_build() -> str | None:
-    """Why a C++ kernel of this package (:mod:`~vitkit.kernels.halo`, :mod:`~vitkit.kernels.lut`) cannot be built
-    here, or None: they need an x86 CPU with AVX2, a C++ compiler and ninja (``torch.utils.cpp_extension``)."""
+    """Why a C++ kernel of this package (:mod:`~vitkit.kernels.halo`, :mod:`~vitkit.kernels.lut`,
+    :mod:`~vitkit.kernels.attention`) cannot be built here, or None: they need an x86 CPU with AVX2, a C++ compiler
+    and ninja (``torch.utils.cpp_extension``); the attention kernel AVX-512 BF16 besides."""
     from torch.utils import cpp_extension
 
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
