@@ -15,10 +15,12 @@ FMA's 16, into fp32 sums):
 
 Each bf16 rounding is relative (at most 2^-8), so small probabilities keep their digits; the result is as close to
 fp32 attention as bf16 inputs allow (the bound in ``tests/test_kernels_attention.py``), closer than the int8
-activations around it. Heads are packed in parallel, then their query rows computed in blocks of 32 split
-between threads. Measured against PyTorch's SDPA on the models' shapes on the AVX-512 AMD EPYC (Zen 4), 1 thread,
-interleaved (``benchmarks/speed/attention_shapes.py``): MobileViT-XS 2.0x (4 x 4 heads x 256 tokens x 24 channels)
-to 2.2x (64 tokens x 30) at batch 1, 1.8-2.4x at batch 8; ViT-S (6 heads x 197 x 64) 2.0x / 1.9x. In the int8
+activations around it. Threads take a head each (packed and computed while it is in cache); with fewer heads
+than threads, every head is packed first and blocks of 32 query rows are split between the threads.
+
+Measured against PyTorch's SDPA on the models' shapes on the AVX-512 AMD EPYC (Zen 4), 1 thread, interleaved
+(``benchmarks/speed/attention_shapes.py``): MobileViT-XS 1.9-2.4x at batch 1 (2.0x on its largest stage, 4 x 4
+heads x 256 tokens x 24 channels), 1.75-2.3x at batch 8; ViT-S (6 heads x 197 x 64) 2.0x / 1.75x. In the int8
 programs: ``benchmarks/speed/attention_bf16.py``. :func:`vitkit.routes.quantize_pt2e_int8` with
 ``bf16_attention=True`` swaps each plain SDPA of the converted program for it (:func:`replace_sdpa`).
 
@@ -189,27 +191,43 @@ torch::Tensor attention_bf16(const torch::Tensor& q_, const torch::Tensor& k_, c
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const Layout L(N, M, D);
+  auto head = [&](int64_t t, uint16_t* Q, uint16_t* K, uint16_t* V) {
+    const int64_t bi = t / H, hi = t % H;
+    pack(L, Q, K, V, qp + bi * q.stride(0) + hi * q.stride(1), q.stride(2), kp + bi * k.stride(0) + hi * k.stride(1),
+         k.stride(2), vp + bi * v.stride(0) + hi * v.stride(1), v.stride(2), s);
+  };
+  auto block = [&](int64_t t, int64_t i0, int64_t i1, const uint16_t* Q, const uint16_t* K, const uint16_t* V,
+                   float* S, uint16_t* P) {
+    float* o = op + t * N * D;
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) rows<8>(L, Q, K, V, i, S, P, o + i * D);
+    for (; i + 4 <= i1; i += 4) rows<4>(L, Q, K, V, i, S, P, o + i * D);
+    for (; i < i1; i++) rows<1>(L, Q, K, V, i, S, P, o + i * D);
+  };
+  if (B * H >= at::get_num_threads()) {  // a head per task, packed and computed while its operands are in cache
+    at::parallel_for(0, B * H, 1, [&](int64_t a, int64_t b) {
+      std::vector<uint16_t> Q(L.QN), K(L.KN), V(L.VN), P(8 * L.NP);
+      std::vector<float> S(8 * L.NP);
+      for (int64_t t = a; t < b; t++) {
+        head(t, Q.data(), K.data(), V.data());
+        block(t, 0, N, Q.data(), K.data(), V.data(), S.data(), P.data());
+      }
+    });
+    return out;
+  }
+  // fewer heads than threads: every head packed, then blocks of 32 query rows split between threads
   std::vector<uint16_t> Qs(B * H * L.QN), Ks(B * H * L.KN), Vs(B * H * L.VN);
-  at::parallel_for(0, B * H, 1, [&](int64_t a, int64_t b) {  // every head packed, then its rows in blocks
-    for (int64_t t = a; t < b; t++) {
-      const int64_t bi = t / H, hi = t % H;
-      pack(L, Qs.data() + t * L.QN, Ks.data() + t * L.KN, Vs.data() + t * L.VN,
-           qp + bi * q.stride(0) + hi * q.stride(1), q.stride(2), kp + bi * k.stride(0) + hi * k.stride(1),
-           k.stride(2), vp + bi * v.stride(0) + hi * v.stride(1), v.stride(2), s);
-    }
+  at::parallel_for(0, B * H, 1, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; t++) head(t, Qs.data() + t * L.QN, Ks.data() + t * L.KN, Vs.data() + t * L.VN);
   });
-  const int64_t RB = 32, blocks = (N + RB - 1) / RB;  // query rows per task: heads x blocks split between threads
+  const int64_t RB = 32, blocks = (N + RB - 1) / RB;
   at::parallel_for(0, B * H * blocks, 1, [&](int64_t a, int64_t b) {
     std::vector<float> S(8 * L.NP);
     std::vector<uint16_t> P(8 * L.NP);
     for (int64_t task = a; task < b; task++) {
-      const int64_t t = task / blocks, i0 = task % blocks * RB, i1 = std::min(N, i0 + RB);
-      const uint16_t *Q = Qs.data() + t * L.QN, *K = Ks.data() + t * L.KN, *V = Vs.data() + t * L.VN;
-      float* o = op + t * N * D;
-      int64_t i = i0;
-      for (; i + 8 <= i1; i += 8) rows<8>(L, Q, K, V, i, S.data(), P.data(), o + i * D);
-      for (; i + 4 <= i1; i += 4) rows<4>(L, Q, K, V, i, S.data(), P.data(), o + i * D);
-      for (; i < i1; i++) rows<1>(L, Q, K, V, i, S.data(), P.data(), o + i * D);
+      const int64_t t = task / blocks, i0 = task % blocks * RB;
+      block(t, i0, std::min(N, i0 + RB), Qs.data() + t * L.QN, Ks.data() + t * L.KN, Vs.data() + t * L.VN,
+            S.data(), P.data());
     }
   });
   return out;
