@@ -305,8 +305,9 @@ def quantize_pt2e_int8(
     the kernel cannot be built. Measured on the AVX-512 AMD EPYC (Zen 4), 1 thread: MobileViT-XS (SiLU) 1.21x
     (batch 1) and 1.28x (batch 8) faster than the plain PT2E form, 1.36x / 2.02x vitkit's fastest fp32 route (ONNX
     Runtime; 1.54-1.57x / 1.91-1.96x with the C++ wrapper, in noisier runs; 1.69x / 1.97x with the GEMM autotune
-    too, in one run); ViT-S (GELU) 1.04x faster, 2.56x /
-    2.54x its fastest fp32 route; the MNIST recipes' MobileViT-XXS and ViT as accurate as with the plain form
+    too, in one run; 2.06-2.15x / 2.58x with the bf16 attention too); ViT-S (GELU) 1.04x faster, 2.56x /
+    2.54x its fastest fp32 route (3.16x / 3.12x with the bf16 attention); the MNIST recipes' MobileViT-XXS and ViT
+    as accurate as with the plain form
     (``benchmarks/peers/README.md``).
 
     ``cpp_wrapper``, ``module_guards`` and ``gemm_autotune`` as in :func:`compile_frozen` (the converted program is
