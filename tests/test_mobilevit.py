@@ -39,7 +39,9 @@ def test_unfold_fold_export_with_at_most_4d_tensors():
     assert max(ranks) <= 4
 
 
-@pytest.mark.parametrize("batch,h,w,ph,pw", [(1, 8, 8, 2, 2), (2, 12, 6, 2, 3), (3, 6, 9, 3, 3), (1, 16, 8, 4, 2)])
+@pytest.mark.parametrize(
+    "batch,h,w,ph,pw", [(1, 8, 8, 2, 2), (2, 12, 6, 2, 3), (3, 6, 9, 3, 3), (1, 16, 8, 4, 2), (1, 4, 2, 2, 2)]
+)
 def test_patch_sequences_are_the_unfolded_patches_in_a_fresh_row_major_buffer(batch, h, w, ph, pw):
     """The transformer's input: one sequence per image and pixel place, the same values as the unfolded patches
     permuted, and a new row-major buffer at every batch size (batch 1 included, where the other order ends in a view

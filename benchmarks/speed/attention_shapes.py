@@ -4,15 +4,14 @@
 
 -> ``attention_shapes.json``, one entry per CPU kind (never overwritten by another kind's).
 
-The int8 programs keep attention in fp32 (torchao's PT2E flow has no int8 attention for a CPU without AMX), so its
-time bounds how fast an int8 model with attention can get. For each attention shape of the two models (sequences x
-heads x tokens x head dim, per image), ``F.scaled_dot_product_attention`` is timed on ``q``, ``k``, ``v`` laid out as
-the models' ``qkv`` projection leaves them, and its rate (``4 N^2 d`` flops per sequence and head: the two matrix
-products; the softmax's exponentials not counted) set against a large fp32 GEMM timed in the same process. Where
-:mod:`vitkit.kernels.attention` runs (AVX-512 BF16), its bf16 attention is timed on the same ``q``, ``k``, ``v``,
-interleaved with SDPA (``bf16_kernel_ms_per_layer``, ``sdpa_over_bf16_kernel``), with its largest difference from
-SDPA on the output's scale (``bf16_kernel_rel_diff``).
-"""
+PT2E's int8 programs keep attention in fp32 (torchao's flow has no int8 attention for a CPU without AMX), so its
+time bounded how fast an int8 model with attention could get, until the bf16 kernel below. For each attention shape
+of the two models (sequences x heads x tokens x head dim, per image), ``F.scaled_dot_product_attention`` is timed on
+``q``, ``k``, ``v`` laid out as the models' ``qkv`` projection leaves them, and its rate (``4 N^2 d`` flops per
+sequence and head: the two matrix products; the softmax's exponentials not counted) set against a large fp32 GEMM
+timed in the same process. Where :mod:`vitkit.kernels.attention` runs (AVX-512 BF16), its bf16 attention is timed on
+the same ``q``, ``k``, ``v``, interleaved with SDPA (``bf16_kernel_ms_per_layer``, ``sdpa_over_bf16_kernel``), with
+its largest difference from SDPA on the output's scale (``bf16_kernel_rel_diff``)."""
 
 from __future__ import annotations
 

@@ -39,7 +39,8 @@ def _autocast_cpu() -> bool:
 def unavailable_to_build() -> str | None:
     """Why a C++ kernel of this package (:mod:`~vitkit.kernels.halo`, :mod:`~vitkit.kernels.lut`,
     :mod:`~vitkit.kernels.attention`) cannot be built here, or None: they need an x86 CPU with AVX2, a C++ compiler
-    and ninja (``torch.utils.cpp_extension``); the attention kernel AVX-512 BF16 besides."""
+    and ninja (``torch.utils.cpp_extension``). The attention kernel needs AVX-512 BF16 besides, which
+    :func:`vitkit.kernels.attention.unavailable_reason` checks, not this."""
     from torch.utils import cpp_extension
 
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):

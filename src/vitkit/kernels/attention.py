@@ -2,10 +2,10 @@
 
 torchao's PT2E flow quantizes convolutions and linears; attention stays in fp32 (``F.scaled_dot_product_attention``
 between the dequantized Q, K and V), except on AMX CPUs, where torchao has an int8 SDPA template. On a CPU without
-AMX that fp32 attention is what is left of an int8 model's time: in MobileViT-XS at batch 1, 4.8 of 18 ms (Zen 4,
-1 thread, ``benchmarks/speed/profile_model.py``). :func:`attention_bf16` computes the same softmax attention with
-its two products in bf16 on ``vdpbf16ps`` (AVX-512 BF16: 32 multiply-adds a 512-bit instruction against an fp32
-FMA's 16, into fp32 sums):
+AMX that fp32 attention is a large part of an int8 model's time: in MobileViT-XS at batch 1, 4.9 of 21 ms, second to
+the int8 convolutions (Zen 4, 1 thread, ``benchmarks/speed/profile_mobilevit_xs_int8_b1_t1.txt``).
+:func:`attention_bf16` computes the same softmax attention with its two products in bf16 on ``vdpbf16ps`` (AVX-512
+BF16: 32 multiply-adds a 512-bit instruction against an fp32 FMA's 16, into fp32 sums):
 
 * Q (times the scale and log2 e) and K rounded to bf16, the scores ``Q K^T`` summed in fp32, 16 keys a register;
 * the softmax in fp32, exp2 by a cubic on the fraction (relative error at most 1.5e-4) and ``vscalefps``, the

@@ -74,7 +74,7 @@ def patch_sequences(x: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
     x = x.permute(0, 2, 3, 1).reshape(B * nh * ph, nw, pw, C).permute(0, 2, 1, 3)  # (B nh ph, pw, nw, C)
     x = x.reshape(B, nh, ph * pw * nw, C).permute(0, 2, 1, 3)  # (B, ph pw nw, nh, C)
     x = x.reshape(B * ph * pw, nw, nh, C).permute(0, 2, 1, 3)  # (B ph pw, nh, nw, C)
-    return x.reshape(B * ph * pw, nh * nw, C)
+    return x.reshape(B * ph * pw, nh * nw, C).contiguous()  # (a view, not a copy, where nw is 1)
 
 
 def fold_patches(x: torch.Tensor, grid: tuple[int, int], patch: tuple[int, int]) -> torch.Tensor:
