@@ -60,9 +60,8 @@ def build_routes(
     import vitkit
     from vitkit import kernels
     from vitkit.export import OnnxRunner, export_onnx, quantize_onnx_int8
-    from vitkit.kernels import attention, lut
-    from vitkit.machine import int8_gemm_template
-    from vitkit.routes import compile_frozen, compile_with_kernels, quantize_pt2e_int8
+    from vitkit.kernels import lut
+    from vitkit.routes import compile_frozen, compile_with_kernels, pt2e_kernel_options, quantize_pt2e_int8
 
     torch.manual_seed(0)
     ref_model = timm.create_model(name, pretrained=False).eval()
@@ -105,12 +104,7 @@ def build_routes(
         except Exception as e:  # noqa: BLE001
             notes[f"{label} onnx"] = f"{type(e).__name__}: {str(e)[:300]}"
     if int8 and importlib.util.find_spec("torchao"):  # vitkit's other int8 backend (PT2E; one program per batch size)
-        kernels = {  # (optimize's 'pt2e+kernels' form)
-            "tables": True,
-            "gemm_autotune": int8_gemm_template(),
-            "bf16_attention": attention.usable(),
-        }
-        tables = [("vitkit int8 (pt2e+kernels)", kernels)] if lut.tabulable(ours) else []
+        tables = [("vitkit int8 (pt2e+kernels)", pt2e_kernel_options())] if lut.tabulable(ours) else []
         for label, kw in [("vitkit int8 (pt2e)", {})] + tables:
             try:
                 routes[label] = quantize_pt2e_int8(ours, first, calib, **kw)

@@ -361,6 +361,14 @@ def quantize_pt2e_int8(
     return compiled.forward
 
 
+def pt2e_kernel_options() -> dict:
+    """The keyword arguments of :func:`quantize_pt2e_int8` for ``optimize``'s ``"pt2e+kernels"`` int8 form here:
+    activation tables, the GEMM autotune where Inductor's int8 template has vector kernels
+    (:func:`vitkit.machine.int8_gemm_template`) and the bf16 attention where its kernel runs
+    (:func:`vitkit.kernels.attention.usable`). Benchmarks that time this form build it from here too."""
+    return {"tables": True, "gemm_autotune": int8_gemm_template(), "bf16_attention": attention.usable()}
+
+
 def _apart_quantizer():
     """torchao's ``X86InductorQuantizer`` with :func:`vitkit.kernels.lut.annotate_activations_apart` after its own
     annotation (a class made at first use: torchao is an optional dependency)."""
@@ -402,14 +410,7 @@ def _int8(model: nn.Module, example: torch.Tensor, calibration, backend: str, re
             elif name == "pt2e":
                 fn = quantize_pt2e_int8(model, example, calib)
             else:
-                fn = quantize_pt2e_int8(
-                    model,
-                    example,
-                    calib,
-                    tables=True,
-                    gemm_autotune=int8_gemm_template(),
-                    bf16_attention=attention.usable(),
-                )
+                fn = quantize_pt2e_int8(model, example, calib, **pt2e_kernel_options())
             with torch.no_grad():
                 fn(example)  # (PT2E compiles here)
                 err = max(rel_err(fn(x), ref) for x, ref in zip(check, refs))

@@ -256,11 +256,9 @@ def unavailable_reason() -> str | None:
 def usable() -> bool:
     """The kernel runs here: :func:`unavailable_reason` is None and it builds (what ``optimize`` asks before
     putting it in the int8 form, so a compiler that cannot build it leaves that form without it)."""
-    if unavailable_reason() is not None:
-        return False
     try:
-        _extension()
-    except Exception:  # noqa: BLE001 - a failed build: the form goes on with PyTorch's attention
+        _extension()  # (raises with unavailable_reason() where that is not None)
+    except Exception:  # noqa: BLE001 - no AVX-512 BF16 or a failed build: the form goes on with PyTorch's attention
         return False
     return True
 
